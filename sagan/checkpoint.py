@@ -1,0 +1,80 @@
+"""Checkpoints: written atomically (temp file + rename), read with `weights_only=True` and checked."""
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import Config, from_dict, to_dict
+from .models import Generator, build_models
+from .step import Trainer
+
+FORMAT = "sagan-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, truncated, or not one of ours."""
+
+
+def save_checkpoint(path: str | Path, trainer: Trainer, cfg: Config, extra: dict | None = None) -> Path:
+    """Write the trainer's full state and `cfg` to `path` atomically; return the path.
+
+    `extra` holds plain values to keep alongside (an MLflow run id, say). A crash mid-write leaves any
+    previous file at `path` untouched.
+    """
+    path = Path(path)
+    state = trainer.state_dict()
+    state.update(format=FORMAT, version=VERSION, config=to_dict(cfg), extra=dict(extra or {}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """The state dict saved by `save_checkpoint`, loaded without executing code from the file.
+
+    Raises CheckpointError for a missing, truncated or foreign file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated, or not a torch file): {reason}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a SAGAN checkpoint (no '{FORMAT}' marker): was it written by save_checkpoint?")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}; this code reads {VERSION}")
+    return state
+
+
+def trainer_from_checkpoint(path: str | Path, device="cpu") -> tuple[Trainer, Config]:
+    """A Trainer rebuilt from the checkpoint's own config with every state restored, and that config."""
+    state = load_checkpoint(path, map_location=device)
+    cfg = from_dict(state["config"])
+    G, D = build_models(cfg.model)
+    trainer = Trainer(G.to(device), D.to(device), cfg)
+    trainer.load_state_dict(state)
+    return trainer, cfg
+
+
+def load_generator(path: str | Path, ema: bool = True, device="cpu") -> tuple[Generator, Config]:
+    """The checkpoint's generator (its EMA weights unless `ema` is False) in eval mode, and its config."""
+    state = load_checkpoint(path, map_location=device)
+    cfg = from_dict(state["config"])
+    G, _ = build_models(cfg.model)
+    G.load_state_dict(state["G_ema" if ema else "G"])
+    return G.to(device).eval(), cfg

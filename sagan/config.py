@@ -1,0 +1,267 @@
+"""The configuration tree: every key, its type, its default and what it means, in one place.
+
+Defaults are the demo setting (32x32 digits on a laptop); `configs/*.yaml` override only what differs.
+`load_config(path, ["optim.lr_d=4e-4", "model.g_attn=[32,64]"])` reads YAML, applies dotted overrides,
+and rejects unknown keys and wrong types with an error naming the key.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = 32  # image size: 32, 64 or 128
+    ch: int = 16  # width multiplier; the paper uses 64 at 128px
+    z_dim: int = 128  # latent size (SAGAN paper: 128)
+    num_classes: int = 10  # must match the data's manifest
+    g_attn: tuple[int, ...] = (16,)  # G feature-map sizes followed by self-attention; [] for none
+    d_attn: tuple[int, ...] = (16,)  # D feature-map sizes followed by self-attention; [] for none
+    g_sn: bool = True  # spectral norm on every conv/linear of G (not its class-conditional BN tables)
+    d_sn: bool = True  # spectral norm on every conv/linear and the projection embedding of D
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 1e-4  # SAGAN paper, Sec. 5 (TTUR): lr_G = 1e-4
+    lr_d: float = 4e-4  # SAGAN paper, Sec. 5 (TTUR): lr_D = 4e-4
+    betas: tuple[float, float] = (0.0, 0.999)  # released code; the paper states (0, 0.9)
+    n_dis: int = 1  # D updates per G update (SAGAN: 1)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # G updates in total
+    batch_size: int = 32  # per worker: the global batch is batch_size x scaling.num_workers
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + loss scaling)
+    seed: int = 0
+    ema_decay: float = 0.99  # EMA of G's weights for sampling; BigGAN uses 0.9999 at ImageNet scale
+    ema_start: int = 0  # before this step the EMA copies G instead of averaging
+    log_every: int = 25  # steps between metric lines / MLflow points
+    sample_every: int = 250  # steps between sample grids and attention maps
+    ckpt_every: int = 250  # steps between checkpoints
+    eval_every: int = 0  # steps between in-loop FID evaluations; 0 turns them off
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/sample/shards/train"  # shard directory, brace pattern or manifest.json
+    val_shards: str = "data/sample/shards/val"  # the same, for the real statistics of FID
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 50000  # generated images per FID/IS evaluation (the standard protocol: 50k)
+    feature_extractor: str = "inception-v3-compat"  # or "sample-classifier" for the built-in digits
+    inception_weights: str | None = None  # local path to the Inception weights, for offline clusters
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2  # Ray Train workers, one per GPU when use_gpu
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional CPUs leave Ray Data a budget on small machines
+
+
+@dataclass
+class RunConfig:
+    name: str = "sagan-demo"  # a run restarted with the same name resumes from its last checkpoint
+    storage_path: str = "runs"  # checkpoints and results; shared storage (S3, GCS, NFS) on multi-node
+    max_failures: int = 2  # worker failures tolerated before the run fails
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "sagan-train"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value of the wrong type; the message names the key."""
+
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """`value` converted to the annotated type `tp`, or ConfigError naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(items, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        # YAML 1.1 reads "1e-4" as a string and "0" as an int: both are fine floats.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str):
+    """An instance of dataclass `cls` with `data` applied over its defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(names))}")
+    obj = cls()
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            setattr(obj, name, _build(tp, value, f"{prefix}{name}."))
+        else:
+            setattr(obj, name, _coerce(value, tp, f"{prefix}{name}"))
+    return obj
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Nested dict from ["a.b=value", ...]; values are read as YAML (numbers, lists, true/false, null)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """`cfg` itself when its values are consistent; ConfigError naming the key otherwise."""
+    from .models import check_attn_resolutions, d_block_resolutions, g_block_resolutions
+
+    m, t = cfg.model, cfg.train
+    if m.resolution not in (32, 64, 128):
+        raise ConfigError(f"model.resolution: {m.resolution} is not supported; use 32, 64 or 128")
+    try:
+        check_attn_resolutions("model.g_attn", m.g_attn, g_block_resolutions(m.resolution))
+        check_attn_resolutions("model.d_attn", m.d_attn, d_block_resolutions(m.resolution))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if t.precision not in _PRECISIONS:
+        raise ConfigError(f"train.precision: '{t.precision}' is not one of {', '.join(_PRECISIONS)}")
+    positive = {
+        "model.ch": m.ch, "model.z_dim": m.z_dim, "model.num_classes": m.num_classes,
+        "optim.n_dis": cfg.optim.n_dis, "train.steps": t.steps, "train.batch_size": t.batch_size,
+        "train.log_every": t.log_every, "train.sample_every": t.sample_every, "train.ckpt_every": t.ckpt_every,
+        "eval.num_samples": cfg.eval.num_samples, "scaling.num_workers": cfg.scaling.num_workers,
+        "run.keep_checkpoints": cfg.run.keep_checkpoints,
+    }  # fmt: skip
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+    if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: each must be in [0, 1), got {list(cfg.optim.betas)}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The validated Config from defaults, then the YAML file at `path` (if any), then `overrides`."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+    data = _merge(data, parse_overrides(overrides or []))
+    return validate(_build(Config, data, ""))
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as nested plain dicts (tuples become lists), ready for YAML or a checkpoint."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return list(v) if isinstance(v, tuple) else v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(data: dict) -> Config:
+    """The validated Config that `to_dict` produced."""
+    return validate(_build(Config, data, ""))
+
+
+def flatten(cfg: Config) -> dict[str, object]:
+    """{"model.ch": 16, ...}: one entry per leaf key, as MLflow params want them."""
+    return {f"{section}.{k}": v for section, keys in to_dict(cfg).items() for k, v in keys.items()}
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The whole resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

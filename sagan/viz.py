@@ -1,0 +1,81 @@
+"""Pictures of a generator: sample grids and attention maps (the SAGAN paper's Figure 5).
+
+Both return RGB images as uint8 numpy arrays (H, W, 3), which PIL saves and MLflow logs as they are.
+"""
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+_QUERY_COLORS = ["#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#ffff33"]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> one (H', W', 3) uint8 grid, `nrow` images per row."""
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def default_query_points(resolution: int) -> list[tuple[int, int]]:
+    """Four (row, col) pixel positions, one per quadrant of a `resolution`-sized image."""
+    a, b = resolution // 4, 3 * resolution // 4
+    return [(a, a), (a, b), (b, a), (b, b)]
+
+
+def attention_figure(image: torch.Tensor, attn: torch.Tensor, query_points: list[tuple[int, int]]) -> np.ndarray:
+    """Figure 5 of the paper for one image: the image with its query points, then one panel per point
+    showing where that query attends, upsampled to image size.
+
+    image: (3, R, R) in [-1, 1]; attn: (h*w, h*w/4), one attention block's map for this image (a square
+    h x w feature map, keys 2x2 max-pooled); query_points: (row, col) pixel positions in the image.
+    """
+    res = image.shape[-1]
+    side = int(round(attn.shape[0] ** 0.5))
+    if side * side != attn.shape[0] or attn.shape[1] * 4 != attn.shape[0]:
+        raise ValueError(f"attn must be (h*w, h*w/4) for a square map, got {tuple(attn.shape)}")
+    rgb = to_uint8(image[None])[0]
+    fig, axes = plt.subplots(1, len(query_points) + 1, figsize=(2.2 * (len(query_points) + 1), 2.4))
+    axes[0].imshow(rgb)
+    axes[0].set_title("queries", fontsize=9)
+    for i, (r, c) in enumerate(query_points):
+        color = _QUERY_COLORS[i % len(_QUERY_COLORS)]
+        q = (r * side // res) * side + (c * side // res)
+        heat = attn[q].detach().float().reshape(1, 1, side // 2, side // 2)
+        heat = F.interpolate(heat, size=(res, res), mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+        axes[0].plot(c, r, "o", color=color, markersize=6, markeredgecolor="white")
+        ax = axes[i + 1]
+        ax.imshow(rgb, alpha=0.5)
+        ax.imshow(heat, cmap="inferno", alpha=0.6)
+        ax.plot(c, r, "o", color=color, markersize=6, markeredgecolor="white")
+        ax.set_title(f"query {i + 1}", fontsize=9, color=color)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.canvas.draw()
+    out = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return out
+
+
+@torch.no_grad()
+def attention_figures(G, z: torch.Tensor, y: torch.Tensor, query_points=None) -> dict[int, np.ndarray]:
+    """{feature size: figure} for the first sample of G(z, y), one figure per attention block of G."""
+    was_training = G.training
+    G.eval()
+    try:
+        images, maps = G(z[:1], y[:1], return_attn=True)
+    finally:
+        G.train(was_training)
+    points = query_points or default_query_points(images.shape[-1])
+    return {size: attention_figure(images[0], attn[0], points) for size, attn in maps.items()}
