@@ -1,0 +1,274 @@
+"""Shard an ImageNet copy into 128x128 WebDataset tars for SAGAN training.
+
+    python preprocessing/shard_imagenet.py --src /data/imagenet --out /data/imagenet128
+    ray job submit -- python preprocessing/shard_imagenet.py --backend ray --src ... --out /shared/...
+    python preprocessing/shard_imagenet.py --out /data/imagenet128 --verify     # check existing shards
+
+Writes OUT/{train,val}/imagenet128-<split>-NNNNNN.tar (per sample: <key>.jpg, <key>.cls, <key>.json),
+OUT/classes.tsv, OUT/failures.jsonl and OUT/manifest.json. Re-running skips shards that are complete;
+an interrupted run never leaves a partial shard under its final name.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import PIL  # noqa: E402
+import webdataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from preprocessing.shards import RESIZE_FILTERS, ImageOptions, verify_split, write_shard  # noqa: E402
+from preprocessing.sources import SourceError, detect_source, list_samples, plan_hash, plan_shards  # noqa: E402
+
+MANIFEST_FORMAT = "sagan-webdataset-shards"
+# Options that change what the shards hold: a changed one needs --overwrite.
+CONTENT_OPTIONS = ("size", "resize_filter", "quality", "shard_size", "seed", "limit", "prefix")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="shard_imagenet.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--src", help="ImageNet root: SRC/train/<wnid>/*.JPEG, or the Kaggle layout SRC/ILSVRC/Data/CLS-LOC")
+    p.add_argument("--out", required=True, help="output folder (shared storage with --backend ray)")
+    p.add_argument("--splits", default=None, help="comma-separated splits to write (default: train,val, those that exist)")
+    p.add_argument("--size", type=int, default=128, help="output side in pixels (default 128)")
+    p.add_argument("--resize-filter", default="bicubic", choices=sorted(RESIZE_FILTERS), help="antialiased resize filter (default bicubic)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 (default 95, 4:4:4 chroma)")
+    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the permutation that mixes classes across shards")
+    p.add_argument("--limit", type=int, default=None, help="at most N samples per split, for trial runs")
+    p.add_argument("--prefix", default=None, help="shard name prefix (default imagenet<size>)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes with --backend local (default: all cores)")
+    p.add_argument("--backend", default="local", choices=["local", "ray"], help="local process pool, or Ray tasks across a cluster")
+    p.add_argument("--max-failures", type=int, default=0, help="unreadable images tolerated before the run fails (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild every shard, also when options changed")
+    p.add_argument("--verify", action="store_true", help="re-read every shard and check it against the manifest (alone: no --src)")
+    args = p.parse_args(argv)
+    for name in ("size", "shard_size", "workers"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 1 <= args.quality <= 100:
+        raise UsageError(f"--quality must be in 1..100, got {args.quality}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.max_failures < 0:
+        raise UsageError(f"--max-failures must be 0 or more, got {args.max_failures}")
+    if args.src is None and not args.verify:
+        raise UsageError("--src is required (or use --verify alone to check an existing --out)")
+    args.prefix = args.prefix or f"imagenet{args.size}"
+    return args
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_manifest(out: Path) -> dict | None:
+    path = out / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UsageError(f"{path} is not valid JSON; remove it or pass --overwrite") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise UsageError(f"{path} was not written by shard_imagenet.py; choose another --out")
+    return manifest
+
+
+def run_tasks(tasks: list[tuple[str, list, ImageOptions]], backend: str, workers: int):
+    """Yield each task's shard record as it completes, from a local process pool or Ray tasks."""
+    if not tasks:
+        return
+    if backend == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
+        remote = ray.remote(num_cpus=1)(write_shard)
+        pending = [remote.remote(*t) for t in tasks]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+        return
+    if workers == 1 or len(tasks) == 1:
+        for t in tasks:
+            yield write_shard(*t)
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        for future in as_completed([pool.submit(write_shard, *t) for t in tasks]):
+            yield future.result()
+
+
+def shard_pattern(prefix: str, split: str, n: int) -> str:
+    return f"{prefix}-{split}-{{{0:06d}..{n - 1:06d}}}.tar"
+
+
+def build(args) -> dict:
+    """Plan, write (or skip) every shard, and write the manifest, classes.tsv and failures.jsonl."""
+    out = Path(args.out).expanduser().resolve()
+    try:
+        source = detect_source(args.src)
+    except SourceError as e:
+        raise UsageError(str(e)) from None
+    splits = args.splits.split(",") if args.splits else list(source.split_dirs)
+    missing = [s for s in splits if s not in source.split_dirs]
+    if missing:
+        raise UsageError(f"split(s) {missing} not found under {source.root}; available: {sorted(source.split_dirs)}")
+    options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
+    old = load_manifest(out) if out.exists() else None
+    if old and not args.overwrite:
+        changed = sorted(k for k in CONTENT_OPTIONS if old["options"].get(k) != options[k])
+        if changed:
+            diff = ", ".join(f"{k}: {old['options'].get(k)} -> {options[k]}" for k in changed)
+            raise UsageError(f"{out} holds shards made with other options ({diff}); pass --overwrite or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out} is not writable: {e.strerror}") from None
+
+    opts = ImageOptions(args.size, args.resize_filter, args.quality)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "complete": False,
+        "options": options,
+        "source": {"path": str(source.root), "layout": source.layout},
+        "versions": {"python": platform.python_version(), "pillow": PIL.__version__,
+                     "webdataset": getattr(webdataset, "__version__", "unknown"), "numpy": np.__version__},
+        "num_classes": len(source.wnids),
+        "splits": {},
+    }  # fmt: skip
+    tasks, skipped = [], 0
+    for split in splits:
+        try:
+            samples = list_samples(source, split)
+        except SourceError as e:
+            raise UsageError(str(e)) from None
+        plan = plan_shards(samples, args.shard_size, args.seed, args.limit)
+        split_dir = out / split
+        split_dir.mkdir(exist_ok=True)
+        for stale in split_dir.glob(".*.tmp-*"):  # left by an interrupted run
+            stale.unlink()
+        old_records = {} if (args.overwrite or not old) else {
+            r["name"]: r for r in old["splits"].get(split, {}).get("shards", []) if "sha256" in r
+        }  # fmt: skip
+        records = []
+        for i, shard in enumerate(plan):
+            name = f"{args.prefix}-{split}-{i:06d}.tar"
+            record, prev = {"name": name, "plan_hash": plan_hash(shard)}, old_records.get(name)
+            path = split_dir / name
+            if prev and prev["plan_hash"] == record["plan_hash"] and path.is_file() and path.stat().st_size == prev["bytes"]:
+                record = prev
+                skipped += 1
+            else:
+                tasks.append((split, i, (str(path), shard, opts)))
+            records.append(record)
+        wanted = {r["name"] for r in records}
+        for extra in split_dir.glob(f"{args.prefix}-{split}-*.tar"):  # from an earlier, larger plan
+            if extra.name not in wanted:
+                extra.unlink()
+        manifest["splits"][split] = {"pattern": shard_pattern(args.prefix, split, len(plan)), "shards": records}
+    write_json_atomic(out / "manifest.json", manifest)
+    names = "".join(f"{i}\t{w}\t{source.names.get(w, '')}\n" for i, w in enumerate(source.wnids))
+    write_text_atomic(out / "classes.tsv", names)
+
+    total = sum(len(t[2][1]) for t in tasks)
+    print(f"{source.layout} layout at {source.root}: {len(source.wnids)} classes; "
+          f"{len(tasks)} shard(s) to write ({total} images), {skipped} complete already", flush=True)  # fmt: skip
+    start = time.time()
+    slots = {Path(t[2][0]).name: (t[0], t[1]) for t in tasks}  # shard name -> (split, index)
+    with tqdm(total=total, unit="img", desc="sharding", dynamic_ncols=True, mininterval=1.0, disable=not tasks) as bar:
+        for record in run_tasks([t[2] for t in tasks], args.backend, args.workers):
+            split, index = slots[record["name"]]
+            shards = manifest["splits"][split]["shards"]
+            shards[index] = {**record, "plan_hash": shards[index]["plan_hash"]}
+            write_json_atomic(out / "manifest.json", manifest)  # progress survives an interruption
+            bar.update(record["planned"])
+            bar.set_postfix(img_s=f"{bar.n / max(time.time() - start, 1e-9):.0f}")
+    elapsed = time.time() - start
+
+    failures = []
+    for split, entry in manifest["splits"].items():
+        counts: dict[str, int] = {}
+        for r in entry["shards"]:
+            failures.extend(r["failures"])
+            for label, n in r["class_counts"].items():
+                counts[label] = counts.get(label, 0) + n
+        entry["num_samples"] = sum(r["num_samples"] for r in entry["shards"])
+        entry["class_counts"] = dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
+    write_text_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))
+    manifest["complete"] = True
+    write_json_atomic(out / "manifest.json", manifest)
+
+    counts = ", ".join(f"{s} {e['num_samples']} in {len(e['shards'])} shards" for s, e in manifest["splits"].items())
+    rate = total / elapsed if elapsed > 0 else 0.0
+    print(f"done: {counts}; {len(failures)} failure(s); {elapsed:.1f}s, {rate:.0f} images/s -> {out}")
+    if len(failures) > args.max_failures:
+        first = failures[0]
+        raise SystemExit(
+            f"error: {len(failures)} unreadable image(s), more than --max-failures {args.max_failures} "
+            f"(first: {first['path']}: {first['reason']}); see {out / 'failures.jsonl'}"
+        )
+    return manifest
+
+
+def verify(out: Path) -> int:
+    """Re-read every shard under `out`; print problems; return how many there were."""
+    manifest = load_manifest(out)
+    if manifest is None:
+        raise UsageError(f"{out / 'manifest.json'} not found: nothing to verify")
+    wnids = [line.split("\t")[1] for line in (out / "classes.tsv").read_text().splitlines()]
+    problems = []
+    for split, entry in manifest["splits"].items():
+        found = verify_split(out / split, entry, wnids, manifest["options"]["size"])
+        print(f"verify {split}: {len(entry['shards'])} shards, {entry.get('num_samples', '?')} samples, "
+              f"{len(found)} problem(s)")  # fmt: skip
+        problems.extend(found)
+    for line in problems[:20]:
+        print(f"  {line}")
+    return len(problems)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.src is not None:
+            build(args)
+        if args.verify and verify(Path(args.out).expanduser().resolve()):
+            print("error: verification failed", file=sys.stderr)
+            return 1
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
