@@ -1,0 +1,163 @@
+"""Train SAGAN with Ray Train (DDP over every worker the cluster gives), tracked in MLflow.
+
+    python pipelines/train.py                                   # the demo config, local Ray, local MLflow
+    python pipelines/train.py --config configs/imagenet128.yaml scaling.num_workers=16
+    ray job submit --working-dir . -- python pipelines/train.py --config configs/imagenet128.yaml
+
+Overrides are dotted key=value pairs (see sagan/config.py for every key). Running again with the same
+run.name resumes from the run's last checkpoint. The global batch is train.batch_size x scaling.num_workers.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sagan.config import Config, ConfigError, load_config, to_dict  # noqa: E402
+from sagan.data import DataError, batches_per_epoch, find_shards  # noqa: E402
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class PreflightError(Exception):
+    """Bad input found before any worker starts; printed as one line."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"YAML config (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr_d=4e-4 model.g_attn=[32,64]")
+    return p.parse_args(argv)
+
+
+def default_tracking_uri(cfg: Config) -> str:
+    """mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else a sqlite file at an absolute path in the cwd."""
+    return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _absolute(path: str) -> str:
+    """Local paths made absolute (Ray workers run in another directory); URIs (s3://...) as they are."""
+    return path if "://" in path or not path else str(Path(path).expanduser().resolve())
+
+
+def resolve_paths(cfg: Config) -> Config:
+    cfg.data.train_shards = _absolute(cfg.data.train_shards)
+    cfg.data.val_shards = _absolute(cfg.data.val_shards)
+    cfg.run.storage_path = _absolute(cfg.run.storage_path)
+    return cfg
+
+
+def preflight(cfg: Config, cluster: dict) -> None:
+    """Raise PreflightError for too few resources, bad data, mismatched classes or unwritable storage."""
+    s = cfg.scaling
+    if s.use_gpu and cluster.get("GPU", 0) < s.num_workers:
+        raise PreflightError(f"scaling.num_workers={s.num_workers} GPU workers but the cluster has "
+                             f"{int(cluster.get('GPU', 0))} GPU(s); lower scaling.num_workers or add GPU nodes")  # fmt: skip
+    need = s.num_workers * s.cpus_per_worker
+    if cluster.get("CPU", 0) < need:
+        raise PreflightError(f"{s.num_workers} workers x {s.cpus_per_worker} CPUs = {need} CPUs but the cluster has "
+                             f"{cluster.get('CPU', 0)}; lower scaling.num_workers or scaling.cpus_per_worker")  # fmt: skip
+    try:
+        shards = find_shards(cfg.data.train_shards)
+        batches_per_epoch(shards, cfg.scaling.num_workers, cfg.train.batch_size)
+    except DataError as e:
+        raise PreflightError(f"data.train_shards: {e}") from None
+    if shards.num_classes != cfg.model.num_classes:
+        raise PreflightError(f"the shards hold {shards.num_classes} classes but model.num_classes is "
+                             f"{cfg.model.num_classes}; set model.num_classes={shards.num_classes}")  # fmt: skip
+    if shards.image_size != cfg.model.resolution:
+        raise PreflightError(f"the shards hold {shards.image_size}px images but model.resolution is "
+                             f"{cfg.model.resolution}; reshard with --size {cfg.model.resolution} or change it")  # fmt: skip
+    storage = cfg.run.storage_path
+    if "://" not in storage:
+        try:
+            Path(storage).mkdir(parents=True, exist_ok=True)
+            probe = Path(storage) / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise PreflightError(f"run.storage_path {storage} is not writable ({e.strerror}); choose another") from None
+
+
+def prepare_tracking(uri: str, experiment: str) -> None:
+    """Create the MLflow store and experiment from the driver, so workers never race on a schema migration."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def build_trainer(cfg: Config, tracking_uri: str):
+    """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train_loop import train_loop_per_worker
+
+    tags = {
+        "git_commit": git_commit(),
+        "ray_job_id": ray.get_runtime_context().get_job_id(),
+        "checkpoint_location": f"{cfg.run.storage_path}/{cfg.run.name}",
+    }
+    s = cfg.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "tags": tags},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker}),  # fmt: skip
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
+    try:
+        preflight(cfg, ray.cluster_resources())
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    uri = default_tracking_uri(cfg)
+    try:
+        prepare_tracking(uri, cfg.mlflow.experiment)
+    except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
+        print(f"error: MLflow tracking at {uri} is not usable: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
+          f"{cfg.train.batch_size * cfg.scaling.num_workers}, {cfg.train.steps} steps; "
+          f"checkpoints in {cfg.run.storage_path}/{cfg.run.name}; MLflow at {uri}", flush=True)  # fmt: skip
+    result = build_trainer(cfg, uri).fit()
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    print(f"done: last checkpoint {ckpt}\nbrowse the run: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The per-worker training loop that Ray Train runs on every rank (and Tune reuses per trial).
+
+Everything Ray-specific sits at the edges: the context (rank, device), `prepare_model` for DDP, the
+checkpoint to resume from, and `ray.train.report`. The step itself is `sagan.step.Trainer.train_step`.
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from sagan.checkpoint import load_checkpoint, save_checkpoint
+from sagan.config import Config, flatten, from_dict
+from sagan.data import batches_per_epoch, find_shards, rank_batches
+from sagan.models import build_models
+from sagan.step import Trainer, unwrap
+from sagan.viz import attention_figures, sample_grid
+
+CHECKPOINT_FILE = "checkpoint.pt"
+GRID_SIZE = 64  # fixed z and labels for sample grids, comparable across steps
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the message names the step."""
+
+
+def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
+    """Endless (images, labels) batches on `device`, starting `start_batch` batches into the schedule."""
+    shards = find_shards(cfg.data.train_shards)
+    per_epoch = batches_per_epoch(shards, world, cfg.train.batch_size)
+    epoch, skip = divmod(start_batch, per_epoch)
+    while True:
+        for i, (x, y) in enumerate(rank_batches(shards, rank, world, cfg.train.batch_size, epoch, cfg.train.seed)):
+            if i >= skip:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        epoch, skip = epoch + 1, 0
+
+
+class Tracker:
+    """MLflow logging from rank 0 only; a no-op elsewhere."""
+
+    def __init__(self, enabled: bool, cfg: Config, loop_config: dict, run_id: str | None):
+        self.enabled = enabled
+        self.run_id = run_id
+        if not enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(loop_config["tracking_uri"])
+        mlflow.set_experiment(cfg.mlflow.experiment)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run.name)
+        self.run_id = run.info.run_id
+        if run_id is None:
+            mlflow.log_params(flatten(cfg))
+            mlflow.set_tags({k: v for k, v in loop_config.get("tags", {}).items() if v})
+
+    def metrics(self, values: dict, step: int):
+        if self.enabled:
+            self.mlflow.log_metrics(values, step=step)
+
+    def image(self, array: np.ndarray, key: str, step: int):
+        if self.enabled:
+            self.mlflow.log_image(array, key=key, step=step)
+
+    def tag(self, key: str, value: str):
+        if self.enabled:
+            self.mlflow.set_tag(key, value)
+
+    def close(self):
+        if self.enabled:
+            self.mlflow.end_run()
+
+
+def _gammas(G, D) -> dict[str, float]:
+    out = {}
+    for net, model in (("G", unwrap(G)), ("D", unwrap(D))):
+        for name, module in model.attn.items():
+            out[f"gamma/{net}_block{name}"] = module.gamma.item()
+    return out
+
+
+def param_spread(G, D) -> float:
+    """Max minus min over ranks of a checksum of G's and D's weights: 0 while DDP keeps ranks in step."""
+    total = sum(p.detach().double().sum() for p in [*unwrap(G).parameters(), *unwrap(D).parameters()])
+    local = total.reshape(1)  # on the model's device: NCCL gathers GPU tensors only
+    if not torch.distributed.is_initialized():
+        return 0.0
+    gathered = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, local)
+    values = torch.cat(gathered)
+    return float(values.max() - values.min())
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Train SAGAN on this rank: `loop_config` = {"config": to_dict(cfg), "tracking_uri": ..., "tags": {...}}."""
+    cfg = from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    G, D = build_models(cfg.model)
+    G, D = ray.train.torch.prepare_model(G), ray.train.torch.prepare_model(D)
+    trainer = Trainer(G, D, cfg)
+
+    run_id = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
+        trainer.load_state_dict(state)
+        run_id = state["extra"].get("mlflow_run_id")
+        if rank == 0:
+            print(f"resumed from step {trainer.step} ({checkpoint.path})", flush=True)
+    tracker = Tracker(rank == 0, cfg, loop_config, run_id)
+    torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # different latents per rank
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    fixed_z = torch.randn(GRID_SIZE, cfg.model.z_dim, generator=gen).to(device)
+    fixed_y = (torch.arange(GRID_SIZE) % cfg.model.num_classes).to(device)
+
+    stream = batch_stream(cfg, rank, world, trainer.step * cfg.optim.n_dis, device)
+    t = cfg.train
+    global_batch = t.batch_size * world
+    start_step, window_start, window_steps = trainer.step, time.perf_counter(), 0
+    run_start = window_start
+    while trainer.step < t.steps:
+        losses = trainer.train_step([next(stream) for _ in range(cfg.optim.n_dis)])
+        step = trainer.step
+        window_steps += 1
+        values = {k: v.item() for k, v in losses.items()}
+        if not all(np.isfinite(v) for v in values.values()):
+            raise NonFiniteLossError(f"non-finite loss at step {step}: {values}; the last good checkpoint is kept")
+        log_now = step % t.log_every == 0 or step == t.steps
+        ckpt_now = step % t.ckpt_every == 0 or step == t.steps
+        if log_now:
+            elapsed = time.perf_counter() - window_start
+            step_time = elapsed / window_steps
+            values.update(
+                images_per_s=global_batch * cfg.optim.n_dis / step_time,
+                step_time_s=step_time,
+                lr_g=trainer.opt_g.param_groups[0]["lr"],
+                lr_d=trainer.opt_d.param_groups[0]["lr"],
+                **_gammas(G, D),
+            )
+            tracker.metrics(values, step)
+            if rank == 0:
+                done = step - start_step
+                eta = (time.perf_counter() - run_start) / done * (t.steps - step)
+                print(f"step {step}/{t.steps}  d_loss {values['d_loss']:.3f}  g_loss {values['g_loss']:.3f}  "
+                      f"{values['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min", flush=True)  # fmt: skip
+            window_start, window_steps = time.perf_counter(), 0
+        if rank == 0 and (step % t.sample_every == 0 or step == t.steps):
+            G_ema = trainer.ema.model
+            with torch.no_grad():
+                tracker.image(sample_grid(G_ema(fixed_z, fixed_y), nrow=8), "samples", step)
+            for size, fig in attention_figures(G_ema, fixed_z, fixed_y).items():
+                tracker.image(fig, f"attention_{size}", step)
+        if log_now or ckpt_now:
+            report = {"step": step, **{k: values[k] for k in ("d_loss", "g_loss", "d_real", "d_fake")},
+                      "rank_param_spread": param_spread(G, D)}  # fmt: skip
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if ckpt_now and rank == 0:
+                    save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer, cfg, extra={"mlflow_run_id": tracker.run_id})
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(report, checkpoint=ckpt)  # every rank, every time: it is a barrier
+    tracker.close()
+    if rank == 0:
+        print(f"finished {t.steps} steps; MLflow run {tracker.run_id}", flush=True)

@@ -1,0 +1,138 @@
+"""Reading the preprocessing stage's WebDataset shards as training batches.
+
+`find_shards` resolves a shard location (a directory, a brace pattern or a manifest.json) to its tar
+files, per-shard sample counts and class count. `rank_batches` streams one rank's share of an epoch as
+(images (B, 3, R, R) in [-1, 1], labels (B,)) batches; every rank gets the same number of batches, which
+DDP needs (a rank that runs out first leaves the others hanging in an all-reduce).
+"""
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+
+class DataError(ValueError):
+    """A shard location that holds no usable shards; the message says what was looked for."""
+
+
+@dataclass
+class ShardSet:
+    urls: list[str]  # tar paths
+    counts: list[int]  # samples per tar
+    num_classes: int
+    image_size: int
+    manifest: Path
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+def _manifest_split(manifest: dict, tar_dir: Path) -> str | None:
+    for split, entry in manifest.get("splits", {}).items():
+        if any((tar_dir / r["name"]).exists() for r in entry["shards"]):
+            return split
+    return None
+
+
+def find_shards(location: str, split: str = "train") -> ShardSet:
+    """The shards at `location`: a split directory (OUT/train), the output root (OUT), a brace pattern
+    (OUT/train/imagenet128-train-{000000..000009}.tar) or OUT/manifest.json. Raises DataError."""
+    loc = str(location)
+    if not loc:
+        raise DataError("no shard location given: set data.train_shards to a shard directory, pattern or manifest")
+    path = Path(loc).expanduser()
+    if path.name == "manifest.json":
+        root, tar_dir, wanted = path.parent, path.parent / split, None
+    elif path.is_dir() and (path / "manifest.json").is_file():
+        root, tar_dir, wanted = path, path / split, None
+    elif path.is_dir():
+        root, tar_dir, wanted = path.parent, path, None
+    else:
+        expanded = [Path(p) for p in braceexpand.braceexpand(loc)]
+        wanted = {p.name for p in expanded if p.is_file()}
+        if not wanted:
+            raise DataError(f"shard pattern {loc} matches no file")
+        tar_dir = expanded[0].parent
+        root = tar_dir.parent
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"no manifest.json next to the shards at {loc} (looked for {manifest_path}); "
+                        "shard the data with preprocessing/shard_imagenet.py")  # fmt: skip
+    manifest = json.loads(manifest_path.read_text())
+    name = split if split in manifest.get("splits", {}) and tar_dir.name == split else _manifest_split(manifest, tar_dir)
+    if name is None:
+        raise DataError(f"no shards of {manifest_path} found in {tar_dir}")
+    records = [r for r in manifest["splits"][name]["shards"] if wanted is None or r["name"] in wanted]
+    records = [r for r in records if "sha256" in r and r["num_samples"] > 0]
+    missing = [r["name"] for r in records if not (tar_dir / r["name"]).is_file()]
+    if missing or not records:
+        raise DataError(f"{tar_dir} is missing {len(missing)} shard(s) of its manifest (first: {missing[:1]}) "
+                        if missing else f"{tar_dir} holds no complete shard")  # fmt: skip
+    return ShardSet(
+        urls=[str(tar_dir / r["name"]) for r in records],
+        counts=[r["num_samples"] for r in records],
+        num_classes=int(manifest["num_classes"]),
+        image_size=int(manifest["options"]["size"]),
+        manifest=manifest_path,
+    )
+
+
+def _all_shards(urls):
+    yield from urls
+
+
+def decode_image(jpg: bytes) -> torch.Tensor:
+    """JPEG bytes -> (3, H, W) float tensor in [-1, 1]."""
+    arr = np.array(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def batches_per_epoch(shards: ShardSet, world_size: int, batch_size: int) -> int:
+    """Batches every rank yields per epoch: what the rank with the fewest samples can fill (equal for all)."""
+    if len(shards.urls) < world_size:
+        raise DataError(f"{len(shards.urls)} shard(s) for {world_size} workers: shard with a smaller --shard-size "
+                        "so every worker gets at least one")  # fmt: skip
+    # Shards are dealt round-robin after a per-epoch shuffle; bound by the smallest possible share.
+    per_rank = len(shards.urls) // world_size
+    smallest = sum(sorted(shards.counts)[:per_rank])
+    n = smallest // batch_size
+    if n == 0:
+        raise DataError(f"each worker's share ({smallest} samples) is smaller than one batch of {batch_size}")
+    return n
+
+
+def rank_batches(shards: ShardSet, rank: int, world_size: int, batch_size: int, epoch: int, seed: int = 0,
+                 shuffle_buffer: int = 1000):  # fmt: skip
+    """Yield exactly `batches_per_epoch(...)` (images, labels) batches: this rank's share of epoch `epoch`.
+
+    Shards are shuffled per epoch with the same seed on every rank, then dealt round-robin (rank k takes
+    shards k, k + world, ...); samples are shuffled within a buffer.
+    """
+    n_batches = batches_per_epoch(shards, world_size, batch_size)
+    order = list(range(len(shards.urls)))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    mine = [shards.urls[i] for i in order[: len(order) // world_size * world_size][rank::world_size]]
+    dataset = (
+        # The split by rank is done above, so webdataset's own node splitter is told to pass shards through.
+        wds.WebDataset(mine, shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
+        .shuffle(shuffle_buffer, rng=random.Random(seed * 7919 + epoch * 31 + rank))
+        .to_tuple("jpg", "cls")
+    )
+    images, labels, done = [], [], 0
+    for jpg, cls in dataset:
+        images.append(decode_image(jpg))
+        labels.append(int(cls))
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+            images, labels, done = [], [], done + 1
+            if done == n_batches:
+                return

@@ -1,0 +1,142 @@
+"""The Ray Train pipeline on a local Ray instance: 2 CPU workers, a tiny model, a few steps."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipelines.train import build_trainer, main, prepare_tracking, resolve_paths
+from preprocessing.make_sample_data import write_sample_data
+from preprocessing.shard_imagenet import main as shard_main
+from sagan.checkpoint import load_checkpoint
+from sagan.config import load_config
+from sagan.data import batches_per_epoch, find_shards, rank_batches
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    write_sample_data(root / "raw")
+    assert shard_main(["--src", str(root / "raw"), "--out", str(root / "shards"), "--size", "32", "--shard-size", "200"]) == 0
+    return root / "shards"
+
+
+def tiny_cfg(digits, tmp_path, *overrides):
+    cfg = load_config(None, [
+        f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "model.ch=8", "train.batch_size=4",
+        "train.log_every=2", "train.ckpt_every=2", "train.sample_every=4", "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5", *overrides,
+    ])  # fmt: skip
+    prepare_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    return resolve_paths(cfg)
+
+
+def fit(cfg):
+    return build_trainer(cfg, cfg.mlflow.tracking_uri).fit()
+
+
+def mlflow_run(cfg):
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    (run,) = client.search_runs([exp.experiment_id], f"attributes.run_name = '{cfg.run.name}'")
+    return client, run
+
+
+def test_ddp_training_keeps_ranks_identical_and_reports(ray_session, digits, tmp_path):
+    cfg = tiny_cfg(digits, tmp_path, "train.steps=4", "run.name=ddp")
+    result = fit(cfg)
+    assert result.metrics["step"] == 4
+    assert result.metrics["rank_param_spread"] == 0.0
+    state = load_checkpoint(Path(result.checkpoint.path) / "checkpoint.pt")
+    assert state["step"] == 4
+    client, run = mlflow_run(cfg)
+    assert run.data.params["model.ch"] == "8" and run.data.params["optim.lr_d"] == "0.0004"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [2, 4]
+    assert "images_per_s" in run.data.metrics and "gamma/G_block1" in run.data.metrics
+    assert state["extra"]["mlflow_run_id"] == run.info.run_id
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("samples" in a for a in artifacts) and any("attention_16" in a for a in artifacts)
+    assert run.data.tags["checkpoint_location"].endswith("/ddp")
+
+
+def test_rerun_with_same_name_resumes_with_optimizer_state(ray_session, digits, tmp_path):
+    first = fit(tiny_cfg(digits, tmp_path, "train.steps=2", "run.name=resume"))
+    assert first.metrics["step"] == 2
+    cfg = tiny_cfg(digits, tmp_path, "train.steps=4", "run.name=resume")
+    second = fit(cfg)
+    state = load_checkpoint(Path(second.checkpoint.path) / "checkpoint.pt")
+    assert state["step"] == 4
+    # Adam's step count continues from the first run: the optimizer state was restored, not rebuilt.
+    assert all(s["step"].item() == 4 for s in state["opt_d"]["state"].values())
+    client, run = mlflow_run(cfg)  # one MLflow run across both launches
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [2, 4]
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_session, digits, tmp_path):
+    from ray.util.state import list_actors
+
+    cfg = tiny_cfg(digits, tmp_path, "train.steps=30", "train.ckpt_every=4", "run.name=fault", "run.max_failures=2")
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", fit(cfg)))
+    thread.start()
+    run_dir = Path(cfg.run.storage_path) / "fault"
+    deadline = time.time() + 240
+    while not list(run_dir.glob("checkpoint_*")) and time.time() < deadline:
+        time.sleep(0.5)
+    assert list(run_dir.glob("checkpoint_*")), "no checkpoint appeared"
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=400)
+    result = out["result"]
+    assert result.metrics["step"] == 30
+    assert load_checkpoint(Path(result.checkpoint.path) / "checkpoint.pt")["step"] == 30
+
+
+def test_every_rank_gets_the_same_number_of_batches_with_true_labels(digits):
+    shards = find_shards(str(digits / "train"))
+    n = batches_per_epoch(shards, 2, 16)
+    wnid_of = dict(line.split("\t")[:2] for line in (digits / "classes.tsv").read_text().splitlines())
+    for epoch in (0, 1):
+        counts = []
+        for rank in (0, 1):
+            batches = list(rank_batches(shards, rank, 2, 16, epoch))
+            counts.append(len(batches))
+            for x, y in batches:
+                assert x.shape == (16, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
+                assert y.dtype == torch.long and 0 <= y.min() and y.max() < 10
+        assert counts == [n, n]
+    import webdataset as wds
+
+    for sample in wds.WebDataset(shards.urls[0], shardshuffle=False).decode():
+        assert wnid_of[sample["cls"].decode() if isinstance(sample["cls"], bytes) else str(sample["cls"])] == sample["json"]["wnid"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.train_shards=", "no shard location given"),
+        ("data.train_shards={empty}", "no manifest.json"),
+        ("data.train_shards={digits}/train/imagenet32-train-{{000100..000101}}.tar", "matches no file"),
+        ("model.num_classes=1000", "the shards hold 10 classes but model.num_classes is 1000"),
+        ("model.resolution=64", "the shards hold 32px images"),
+        ("scaling.num_workers=64", "the cluster has"),
+        ("scaling.use_gpu=true", "GPU(s)"),
+        ("model.g_attn=[4]", r"model.g_attn has no [4]"),
+        ("run.storage_path=/proc/nope", "is not writable"),
+    ],
+)
+def test_bad_input_fails_before_any_worker(ray_session, digits, tmp_path, capsys, override, message):
+    (tmp_path / "empty").mkdir()
+    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", override.format(digits=digits, empty=tmp_path / "empty")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs" / "sagan-demo").exists()
