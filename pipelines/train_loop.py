@@ -12,6 +12,7 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+from PIL import Image
 
 from sagan.checkpoint import load_checkpoint, save_checkpoint
 from sagan.config import Config, flatten, from_dict
@@ -156,7 +157,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0 and (step % t.sample_every == 0 or step == t.steps):
             G_ema = trainer.ema.model
             with torch.no_grad():
-                tracker.image(sample_grid(G_ema(fixed_z, fixed_y), nrow=8), "samples", step)
+                grid = sample_grid(G_ema(fixed_z, fixed_y), nrow=8)
+            tracker.image(grid, "samples", step)
+            if "://" not in cfg.run.storage_path:  # also as files a person can open next to the checkpoints
+                folder = Path(cfg.run.storage_path) / cfg.run.name / "samples"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(grid).save(folder / f"samples_{step:06d}.png")
             for size, fig in attention_figures(G_ema, fixed_z, fixed_y).items():
                 tracker.image(fig, f"attention_{size}", step)
         if log_now or ckpt_now:
