@@ -108,9 +108,13 @@ def run_tasks(tasks: list[tuple[str, list, ImageOptions]], backend: str, workers
             ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
         remote = ray.remote(num_cpus=1)(write_shard)
         pending = [remote.remote(*t) for t in tasks]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(done[0])
+        finally:
+            for ref in pending:  # after an error: do not keep writing shards nobody will record
+                ray.cancel(ref)
         return
     if workers == 1 or len(tasks) == 1:
         for t in tasks:
@@ -119,11 +123,17 @@ def run_tasks(tasks: list[tuple[str, list, ImageOptions]], backend: str, workers
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-        for future in as_completed([pool.submit(write_shard, *t) for t in tasks]):
-            yield future.result()
+        futures = [pool.submit(write_shard, *t) for t in tasks]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error: stop queued shards at once
 
 
 def shard_pattern(prefix: str, split: str, n: int) -> str:
+    if n == 0:
+        return ""
     return f"{prefix}-{split}-{{{0:06d}..{n - 1:06d}}}.tar"
 
 
@@ -165,6 +175,8 @@ def build(args) -> dict:
         "num_classes": len(source.wnids),
         "splits": {},
     }  # fmt: skip
+    if old and not args.overwrite:  # splits this run does not touch stay as they were
+        manifest["splits"] = {k: v for k, v in old["splits"].items() if k not in splits}
     tasks, skipped = [], 0
     for split in splits:
         try:
@@ -224,7 +236,9 @@ def build(args) -> dict:
         entry["num_samples"] = sum(r["num_samples"] for r in entry["shards"])
         entry["class_counts"] = dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
     write_text_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))
-    manifest["complete"] = True
+    # Over the failure budget the shards stay on disk (a re-run with a higher --max-failures reuses them),
+    # but the manifest does not call them complete, so training refuses them.
+    manifest["complete"] = len(failures) <= args.max_failures
     write_json_atomic(out / "manifest.json", manifest)
 
     counts = ", ".join(f"{s} {e['num_samples']} in {len(e['shards'])} shards" for s, e in manifest["splits"].items())
@@ -244,8 +258,10 @@ def verify(out: Path) -> int:
     manifest = load_manifest(out)
     if manifest is None:
         raise UsageError(f"{out / 'manifest.json'} not found: nothing to verify")
+    if not (out / "classes.tsv").is_file():
+        raise UsageError(f"{out / 'classes.tsv'} not found: re-run the sharding to complete {out}")
     wnids = [line.split("\t")[1] for line in (out / "classes.tsv").read_text().splitlines()]
-    problems = []
+    problems = [] if manifest["complete"] else [f"{out}: the manifest is not complete (interrupted or over --max-failures)"]
     for split, entry in manifest["splits"].items():
         found = verify_split(out / split, entry, wnids, manifest["options"]["size"])
         print(f"verify {split}: {len(entry['shards'])} shards, {entry.get('num_samples', '?')} samples, "

@@ -59,10 +59,18 @@ def detect_source(src: str | Path) -> Source:
     split_dirs = {s: base / s for s in ("train", "val") if (base / s).is_dir()}
     if "train" not in split_dirs:
         raise SourceError(f"{base / 'train'} is missing: the class table is read from the train folders")
-    wnids = sorted(p.name for p in split_dirs["train"].iterdir() if p.is_dir())
+    wnids = [p.name for p in _class_dirs(split_dirs["train"])]
     if not wnids:
         raise SourceError(f"{split_dirs['train']} has no class folders (expected train/<wnid>/...)")
     return Source(layout, root, split_dirs, wnids, _read_names(root))
+
+
+IGNORED_DIRS = {"lost+found", "@eaDir"}
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    """Class folders of a split, sorted; hidden and system folders (.snapshot, lost+found) are not classes."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_DIRS)
 
 
 def _read_names(root: Path) -> dict[str, str]:
@@ -122,8 +130,14 @@ def list_samples(source: Source, split: str) -> list[Sample]:
                 raise SourceError(f"val image {path.name} has no row in LOC_val_solution.csv")
             pairs.append((path, labels[path.stem]))
     else:
-        for wnid_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        class_dirs = _class_dirs(folder)
+        if not class_dirs and _files(folder):
+            raise SourceError(f"{folder} holds images directly, not in <wnid>/ folders; sort val into class folders "
+                              "(e.g. with LOC_val_solution.csv) or use the Kaggle layout")  # fmt: skip
+        for wnid_dir in class_dirs:
             pairs.extend((path, wnid_dir.name) for path in _files(wnid_dir))
+    if not pairs:
+        raise SourceError(f"{folder} holds no images for split '{split}'")
     unknown = sorted({w for _, w in pairs} - set(index))
     if unknown:
         raise SourceError(f"{split} has classes not among the train folders: {unknown[:5]}")

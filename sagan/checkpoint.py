@@ -13,6 +13,7 @@ from .step import Trainer
 
 FORMAT = "sagan-checkpoint"
 VERSION = 1
+REQUIRED_KEYS = ("step", "config", "G", "D", "G_ema", "opt_g", "opt_d", "scaler_g", "scaler_d", "extra")
 
 
 class CheckpointError(RuntimeError):
@@ -26,6 +27,7 @@ def save_checkpoint(path: str | Path, trainer: Trainer, cfg: Config, extra: dict
     previous file at `path` untouched.
     """
     path = Path(path)
+    _check_plain(extra or {}, "extra")  # anything else would save, then fail to load with weights_only
     state = trainer.state_dict()
     state.update(format=FORMAT, version=VERSION, config=to_dict(cfg), extra=dict(extra or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +41,19 @@ def save_checkpoint(path: str | Path, trainer: Trainer, cfg: Config, extra: dict
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_plain(value, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: keys must be strings, got {k!r}")
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not (value is None or type(value) in (str, int, float, bool)):
+        raise TypeError(f"{where}: {type(value).__name__} is not a plain value (str, int, float, bool, None)")
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -58,6 +73,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a SAGAN checkpoint (no '{FORMAT}' marker): was it written by save_checkpoint?")
     if state.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}; this code reads {VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: it is damaged or was not written by save_checkpoint")
     return state
 
 

@@ -6,6 +6,7 @@ and rejects unknown keys and wrong types with an error naming the key.
 """
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,6 +146,8 @@ def _coerce(value, tp, key: str):
 
 def _build(cls, data: dict, prefix: str):
     """An instance of dataclass `cls` with `data` applied over its defaults."""
+    if data is None:  # a section whose keys are all commented out
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -197,7 +200,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def validate(cfg: Config) -> Config:
     """`cfg` itself when its values are consistent; ConfigError naming the key otherwise."""
-    from .models import check_attn_resolutions, d_block_resolutions, g_block_resolutions
+    from .models import attention_channels, check_attn_resolutions, d_block_resolutions, g_block_resolutions
 
     m, t = cfg.model, cfg.train
     if m.resolution not in (32, 64, 128):
@@ -207,6 +210,9 @@ def validate(cfg: Config) -> Config:
         check_attn_resolutions("model.d_attn", m.d_attn, d_block_resolutions(m.resolution))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    for where, channels in attention_channels(m.resolution, m.ch, m.g_attn, m.d_attn).items():
+        if channels % 8:
+            raise ConfigError(f"model.ch: attention at {where} would have {channels} channels; it needs a multiple of 8")
     if t.precision not in _PRECISIONS:
         raise ConfigError(f"train.precision: '{t.precision}' is not one of {', '.join(_PRECISIONS)}")
     positive = {
@@ -219,6 +225,14 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    for key, value in {"optim.lr_g": cfg.optim.lr_g, "optim.lr_d": cfg.optim.lr_d,
+                       "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker}.items():  # fmt: skip
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key}: must be a finite number above 0, got {value}")
+    for key, value in {"train.eval_every": t.eval_every, "train.ema_start": t.ema_start,
+                       "run.max_failures": cfg.run.max_failures}.items():  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {value}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
@@ -237,6 +251,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, optim:, ...), got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))
     return validate(_build(Config, data, ""))
 

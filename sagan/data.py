@@ -68,6 +68,9 @@ def find_shards(location: str, split: str = "train") -> ShardSet:
         raise DataError(f"no manifest.json next to the shards at {loc} (looked for {manifest_path}); "
                         "shard the data with preprocessing/shard_imagenet.py")  # fmt: skip
     manifest = json.loads(manifest_path.read_text())
+    if not manifest.get("complete"):
+        raise DataError(f"{manifest_path} is not complete (sharding was interrupted or had too many failures); "
+                        "re-run preprocessing/shard_imagenet.py")  # fmt: skip
     name = split if split in manifest.get("splits", {}) and tar_dir.name == split else _manifest_split(manifest, tar_dir)
     if name is None:
         raise DataError(f"no shards of {manifest_path} found in {tar_dir}")

@@ -54,6 +54,14 @@ def check_attn_resolutions(net: str, attn: tuple, valid: list[int]) -> None:
         raise ValueError(f"{net} has no {bad} feature map for attention; valid sizes are {sorted(set(valid))}")
 
 
+def attention_channels(resolution: int, ch: int, g_attn, d_attn) -> dict[str, int]:
+    """{"G@16": channels, "D@16": channels, ...}: the width each requested attention block would have."""
+    g_sizes, d_sizes = g_block_resolutions(resolution), d_block_resolutions(resolution)
+    out = {f"G@{s}": G_ARCH[resolution]["out_mult"][g_sizes.index(s)] * ch for s in g_attn if s in g_sizes}
+    out.update({f"D@{s}": D_ARCH[resolution]["out_mult"][d_sizes.index(s)] * ch for s in d_attn if s in d_sizes})
+    return out
+
+
 class Generator(nn.Module):
     """Class-conditional SAGAN generator: z (B, z_dim), y (B,) -> images (B, 3, R, R) in [-1, 1]."""
 

@@ -105,3 +105,17 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, trainer, cfg)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_extra_must_be_plain_values_so_the_file_stays_loadable(tmp_path):
+    trainer, cfg = tiny_trainer()
+    with pytest.raises(TypeError, match="extra.run_dir: PosixPath is not a plain value"):
+        save_checkpoint(tmp_path / "c.pt", trainer, cfg, extra={"run_dir": tmp_path})
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_marker_without_the_state_is_a_clean_error(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"format": "sagan-checkpoint", "version": 1}, path)
+    with pytest.raises(CheckpointError, match="lacks"):
+        load_checkpoint(path)

@@ -95,3 +95,27 @@ def test_integer_betas_from_yaml_build_an_adam(tmp_path):
 def test_flatten_gives_dotted_params():
     flat = flatten(load_config(None))
     assert flat["optim.lr_d"] == 4e-4 and flat["model.g_attn"] == [16]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr_g=-1", "optim.lr_g: must be a finite number above 0"),
+        ("optim.lr_d=.inf", "optim.lr_d: must be a finite number above 0"),
+        ("scaling.cpus_per_worker=-2", "scaling.cpus_per_worker"),
+        ("train.eval_every=-5", "train.eval_every: must be 0 or more"),
+        ("model.ch=1", "model.ch: attention at G@16 would have 4 channels"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_empty_section_and_non_mapping_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  # ch: 8\n")
+    assert load_config(path).model.ch == 16
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)

@@ -216,3 +216,47 @@ def test_sample_data_goes_through_the_same_sharding(tmp_path):
     assert len(samples) == 359 and samples[0]["jpg"].size == (32, 32)
     assert {int(s["cls"]) for s in samples} == set(range(10))
     assert (tmp_path / "s/classes.tsv").read_text().splitlines()[3] == "3\tdigit3\tthree"
+
+
+def test_one_split_at_a_time_keeps_the_other_in_the_manifest(folder_tree, tmp_path):
+    out = tmp_path / "o"
+    assert shard(folder_tree[0], out, "--splits", "train") == 0
+    train_mtimes = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.tar")}
+    assert shard(folder_tree[0], out, "--splits", "val") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["splits"]) == ["train", "val"]
+    assert shard(folder_tree[0], out, "--splits", "train") == 0  # nothing to rebuild
+    assert {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.tar")} == train_mtimes
+
+
+def test_hidden_and_system_folders_are_not_classes(tmp_path):
+    make_tree(tmp_path / "src")
+    for name in (".ipynb_checkpoints", "lost+found"):
+        (tmp_path / "src/train" / name).mkdir()
+    assert shard(tmp_path / "src", tmp_path / "o") == 0
+    assert [line.split("\t")[1] for line in (tmp_path / "o/classes.tsv").read_text().splitlines()] == WNIDS
+
+
+def test_flat_val_folder_in_folder_layout_is_an_error(tmp_path, capsys):
+    make_tree(tmp_path / "src")
+    Image.new("RGB", (50, 50)).save(tmp_path / "src/val/ILSVRC2012_val_00000001.JPEG")
+    for wnid in WNIDS:
+        for f in (tmp_path / "src/val" / wnid).iterdir():
+            f.unlink()
+        (tmp_path / "src/val" / wnid).rmdir()
+    assert shard(tmp_path / "src", tmp_path / "o") == 2
+    assert "holds images directly" in capsys.readouterr().err
+
+
+def test_run_over_the_failure_budget_is_not_complete(folder_tree, tmp_path):
+    from sagan.data import DataError, find_shards
+
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit):
+        main(["--src", str(folder_tree[0]), "--out", str(out), "--workers", "1", "--shard-size", "4"])
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    with pytest.raises(DataError, match="not complete"):
+        find_shards(str(out / "train"))
+    assert main(["--out", str(out), "--verify"]) == 1
+    assert shard(folder_tree[0], out) == 0  # a higher budget completes it
+    assert find_shards(str(out / "train")).num_samples == 25
