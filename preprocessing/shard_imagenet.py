@@ -1,7 +1,7 @@
 """Shard an ImageNet copy into 128x128 WebDataset tars for SAGAN training.
 
     python preprocessing/shard_imagenet.py --src /data/imagenet --out /data/imagenet128
-    ray job submit -- python preprocessing/shard_imagenet.py --backend ray --src ... --out /shared/...
+    ray job submit --working-dir . -- python preprocessing/shard_imagenet.py --backend ray --src ... --out /shared/...
     python preprocessing/shard_imagenet.py --out /data/imagenet128 --verify     # check existing shards
 
 Writes OUT/{train,val}/imagenet128-<split>-NNNNNN.tar (per sample: <key>.jpg, <key>.cls, <key>.json),
