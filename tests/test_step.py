@@ -107,3 +107,14 @@ def test_step_is_deterministic_for_a_seed():
     mb = b.train_step([real_batch()])
     assert ma["d_loss"].item() == mb["d_loss"].item()
     assert all(torch.equal(p, q) for p, q in zip(a.G.parameters(), b.G.parameters()))
+
+
+def test_fp16_step_uses_loss_scaling_and_recovers_from_overflow():
+    trainer, _ = tiny_trainer("train.precision=fp16")
+    assert trainer.scaler_d.is_enabled() and trainer.scaler_g.is_enabled()
+    d0 = [p.detach().clone() for p in trainer.D.parameters()]
+    for _ in range(6):  # the first steps may overflow at the initial scale of 65536 and be skipped
+        metrics = trainer.train_step([real_batch()])
+    assert torch.isfinite(metrics["d_loss"]) and torch.isfinite(metrics["g_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(d0, trainer.D.parameters()))
+    assert "scale" in trainer.state_dict()["scaler_d"]
