@@ -153,7 +153,18 @@ def main(argv=None) -> int:
     print(f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
           f"{cfg.train.batch_size * cfg.scaling.num_workers}, {cfg.train.steps} steps; "
           f"checkpoints in {cfg.run.storage_path}/{cfg.run.name}; MLflow at {uri}", flush=True)  # fmt: skip
-    result = build_trainer(cfg, uri).fit()
+    from pipelines.train_loop import NonFiniteLossError, raise_if_diverged
+
+    try:
+        raise_if_diverged(cfg)
+        try:
+            result = build_trainer(cfg, uri).fit()
+        except Exception:
+            raise_if_diverged(cfg)  # a diverged run: one line naming the step, not the workers' traceback
+            raise
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     ckpt = result.checkpoint.path if result.checkpoint else None
     print(f"done: last checkpoint {ckpt}\nbrowse the run: mlflow ui --backend-store-uri {uri}")
     return 0

@@ -4,6 +4,7 @@ Everything Ray-specific sits at the edges: the context (rank, device), `prepare_
 checkpoint to resume from, and `ray.train.report`. The step itself is `sagan.step.Trainer.train_step`.
 """
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +23,26 @@ from sagan.step import Trainer, unwrap
 from sagan.viz import attention_figures, sample_grid
 
 CHECKPOINT_FILE = "checkpoint.pt"
+NONFINITE_FILE = "NONFINITE.json"  # in the run directory: FailureConfig retries must not replay a diverged run
 GRID_SIZE = 64  # fixed z and labels for sample grids, comparable across steps
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the message names the step."""
+
+
+def nonfinite_marker(cfg: Config) -> Path | None:
+    """Where a diverged run records its step (local storage only), or None for remote storage."""
+    return None if "://" in cfg.run.storage_path else Path(cfg.run.storage_path) / cfg.run.name / NONFINITE_FILE
+
+
+def raise_if_diverged(cfg: Config) -> None:
+    """Raise NonFiniteLossError when this run already diverged, so a retry stops instead of replaying it."""
+    marker = nonfinite_marker(cfg)
+    if marker and marker.is_file():
+        info = json.loads(marker.read_text())
+        raise NonFiniteLossError(f"non-finite loss at step {info['step']} ({info['losses']}); the last good checkpoint "
+                                 f"is kept. Lower the learning rates and start a new run.name (or delete {marker})")  # fmt: skip
 
 
 def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
@@ -100,6 +116,7 @@ def param_spread(G, D) -> float:
 def train_loop_per_worker(loop_config: dict) -> None:
     """Train SAGAN on this rank: `loop_config` = {"config": to_dict(cfg), "tracking_uri": ..., "tags": {...}}."""
     cfg = from_dict(loop_config["config"])
+    raise_if_diverged(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -134,6 +151,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         window_steps += 1
         values = {k: v.item() for k, v in losses.items()}
         if not all(np.isfinite(v) for v in values.values()):
+            marker = nonfinite_marker(cfg)
+            if marker and rank == 0:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps({"step": step, "losses": {k: str(v) for k, v in values.items()}}))
             raise NonFiniteLossError(f"non-finite loss at step {step}: {values}; the last good checkpoint is kept")
         log_now = step % t.log_every == 0 or step == t.steps
         ckpt_now = step % t.ckpt_every == 0 or step == t.steps

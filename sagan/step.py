@@ -60,6 +60,7 @@ class Trainer:
         self.n_dis = cfg.optim.n_dis
         self.amp_dtype = _AUTOCAST_DTYPES[cfg.train.precision]
         self.opt_g, self.opt_d = make_optimizers(G, D, cfg)
+        self._hyper = [(opt, dict(group)) for opt in (self.opt_g, self.opt_d) for group in opt.param_groups]
         self.ema = EMA(G, cfg.train.ema_decay, cfg.train.ema_start)
         fp16 = cfg.train.precision == "fp16"
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
@@ -142,6 +143,11 @@ class Trainer:
         self.ema.model.load_state_dict(state["G_ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        # Moments and step counts come from the checkpoint; lr and betas from the current config, so a
+        # resumed run honours a changed optim.lr_g / lr_d / betas.
+        for opt, hyper in self._hyper:
+            for group in opt.param_groups:
+                group.update(lr=hyper["lr"], betas=hyper["betas"])
         if state["scaler_g"]:
             self.scaler_g.load_state_dict(state["scaler_g"])
         if state["scaler_d"]:

@@ -119,3 +119,19 @@ def test_marker_without_the_state_is_a_clean_error(tmp_path):
     torch.save({"format": "sagan-checkpoint", "version": 1}, path)
     with pytest.raises(CheckpointError, match="lacks"):
         load_checkpoint(path)
+
+
+def test_resume_applies_the_current_learning_rates(tmp_path):
+    from sagan.checkpoint import load_checkpoint as load
+    from sagan.models import build_models
+    from sagan.step import Trainer
+
+    trainer, cfg = tiny_trainer()
+    trainer.train_step([real_batch()])
+    path = save_checkpoint(tmp_path / "c.pt", trainer, cfg)
+    new_cfg, _ = tiny_trainer("optim.lr_d=1e-5", "optim.lr_g=2e-5")[1], None
+    G, D = build_models(new_cfg.model)
+    resumed = Trainer(G, D, new_cfg)
+    resumed.load_state_dict(load(path))
+    assert resumed.opt_d.param_groups[0]["lr"] == 1e-5 and resumed.opt_g.param_groups[0]["lr"] == 2e-5
+    assert next(iter(resumed.opt_d.state.values()))["step"].item() == 1  # moments kept

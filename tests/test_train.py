@@ -38,6 +38,10 @@ def tiny_cfg(digits, tmp_path, *overrides):
     return resolve_paths(cfg)
 
 
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
 def fit(cfg):
     return build_trainer(cfg, cfg.mlflow.tracking_uri).fit()
 
@@ -88,9 +92,9 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, digits, tmp_pa
     thread.start()
     run_dir = Path(cfg.run.storage_path) / "fault"
     deadline = time.time() + 240
-    while not list(run_dir.glob("checkpoint_*")) and time.time() < deadline:
+    while not checkpoint_dirs(run_dir) and time.time() < deadline:
         time.sleep(0.5)
-    assert list(run_dir.glob("checkpoint_*")), "no checkpoint appeared"
+    assert checkpoint_dirs(run_dir), "no checkpoint appeared"
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     os.kill(workers[-1].pid, signal.SIGKILL)
     thread.join(timeout=400)
@@ -140,3 +144,22 @@ def test_bad_input_fails_before_any_worker(ray_session, digits, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs" / "sagan-demo").exists()
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(ray_session, digits, tmp_path, capsys):
+    cfg = tiny_cfg(digits, tmp_path, "run.name=nan", "train.steps=2", "train.ckpt_every=1")
+    fit(cfg)  # two good steps, checkpointed
+    good = checkpoint_dirs(Path(cfg.run.storage_path) / "nan")[-1]
+    before = (good / "checkpoint.pt").read_bytes()
+    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "model.ch=8", "train.batch_size=4",
+            "run.name=nan", "train.steps=20", "train.ckpt_every=1", "optim.lr_d=1e30", "optim.lr_g=1e30",
+            "run.max_failures=1"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: non-finite loss at step ") and "the last good checkpoint is kept" in err
+    step = int(err.split("at step ")[1].split()[0])
+    assert step > 2
+    assert (good / "checkpoint.pt").read_bytes() == before
+    latest = checkpoint_dirs(Path(cfg.run.storage_path) / "nan")[-1]
+    assert load_checkpoint(latest / "checkpoint.pt")["step"] == step - 1  # nothing saved at or after it
