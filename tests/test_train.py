@@ -95,7 +95,8 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, digits, tmp_pa
     while not checkpoint_dirs(run_dir) and time.time() < deadline:
         time.sleep(0.5)
     assert checkpoint_dirs(run_dir), "no checkpoint appeared"
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    address = ray_session.get_runtime_context().gcs_address  # this session's Ray, not any other on the host
+    workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     os.kill(workers[-1].pid, signal.SIGKILL)
     thread.join(timeout=400)
     result = out["result"]
