@@ -16,17 +16,19 @@ venv: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
-# The demo: sample digits -> shards -> 2-worker DDP training on a local Ray, MLflow in ./mlflow.db.
-# Everything it writes (data/, runs/, mlflow.db) is git-ignored.
+# The demo: sample digits -> shards -> 2-worker DDP training on a local Ray (in-loop FID) -> evaluation,
+# MLflow in ./mlflow.db. Everything it writes (data/, runs/, mlflow.db) is git-ignored.
 DEMO_DATA = data/sample
+DEMO_RUN  = runs/sagan-demo
 demo: $(VENV)/.installed
 	$(PY) preprocessing/make_sample_data.py --out $(DEMO_DATA)/raw
 	$(PY) preprocessing/shard_imagenet.py --src $(DEMO_DATA)/raw --out $(DEMO_DATA)/shards --size 32 --shard-size 200 --verify
 	$(PY) pipelines/train.py --config configs/demo.yaml
+	$(PY) pipelines/evaluate.py --checkpoint $(DEMO_RUN)
 	@echo
-	@echo "sample grids:  $(CURDIR)/runs/sagan-demo/samples/ (and in MLflow under images/)"
-	@echo "checkpoints:   $(CURDIR)/runs/sagan-demo/checkpoint_*"
-	@echo "MLflow runs:   $(CURDIR)/mlflow.db, browse with"
+	@echo "sample grids:  $(CURDIR)/$(DEMO_RUN)/samples/ (and in MLflow under images/)"
+	@echo "checkpoints:   $(CURDIR)/$(DEMO_RUN)/checkpoint_*"
+	@echo "MLflow runs:   $(CURDIR)/mlflow.db (losses, in-loop FID, eval/* scores, grids), browse with"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 clean:

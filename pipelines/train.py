@@ -10,13 +10,13 @@ run.name resumes from the run's last checkpoint. The global batch is train.batch
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.common import absolute, default_tracking_uri, git_commit, prepare_tracking, ray_job_id  # noqa: E402
 from sagan.config import Config, ConfigError, load_config, to_dict  # noqa: E402
 from sagan.data import DataError, batches_per_epoch, find_shards  # noqa: E402
 
@@ -34,20 +34,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_tracking_uri(cfg: Config) -> str:
-    """mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else a sqlite file at an absolute path in the cwd."""
-    return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def _absolute(path: str) -> str:
-    """Local paths made absolute (Ray workers run in another directory); URIs (s3://...) as they are."""
-    return path if "://" in path or not path else str(Path(path).expanduser().resolve())
-
-
 def resolve_paths(cfg: Config) -> Config:
-    cfg.data.train_shards = _absolute(cfg.data.train_shards)
-    cfg.data.val_shards = _absolute(cfg.data.val_shards)
-    cfg.run.storage_path = _absolute(cfg.run.storage_path)
+    """`cfg` with its local paths made absolute, as Ray workers (in another directory) need them."""
+    cfg.data.train_shards = absolute(cfg.data.train_shards)
+    cfg.data.val_shards = absolute(cfg.data.val_shards)
+    cfg.run.storage_path = absolute(cfg.run.storage_path)
+    cfg.eval.cache_dir = absolute(cfg.eval.cache_dir)
+    cfg.eval.inception_weights = absolute(cfg.eval.inception_weights)
     return cfg
 
 
@@ -83,33 +76,34 @@ def preflight(cfg: Config, cluster: dict) -> None:
             raise PreflightError(f"run.storage_path {storage} is not writable ({e.strerror}); choose another") from None
 
 
-def prepare_tracking(uri: str, experiment: str) -> None:
-    """Create the MLflow store and experiment from the driver, so workers never race on a schema migration."""
-    import mlflow
+def prepare_evaluation(cfg: Config) -> None:
+    """For in-loop FID: check the real shards and get the feature extractor's weights (training the sample
+    classifier or downloading Inception once) before any worker starts; PreflightError when they cannot be had."""
+    if not cfg.train.eval_every:
+        return
+    from sagan.metrics import MetricsError, feature_weights, real_shards
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
-
-
-def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
+        real = real_shards(cfg)
+        feature_weights(cfg)
+    except MetricsError as e:
+        raise PreflightError(str(e)) from None
+    if (real.num_classes, real.image_size) != (cfg.model.num_classes, cfg.model.resolution):
+        raise PreflightError(f"the real shards for FID ({real.manifest}) hold {real.num_classes} classes at "
+                             f"{real.image_size}px, the model {cfg.model.num_classes} at {cfg.model.resolution}px; "
+                             f"point data.{cfg.eval.real_split}_shards at the same data")  # fmt: skip
 
 
 def build_trainer(cfg: Config, tracking_uri: str):
     """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.train_loop import train_loop_per_worker
 
     tags = {
         "git_commit": git_commit(),
-        "ray_job_id": ray.get_runtime_context().get_job_id(),
+        "ray_job_id": ray_job_id(),
         "checkpoint_location": f"{cfg.run.storage_path}/{cfg.run.name}",
     }
     s = cfg.scaling
@@ -124,6 +118,7 @@ def build_trainer(cfg: Config, tracking_uri: str):
             storage_path=cfg.run.storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's per-report INFO lines drown ours
         ),
     )
 
@@ -144,12 +139,20 @@ def main(argv=None) -> int:
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    uri = default_tracking_uri(cfg)
+    uri = default_tracking_uri(cfg.mlflow.tracking_uri)
     try:
         prepare_tracking(uri, cfg.mlflow.experiment)
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
         print(f"error: MLflow tracking at {uri} is not usable: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    try:
+        prepare_evaluation(cfg)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if uri.startswith("sqlite:") and sum(n["Alive"] for n in ray.nodes()) > 1:
+        print(f"warning: MLflow store {uri} is a file on this node, but rank 0 may run on another; on a "
+              "multi-node cluster set mlflow.tracking_uri to a tracking server (mlflow server ...)", file=sys.stderr)  # fmt: skip
     print(f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
           f"{cfg.train.batch_size * cfg.scaling.num_workers}, {cfg.train.steps} steps; "
           f"checkpoints in {cfg.run.storage_path}/{cfg.run.name}; MLflow at {uri}", flush=True)  # fmt: skip

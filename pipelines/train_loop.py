@@ -5,6 +5,7 @@ checkpoint to resume from, and `ray.train.report`. The step itself is `sagan.ste
 """
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -18,13 +19,15 @@ from PIL import Image
 from sagan.checkpoint import load_checkpoint, save_checkpoint
 from sagan.config import Config, flatten, from_dict
 from sagan.data import batches_per_epoch, find_shards, rank_batches
+from sagan.metrics import build_evaluator
 from sagan.models import build_models
 from sagan.step import Trainer, unwrap
-from sagan.viz import attention_figures, sample_grid
+from sagan.viz import attention_figures, grid_inputs, metric_curve, sample_grid
 
+# Console lines go through logging: Ray Train's patched print() would show each of them twice.
+log = logging.getLogger("sagan.train")
 CHECKPOINT_FILE = "checkpoint.pt"
 NONFINITE_FILE = "NONFINITE.json"  # in the run directory: FailureConfig retries must not replay a diverged run
-GRID_SIZE = 64  # fixed z and labels for sample grids, comparable across steps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,6 +66,7 @@ class Tracker:
     def __init__(self, enabled: bool, cfg: Config, loop_config: dict, run_id: str | None):
         self.enabled = enabled
         self.run_id = run_id
+        self.tracking_uri = loop_config["tracking_uri"]
         if not enabled:
             return
         import mlflow
@@ -76,6 +80,10 @@ class Tracker:
             mlflow.log_params(flatten(cfg))
             mlflow.set_tags({k: v for k, v in loop_config.get("tags", {}).items() if v})
 
+    def checkpoint_extra(self) -> dict:
+        """What a checkpoint records of the MLflow run, so evaluation can log into it."""
+        return {"mlflow_run_id": self.run_id, "mlflow_tracking_uri": self.tracking_uri}
+
     def metrics(self, values: dict, step: int):
         if self.enabled:
             self.mlflow.log_metrics(values, step=step)
@@ -84,9 +92,14 @@ class Tracker:
         if self.enabled:
             self.mlflow.log_image(array, key=key, step=step)
 
-    def tag(self, key: str, value: str):
-        if self.enabled:
-            self.mlflow.set_tag(key, value)
+    def curve(self, metric: str, artifact: str):
+        """Plot the run's whole history of `metric` (every launch of it) as an image artifact."""
+        if not self.enabled:
+            return
+        history = self.mlflow.MlflowClient().get_metric_history(self.run_id, metric)
+        if history:
+            points = sorted((m.step, m.value) for m in history)
+            self.mlflow.log_image(metric_curve(points, metric), artifact_file=artifact)
 
     def close(self):
         if self.enabled:
@@ -133,15 +146,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
         trainer.load_state_dict(state)
         run_id = state["extra"].get("mlflow_run_id")
         if rank == 0:
-            print(f"resumed from step {trainer.step} ({checkpoint.path})", flush=True)
+            log.info(f"resumed from step {trainer.step} ({checkpoint.path})")
     tracker = Tracker(rank == 0, cfg, loop_config, run_id)
     torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # different latents per rank
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    fixed_z = torch.randn(GRID_SIZE, cfg.model.z_dim, generator=gen).to(device)
-    fixed_y = (torch.arange(GRID_SIZE) % cfg.model.num_classes).to(device)
+    fixed_z, fixed_y = (v.to(device) for v in grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.train.seed))
 
     stream = batch_stream(cfg, rank, world, trainer.step * cfg.optim.n_dis, device)
     t = cfg.train
+    # In-loop FID on rank 0 (the others wait at the next report); the real statistics come from the cache
+    # the driver's preflight filled, or are computed here once.
+    evaluator = build_evaluator(cfg, device) if t.eval_every and rank == 0 else None
+
+    def evaluate(step: int) -> dict:
+        if evaluator is None:
+            return {}
+        scores = evaluator(trainer.ema.model, cfg.eval.loop_samples)
+        scores = {f"loop/{k}": v for k, v in scores.items() if k != "is_std"}
+        tracker.metrics(scores, step)
+        log.info(f"step {step}: in-loop FID {scores['loop/fid']:.2f} ({cfg.eval.loop_samples} samples)"
+                 + "".join(f"  {k[5:]} {v:.3f}" for k, v in scores.items() if k != "loop/fid"))  # fmt: skip
+        return scores
+
+    if trainer.step == 0:
+        evaluate(0)  # the baseline every FID curve starts from
     global_batch = t.batch_size * world
     start_step, window_start, window_steps = trainer.step, time.perf_counter(), 0
     run_start = window_start
@@ -172,8 +199,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 done = step - start_step
                 eta = (time.perf_counter() - run_start) / done * (t.steps - step)
-                print(f"step {step}/{t.steps}  d_loss {values['d_loss']:.3f}  g_loss {values['g_loss']:.3f}  "
-                      f"{values['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min", flush=True)  # fmt: skip
+                log.info(f"step {step}/{t.steps}  d_loss {values['d_loss']:.3f}  g_loss {values['g_loss']:.3f}  "
+                         f"{values['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min")  # fmt: skip
             window_start, window_steps = time.perf_counter(), 0
         if rank == 0 and (step % t.sample_every == 0 or step == t.steps):
             G_ema = trainer.ema.model
@@ -186,15 +213,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 Image.fromarray(grid).save(folder / f"samples_{step:06d}.png")
             for size, fig in attention_figures(G_ema, fixed_z, fixed_y).items():
                 tracker.image(fig, f"attention_{size}", step)
-        if log_now or ckpt_now:
+        eval_now = bool(t.eval_every) and (step % t.eval_every == 0 or step == t.steps)
+        scores = evaluate(step) if eval_now else {}
+        if log_now or ckpt_now or eval_now:
             report = {"step": step, **{k: values[k] for k in ("d_loss", "g_loss", "d_real", "d_fake")},
-                      "rank_param_spread": param_spread(G, D)}  # fmt: skip
+                      "rank_param_spread": param_spread(G, D), **scores}  # fmt: skip
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if ckpt_now and rank == 0:
-                    save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer, cfg, extra={"mlflow_run_id": tracker.run_id})
+                    save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer, cfg, extra=tracker.checkpoint_extra())
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(report, checkpoint=ckpt)  # every rank, every time: it is a barrier
+            if ckpt is not None:
+                saved = ray.train.get_checkpoint()  # where Ray persisted it
+                log.info(f"step {step}: checkpoint {saved.path if saved else 'saved'}")
+    if t.eval_every:
+        tracker.curve("loop/fid", "plots/loop_fid.png")
     tracker.close()
     if rank == 0:
-        print(f"finished {t.steps} steps; MLflow run {tracker.run_id}", flush=True)
+        log.info(f"finished {t.steps} steps; MLflow run {tracker.run_id}")

@@ -26,15 +26,20 @@ def save_checkpoint(path: str | Path, trainer: Trainer, cfg: Config, extra: dict
     `extra` holds plain values to keep alongside (an MLflow run id, say). A crash mid-write leaves any
     previous file at `path` untouched.
     """
-    path = Path(path)
     _check_plain(extra or {}, "extra")  # anything else would save, then fail to load with weights_only
     state = trainer.state_dict()
     state.update(format=FORMAT, version=VERSION, config=to_dict(cfg), extra=dict(extra or {}))
+    return atomic_save(state, path)
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """torch.save `obj` to `path` through a temporary file and a rename; a crash leaves `path` as it was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

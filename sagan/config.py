@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+INCEPTION = "inception-v3-compat"  # torch-fidelity's TF-ported Inception v3: the standard FID/IS network
+SAMPLE_CLASSIFIER = "sample-classifier"  # a small CNN trained on the built-in sample set (offline)
 
 @dataclass
 class ModelConfig:
@@ -57,9 +59,14 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 50000  # generated images per FID/IS evaluation (the standard protocol: 50k)
-    feature_extractor: str = "inception-v3-compat"  # or "sample-classifier" for the built-in digits
-    inception_weights: str | None = None  # local path to the Inception weights, for offline clusters
+    num_samples: int = 50000  # generated images per FID/IS in pipelines/evaluate.py (the standard protocol: 50k)
+    loop_samples: int = 5000  # generated images per in-loop FID (every train.eval_every steps): faster, noisier
+    feature_extractor: str = INCEPTION  # or "sample-classifier" for the built-in digits (trained on their train split)
+    inception_weights: str | None = None  # local weights-inception-2015-12-05-6726825d.pth, for clusters offline
+    real_split: str = "val"  # real statistics from data.val_shards ("val") or data.train_shards ("train")
+    batch_size: int = 250  # images per generator and feature-extractor batch
+    cache_dir: str | None = None  # real statistics, sample classifier; default <shards root>/cache or ~/.cache/sagan
+    seed: int = 0  # latents and labels of the scored samples: the same on every evaluation
 
 
 @dataclass
@@ -213,13 +220,17 @@ def validate(cfg: Config) -> Config:
     for where, channels in attention_channels(m.resolution, m.ch, m.g_attn, m.d_attn).items():
         if channels % 8:
             raise ConfigError(f"model.ch: attention at {where} would have {channels} channels; it needs a multiple of 8")
+    if cfg.eval.feature_extractor not in (INCEPTION, SAMPLE_CLASSIFIER):
+        raise ConfigError(f"eval.feature_extractor: '{cfg.eval.feature_extractor}' is not one of {INCEPTION}, {SAMPLE_CLASSIFIER}")
+    if cfg.eval.real_split not in ("val", "train"):
+        raise ConfigError(f"eval.real_split: '{cfg.eval.real_split}' is not one of val, train")
     if t.precision not in _PRECISIONS:
         raise ConfigError(f"train.precision: '{t.precision}' is not one of {', '.join(_PRECISIONS)}")
     positive = {
         "model.ch": m.ch, "model.z_dim": m.z_dim, "model.num_classes": m.num_classes,
         "optim.n_dis": cfg.optim.n_dis, "train.steps": t.steps, "train.batch_size": t.batch_size,
         "train.log_every": t.log_every, "train.sample_every": t.sample_every, "train.ckpt_every": t.ckpt_every,
-        "eval.num_samples": cfg.eval.num_samples, "scaling.num_workers": cfg.scaling.num_workers,
+        "eval.batch_size": cfg.eval.batch_size, "scaling.num_workers": cfg.scaling.num_workers,
         "run.keep_checkpoints": cfg.run.keep_checkpoints,
     }  # fmt: skip
     for key, value in positive.items():
@@ -233,6 +244,9 @@ def validate(cfg: Config) -> Config:
                        "run.max_failures": cfg.run.max_failures}.items():  # fmt: skip
         if value < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {value}")
+    for key, value in {"eval.num_samples": cfg.eval.num_samples, "eval.loop_samples": cfg.eval.loop_samples}.items():
+        if value < 10:  # the Inception Score's 10 splits
+            raise ConfigError(f"{key}: must be at least 10 (IS uses 10 splits), got {value}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
@@ -255,6 +269,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} must hold a mapping of sections (model:, optim:, ...), got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))
     return validate(_build(Config, data, ""))
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A validated copy of `cfg` with dotted `key=value` overrides applied."""
+    return validate(_build(Config, _merge(to_dict(cfg), parse_overrides(overrides)), ""))
 
 
 def to_dict(cfg: Config) -> dict:

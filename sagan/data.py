@@ -6,6 +6,7 @@ files, per-shard sample counts and class count. `rank_batches` streams one rank'
 DDP needs (a rank that runs out first leaves the others hanging in an all-reduce).
 """
 
+import hashlib
 import io
 import json
 import random
@@ -30,6 +31,7 @@ class ShardSet:
     num_classes: int
     image_size: int
     manifest: Path
+    key: str  # sha256 of the preprocessing options and these shards' sha256s: names the content, not the path
 
     @property
     def num_samples(self) -> int:
@@ -80,12 +82,15 @@ def find_shards(location: str, split: str = "train") -> ShardSet:
     if missing or not records:
         raise DataError(f"{tar_dir} is missing {len(missing)} shard(s) of its manifest (first: {missing[:1]}) "
                         if missing else f"{tar_dir} holds no complete shard")  # fmt: skip
+    # The options hold the resize filter and crop: statistics of differently preprocessed data never share a key.
+    content = {"options": manifest["options"], "shards": [[r["name"], r["sha256"]] for r in records]}
     return ShardSet(
         urls=[str(tar_dir / r["name"]) for r in records],
         counts=[r["num_samples"] for r in records],
         num_classes=int(manifest["num_classes"]),
         image_size=int(manifest["options"]["size"]),
         manifest=manifest_path,
+        key=hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(),
     )
 
 
@@ -93,10 +98,29 @@ def _all_shards(urls):
     yield from urls
 
 
+def decode_uint8(jpg: bytes) -> torch.Tensor:
+    """JPEG bytes -> (3, H, W) uint8 tensor."""
+    arr = np.array(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
 def decode_image(jpg: bytes) -> torch.Tensor:
     """JPEG bytes -> (3, H, W) float tensor in [-1, 1]."""
-    arr = np.array(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return decode_uint8(jpg).float().div_(127.5).sub_(1.0)
+
+
+def iter_uint8(shards: ShardSet, batch_size: int):
+    """Every sample of `shards` once, in shard order: (images (B, 3, R, R) uint8, labels (B,)) batches."""
+    dataset = wds.WebDataset(shards.urls, shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
+    images, labels = [], []
+    for jpg, cls in dataset.to_tuple("jpg", "cls"):
+        images.append(decode_uint8(jpg))
+        labels.append(int(cls))
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+            images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
 def batches_per_epoch(shards: ShardSet, world_size: int, batch_size: int) -> int:

@@ -21,6 +21,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def grid_inputs(z_dim: int, num_classes: int, seed: int = 0, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed z (n, z_dim) and labels (n,) cycling through the classes: grids comparable across steps and runs."""
+    z = torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed))
+    return z, torch.arange(n) % num_classes
+
+
 def sample_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> one (H', W', 3) uint8 grid, `nrow` images per row."""
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
@@ -31,6 +37,13 @@ def default_query_points(resolution: int) -> list[tuple[int, int]]:
     """Four (row, col) pixel positions, one per quadrant of a `resolution`-sized image."""
     a, b = resolution // 4, 3 * resolution // 4
     return [(a, a), (a, b), (b, a), (b, b)]
+
+
+def _figure_to_array(fig) -> np.ndarray:
+    fig.canvas.draw()
+    out = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return out
 
 
 def attention_figure(image: torch.Tensor, attn: torch.Tensor, query_points: list[tuple[int, int]]) -> np.ndarray:
@@ -62,10 +75,7 @@ def attention_figure(image: torch.Tensor, attn: torch.Tensor, query_points: list
     for ax in axes:
         ax.set_axis_off()
     fig.tight_layout()
-    fig.canvas.draw()
-    out = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return out
+    return _figure_to_array(fig)
 
 
 @torch.no_grad()
@@ -79,3 +89,18 @@ def attention_figures(G, z: torch.Tensor, y: torch.Tensor, query_points=None) ->
         G.train(was_training)
     points = query_points or default_query_points(images.shape[-1])
     return {size: attention_figure(images[0], attn[0], points) for size, attn in maps.items()}
+
+
+def metric_curve(points: list[tuple[int, float]], name: str) -> np.ndarray:
+    """A line plot of (step, value) points as an (H, W, 3) uint8 image, titled `name`."""
+    steps, values = zip(*points)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(steps, values, "o-", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    if min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")  # FID falls by orders of magnitude early on
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{name}: {values[-1]:.3g} at step {steps[-1]}", fontsize=10)
+    fig.tight_layout()
+    return _figure_to_array(fig)

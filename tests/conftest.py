@@ -12,3 +12,21 @@ def ray_session():
                  log_to_driver=False, configure_logging=False)  # fmt: skip
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The built-in sample set sharded at 32px in 200-image shards: OUT/{train,val}/*.tar + manifest.json."""
+    from preprocessing.make_sample_data import write_sample_data
+    from preprocessing.shard_imagenet import main as shard_main
+
+    root = tmp_path_factory.mktemp("digits")
+    write_sample_data(root / "raw")
+    assert shard_main(["--src", str(root / "raw"), "--out", str(root / "shards"), "--size", "32", "--shard-size", "200"]) == 0
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory):
+    """One cache folder per session, so the sample classifier is trained once (~15 s) for every test."""
+    return tmp_path_factory.mktemp("eval-cache")

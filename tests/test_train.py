@@ -11,20 +11,11 @@ import mlflow
 import pytest
 import torch
 
-from pipelines.train import build_trainer, main, prepare_tracking, resolve_paths
-from preprocessing.make_sample_data import write_sample_data
-from preprocessing.shard_imagenet import main as shard_main
+from pipelines.common import prepare_tracking
+from pipelines.train import build_trainer, main, resolve_paths
 from sagan.checkpoint import load_checkpoint
 from sagan.config import load_config
 from sagan.data import batches_per_epoch, find_shards, rank_batches
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    write_sample_data(root / "raw")
-    assert shard_main(["--src", str(root / "raw"), "--out", str(root / "shards"), "--size", "32", "--shard-size", "200"]) == 0
-    return root / "shards"
 
 
 def tiny_cfg(digits, tmp_path, *overrides):

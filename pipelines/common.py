@@ -1,0 +1,45 @@
+"""What every entry point needs around the library: paths Ray workers can use, MLflow's store, run tags."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+
+def absolute(path: str | None) -> str | None:
+    """Local paths made absolute (Ray workers run in another directory); URIs (s3://...) and "" as they are."""
+    return path if not path or "://" in path else str(Path(path).expanduser().resolve())
+
+
+def default_tracking_uri(configured: str | None = None) -> str:
+    """`configured`, else MLFLOW_TRACKING_URI, else a sqlite file at an absolute path in the working directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def prepare_tracking(uri: str, experiment: str) -> None:
+    """Create the MLflow store and experiment from the driver, so workers never race on a schema migration."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, or None outside a git checkout (a Ray job's uploaded working dir)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def ray_job_id() -> str | None:
+    """The submission id (raysubmit_...) when this process runs as `ray job submit`'s entrypoint, else None."""
+    # The job supervisor hands the entrypoint its JobConfig, whose metadata carries the submission id.
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None

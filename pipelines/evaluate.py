@@ -1,0 +1,167 @@
+"""Score a SAGAN checkpoint with FID and IS (torch-fidelity) and log them into its training run in MLflow.
+
+    python pipelines/evaluate.py --checkpoint runs/sagan-demo             # the run's latest checkpoint
+    python pipelines/evaluate.py --checkpoint runs/sagan-demo/checkpoint_.../checkpoint.pt eval.num_samples=10000
+    ray job submit --working-dir . --entrypoint-num-gpus 1 -- \\
+        python pipelines/evaluate.py --checkpoint /mnt/shared/sagan-runs/sagan-imagenet128
+
+Generates eval.num_samples images (default 50,000, classes balanced) with the EMA generator (--raw: the
+trained G), on a GPU when there is one, and feeds them to torch-fidelity in batches; no image is written.
+FID is against the real images of data.val_shards (eval.real_split=train: data.train_shards), whose
+statistics are computed once and cached by content (or read from / written to --stats-file). IS uses 10
+splits. eval.feature_extractor: inception-v3-compat (standard; weights downloaded once, or
+--inception-weights for offline clusters) or sample-classifier (the built-in digits; adds class accuracy).
+
+Results land in the MLflow run that wrote the checkpoint, at the checkpoint's step (or in --run-id); with
+no known run, in a new run of --experiment tagged with the checkpoint. key=value overrides apply to the
+checkpoint's eval.*, data.* and mlflow.* keys (the model is the checkpoint's).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from pipelines.common import absolute, default_tracking_uri, git_commit, ray_job_id  # noqa: E402
+from sagan.checkpoint import CheckpointError, load_checkpoint, load_generator  # noqa: E402
+from sagan.config import ConfigError, from_dict, with_overrides  # noqa: E402
+
+CHECKPOINT_FILE = "checkpoint.pt"
+OVERRIDABLE = ("eval.", "data.", "mlflow.")
+
+
+class UsageError(Exception):
+    """Bad input found before any sample is generated; printed as one line."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, a checkpoint_* directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--raw", action="store_true", help="score the trained G instead of its EMA")
+    p.add_argument("--run-id", help="MLflow run to log into (default: the run recorded in the checkpoint)")
+    p.add_argument("--experiment", default="sagan-eval", help="experiment of the new run made when no run is known (default sagan-eval)")
+    p.add_argument("--stats-file", help="real statistics file: read if it exists, else computed and written there")
+    p.add_argument("--inception-weights", help="local Inception weights file (same as eval.inception_weights)")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available; default)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of eval.*, data.*, mlflow.* keys, e.g. eval.num_samples=10000")
+    return p.parse_args(argv)
+
+
+def find_checkpoint(path: str) -> Path:
+    """The checkpoint file at `path`: the file itself, <dir>/checkpoint.pt, or the newest checkpoint_* of a run."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if (p / CHECKPOINT_FILE).is_file():
+        return p / CHECKPOINT_FILE
+    found = sorted(d / CHECKPOINT_FILE for d in p.glob("checkpoint_*") if (d / CHECKPOINT_FILE).is_file()) if p.is_dir() else []
+    if not found:
+        raise UsageError(f"no checkpoint at {p}: give a checkpoint.pt, a checkpoint_* directory or a run directory holding them")
+    return found[-1]  # Ray names checkpoints by time: the last in order is the newest
+
+
+def pick_device(name: str) -> torch.device:
+    """cuda when asked for or (auto) available, else cpu; UsageError for cuda on a machine without it."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {name} is not one of auto, cpu, cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but torch sees no GPU here; use --device cpu, or submit with --entrypoint-num-gpus 1")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def mlflow_target(args, cfg, extra: dict) -> tuple[str, str | None]:
+    """(tracking URI, run id to log into or None): the training run's unless told otherwise; checked now."""
+    import mlflow
+
+    uri = cfg.mlflow.tracking_uri or extra.get("mlflow_tracking_uri") or default_tracking_uri()
+    run_id = args.run_id or extra.get("mlflow_run_id")
+    if run_id:
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            raise UsageError(f"MLflow run {run_id} is not in {uri}: that store does not exist; pass "
+                             "mlflow.tracking_uri=URI of the training store, or --run-id")  # fmt: skip
+        try:
+            mlflow.MlflowClient(uri).get_run(run_id)
+        except Exception as e:  # noqa: BLE001 - missing run and unreachable store have the same fix
+            raise UsageError(f"MLflow run {run_id} is not in {uri} ({str(e).splitlines()[0]}); "
+                             "pass mlflow.tracking_uri=URI of the training store, or --run-id") from None  # fmt: skip
+    return uri, run_id
+
+
+def log_results(uri: str, run_id: str | None, args, cfg, ckpt: Path, step: int, scores: dict, grid) -> str:
+    """Metrics at `step`, settings as params, a sample grid and a JSON record into the run; returns its id."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    settings = {"num_samples": cfg.eval.num_samples, "feature_extractor": cfg.eval.feature_extractor,
+                "real_split": cfg.eval.real_split, "generator": "raw" if args.raw else "ema",
+                "seed": cfg.eval.seed, "checkpoint": str(ckpt)}  # fmt: skip
+    new_run = run_id is None
+    if new_run:
+        exp = client.get_experiment_by_name(args.experiment) or client.get_experiment(client.create_experiment(args.experiment))
+        tags = {"checkpoint": str(ckpt), "git_commit": git_commit(), "ray_job_id": ray_job_id()}
+        run_id = client.create_run(exp.experiment_id, run_name=f"eval-{cfg.run.name}-step{step}",
+                                   tags={k: v for k, v in tags.items() if v}).info.run_id  # fmt: skip
+    # The training run's params already hold its config's eval.* keys: settings of an evaluation go by step.
+    prefix = "eval." if new_run else f"eval_step_{step}."
+    now = mlflow.utils.time.get_current_time_millis()
+    client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, step) for k, v in scores.items()])
+    try:
+        client.log_batch(run_id, params=[Param(prefix + k, str(v)) for k, v in settings.items()])
+    except MlflowException:  # params cannot change: a second evaluation of this step with other settings
+        print(f"note: step {step} was evaluated before with other settings; these are in evaluations/step_{step:06d}.json")
+    client.log_dict(run_id, {"step": step, "settings": settings, "scores": scores}, f"evaluations/step_{step:06d}.json")
+    client.log_image(run_id, grid, key="eval_samples", step=step)
+    if new_run:
+        client.set_terminated(run_id)
+    return run_id
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from sagan.metrics import MetricsError, build_evaluator
+    from sagan.viz import grid_inputs, sample_grid
+
+    try:
+        ckpt = find_checkpoint(args.checkpoint).resolve()
+        state = load_checkpoint(ckpt)
+        bad = [o for o in args.overrides if not o.startswith(OVERRIDABLE)]
+        if bad:
+            raise UsageError(f"override {bad[0]} is not allowed here: only {', '.join(k + '*' for k in OVERRIDABLE)} keys (the model is the checkpoint's)")
+        cfg = with_overrides(from_dict(state["config"]), args.overrides)
+        if args.inception_weights:
+            cfg.eval.inception_weights = absolute(args.inception_weights)
+        step = int(state["step"])
+        device = pick_device(args.device)
+        uri, run_id = mlflow_target(args, cfg, state["extra"])
+        del state
+        # Weights, real statistics and the extractor before a single sample is generated.
+        evaluator = build_evaluator(cfg, device, stats_file=args.stats_file)
+    except (UsageError, CheckpointError, ConfigError, MetricsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    G, _ = load_generator(ckpt, ema=not args.raw, device=device)
+    print(f"scoring {'raw G' if args.raw else 'G_ema'} of {ckpt} (step {step}): {cfg.eval.num_samples} samples "
+          f"on {device}, {cfg.eval.feature_extractor}", flush=True)  # fmt: skip
+    scores = evaluator(G, cfg.eval.num_samples, progress=True)
+    z, y = grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.eval.seed)
+    with torch.no_grad():
+        grid = sample_grid(G(z.to(device), y.to(device)))
+    run_id = log_results(uri, run_id, args, cfg, ckpt, step, scores, grid)
+    line = f"FID {scores['fid']:.3f}  IS {scores['is']:.3f} ± {scores['is_std']:.3f}"
+    if "class_acc" in scores:
+        line += f"  class accuracy {scores['class_acc']:.1%}"
+    print(f"{line}  ({cfg.eval.num_samples} samples, step {step})")
+    print(f"logged to MLflow run {run_id} at {uri}")
+    print(json.dumps({"step": step, **scores}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""FID, IS and class accuracy of a generator through torch-fidelity, with real statistics cached by content.
+
+Two feature extractors, both registered with torch-fidelity:
+- `inception-v3-compat`: torch-fidelity's TF-ported Inception v3, the standard for ImageNet. Its weights come
+  from a local file or are downloaded once into $TORCH_HOME/hub/checkpoints; the file's hash is checked
+  before torch-fidelity reads it (it unpickles that file without `weights_only`).
+- `sample-classifier`: a small CNN trained on the built-in sample set's train split (the Inception weights
+  cannot be downloaded offline). FID from its pooled features, IS from its logits, and class accuracy: the
+  share of conditional samples it classifies as the class they were generated for.
+
+`build_evaluator(cfg, device)` resolves the extractor and the real statistics once; the returned `Evaluator`
+scores any generator, in the training loop (few samples, fast) and in the evaluation job (50k samples).
+"""
+
+import hashlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.generative_model_base import GenerativeModelBase
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_generative_model
+
+from .checkpoint import atomic_save
+from .config import INCEPTION, SAMPLE_CLASSIFIER, Config
+from .data import DataError, ShardSet, find_shards, iter_uint8
+
+ISC_SPLITS = 10  # the standard Inception Score protocol (Salimans et al. 2016)
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256_PREFIX = "6726825d"  # torch.hub's convention: the file name carries its sha256 prefix
+INCEPTION_URL = URL_INCEPTION_V3
+# (FID layer, IS layer) per extractor: Inception's pool features and bias-free logits, as torch-fidelity does.
+LAYERS = {INCEPTION: ("2048", "logits_unbiased"), SAMPLE_CLASSIFIER: ("features", "logits")}
+
+
+class MetricsError(RuntimeError):
+    """Evaluation cannot start (weights, data or statistics missing or mismatched); the message says the fix."""
+
+
+# ---------------------------------------------------------------- Inception weights
+
+
+def inception_weights(path: str | None = None, download: bool = True, timeout: float = 30.0) -> Path:
+    """The official Inception weights file: `path`, else $TORCH_HOME/hub/checkpoints/<file>, else downloaded
+    there. Raises MetricsError (saying how to provide the file) when there is none and no network."""
+    if path:
+        found = Path(path).expanduser()
+        if not found.is_file():
+            raise MetricsError(f"Inception weights {found} do not exist; pass the path of {INCEPTION_FILE}")
+        _check_sha256(found)
+        return found
+    home = Path(torch.hub.get_dir()) / "checkpoints"
+    found = home / INCEPTION_FILE
+    if found.is_file():
+        _check_sha256(found)
+        return found
+    if download:
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout)  # an offline cluster with a black-holed route must not hang here
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, str(found), hash_prefix=INCEPTION_SHA256_PREFIX, progress=True)
+            return found
+        except Exception as e:  # noqa: BLE001 - any download failure has the same fix
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        finally:
+            socket.setdefaulttimeout(old)
+    else:
+        reason = "downloads disabled"
+    raise MetricsError(f"no Inception weights: none given, none at {found}, and the download from {INCEPTION_URL} "
+                       f"failed ({reason}); fetch {INCEPTION_FILE} where there is internet and pass "
+                       f"--inception-weights PATH (or eval.inception_weights=PATH), or copy it to {home}/")  # fmt: skip
+
+
+def _check_sha256(path: Path) -> None:
+    digest = _sha256(path)
+    if not digest.startswith(INCEPTION_SHA256_PREFIX):
+        raise MetricsError(f"{path} is not {INCEPTION_FILE} (sha256 {digest[:8]}..., expected {INCEPTION_SHA256_PREFIX}...); "
+                           "FID/IS are only comparable with the standard weights")  # fmt: skip
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- the sample-set classifier
+
+
+class SampleClassifier(nn.Module):
+    """Small CNN for the built-in sample set: (B, 3, R, R) in [-1, 1] -> (features (B, 4*width), logits (B, C)).
+
+    Shaped like Inception for FID's sake: globally average-pooled conv features, then one linear layer.
+    """
+
+    def __init__(self, num_classes: int, width: int = 16):
+        super().__init__()
+
+        def block(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+        w = width
+        self.body = nn.Sequential(
+            *block(3, w), *block(w, w), nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return features, self.head(features)
+
+
+class SampleClassifierFeatures(FeatureExtractorBase):
+    """torch-fidelity's view of a trained SampleClassifier: uint8 (B, 3, R, R) -> features and logits."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise MetricsError("the sample classifier needs its weights file (sagan.metrics.sample_classifier makes it)")
+        saved = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
+        self.net = SampleClassifier(saved["num_classes"], saved["width"])
+        self.net.load_state_dict(saved["state_dict"])
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor):
+        features, logits = self.net(x.float() / 127.5 - 1.0)
+        out = {"features": features, "logits": logits}
+        return tuple(out[name] for name in self.features_list)
+
+
+if SAMPLE_CLASSIFIER not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(SAMPLE_CLASSIFIER, SampleClassifierFeatures)
+
+
+def load_images(shards: ShardSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of `shards` in memory: (N, 3, R, R) uint8 and labels (N,). For small sets only."""
+    batches = list(iter_uint8(shards, 1024))
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image translated by up to `max_shift` pixels (zero-padded): robustness to a generator's offsets."""
+    pad = F.pad(x, [max_shift] * 4, value=-1.0)
+    size = x.shape[-1]
+    dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=gen).tolist()
+    return pad[..., dy : dy + size, dx : dx + size]
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows of `logits` (N, C) whose argmax is the label (N,)."""
+    return (logits.argmax(dim=1) == labels.to(logits.device)).float().mean().item()
+
+
+def train_sample_classifier(train: ShardSet, val: ShardSet, epochs: int = 10, width: int = 32, seed: int = 0,
+                            batch_size: int = 64) -> tuple[dict, float]:  # fmt: skip
+    """Train a SampleClassifier on `train`; return (what SampleClassifierFeatures loads, val accuracy)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x_train, y_train = load_images(train)
+    x_val, y_val = load_images(val)
+    x_train = x_train.float() / 127.5 - 1.0
+    net = SampleClassifier(train.num_classes, width)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * -(-len(x_train) // batch_size))
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x_train), generator=gen)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            _, logits = net(_shift(x_train[idx], 2, gen))
+            loss = F.cross_entropy(logits, y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        _, logits = net(x_val.float() / 127.5 - 1.0)
+    saved = {"state_dict": net.state_dict(), "num_classes": train.num_classes, "width": width,
+             "image_size": train.image_size, "train_key": train.key, "val_key": val.key}  # fmt: skip
+    return saved, accuracy(logits, y_val)
+
+
+def sample_classifier(train: ShardSet, val: ShardSet, cache: Path, log=print) -> Path:
+    """The classifier's weights file for these shards: from `cache`, or trained now and cached there."""
+    path = Path(cache) / f"sample-classifier-{train.key[:16]}.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("train_key") == train.key:
+            log(f"sample classifier: val accuracy {saved['val_accuracy']:.1%} ({path})")
+            return path
+    start = time.perf_counter()
+    log(f"training the sample classifier on {train.num_samples} images ...")
+    saved, val_accuracy = train_sample_classifier(train, val)
+    saved["val_accuracy"] = val_accuracy
+    atomic_save(saved, path)
+    log(f"sample classifier: val accuracy {val_accuracy:.1%} on {val.num_samples} images, "
+        f"trained in {time.perf_counter() - start:.0f}s ({path})")  # fmt: skip
+    return path
+
+
+# ---------------------------------------------------------------- statistics and scores
+
+
+def statistics(features: torch.Tensor) -> dict:
+    """FID statistics {"mu": (D,), "sigma": (D, D)} of features (N, D), as torch-fidelity computes them."""
+    return fid_features_to_statistics(features.float().cpu())
+
+
+def fid(stats_a: dict, stats_b: dict) -> float:
+    """Frechet distance between two sets of FID statistics."""
+    return fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID]
+
+
+def inception_score(logits: torch.Tensor, splits: int = ISC_SPLITS, seed: int = 0) -> tuple[float, float]:
+    """(mean, std) of the Inception Score of `logits` (N, C) over `splits` shuffled splits."""
+    out = isc_features_to_metric(logits.float().cpu(), splits=splits, shuffle=True, rng_seed=seed)
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+
+
+def default_cache_dir(shards: ShardSet) -> Path:
+    """<shards root>/cache when the data folder is writable, else $XDG_CACHE_HOME/sagan (~/.cache/sagan)."""
+    root = shards.manifest.parent
+    if os.access(root, os.W_OK):
+        return root / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "sagan"
+
+
+@torch.no_grad()
+def extract_features(extractor: FeatureExtractorBase, shards: ShardSet, batch_size: int, device,
+                     progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """{layer: (N, D)} features of every real image in `shards`."""
+    from tqdm import tqdm
+
+    out: dict[str, list] = {name: [] for name in extractor.get_requested_features_list()}
+    with tqdm(total=shards.num_samples, unit="img", desc="real features", disable=not progress, leave=False) as bar:
+        for images, _ in iter_uint8(shards, batch_size):
+            features = extractor.convert_features_tuple_to_dict(extractor(images.to(device)))
+            for name, value in features.items():
+                out[name].append(value.cpu())
+            bar.update(len(images))
+    return {name: torch.cat(values) for name, values in out.items()}
+
+
+def _save_stats(stats: dict, meta: dict, path: Path) -> None:
+    # Tensors and plain values only, so the file loads with weights_only=True (no pickled numpy objects).
+    atomic_save({"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), **meta}, path)
+
+
+def _load_stats(path: Path) -> tuple[dict, dict]:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return {"mu": saved.pop("mu").numpy(), "sigma": saved.pop("sigma").numpy()}, saved
+
+
+def real_statistics(extractor: FeatureExtractorBase, identity: str, shards: ShardSet, cache: Path,
+                    batch_size: int, device, stats_file: str | None = None, log=print) -> dict:  # fmt: skip
+    """FID statistics of the real images in `shards` under `extractor` (whose weights `identity` names).
+
+    Cached in `cache` under a key of the shards' content, the extractor and the image size, so a second
+    call makes no feature pass. With `stats_file`, that file is read when it exists (and must match) and
+    written otherwise.
+    """
+    layer = LAYERS[extractor.get_name()][0]
+    meta = {"extractor": extractor.get_name(), "extractor_id": identity, "layer": layer,
+            "image_size": shards.image_size, "data_key": shards.key}  # fmt: skip
+    key = hashlib.sha256(repr(sorted(meta.items())).encode()).hexdigest()
+    path = Path(stats_file) if stats_file else Path(cache) / f"fid-stats-{meta['extractor']}-{shards.image_size}px-{key[:16]}.pt"
+    if path.is_file():
+        stats, saved = _load_stats(path)
+        if saved.get("key") != key:
+            differs = [k for k in meta if saved.get(k) != meta[k]]
+            raise MetricsError(f"real statistics {path} were computed with other {', '.join(differs)}; "
+                               "delete the file or choose another --stats-file")  # fmt: skip
+        log(f"real statistics: {saved['num_samples']} images, cached ({path})")
+        return stats
+    log(f"real statistics: {shards.num_samples} images through {meta['extractor']} ...")
+    features = extract_features(extractor, shards, batch_size, device)[layer]
+    stats = statistics(features)
+    _save_stats(stats, {**meta, "key": key, "num_samples": len(features), "manifest": str(shards.manifest)}, path)
+    log(f"real statistics cached ({path})")
+    return stats
+
+
+def balanced_labels(num_samples: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """(N,) class labels, as equal in count as N allows, in a seeded random order."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.arange(num_samples) % num_classes)[torch.randperm(num_samples, generator=gen)]
+
+
+class _ConditionalSampler(GenerativeModelBase):
+    """G with its own labels, consumed in order. torch-fidelity 0.4's own label sampling calls np.int, which
+    NumPy >= 1.24 removed, so the sampler presents itself as unconditional (num_classes = 0)."""
+
+    def __init__(self, G: nn.Module, labels: torch.Tensor):
+        super().__init__()
+        self.G, self.labels, self.pos = G, labels, 0
+
+    @property
+    def z_size(self):
+        return self.G.z_dim
+
+    @property
+    def z_type(self):
+        return "normal"
+
+    @property
+    def num_classes(self):
+        return 0
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = self.labels[self.pos : self.pos + len(z)].to(z.device)
+        self.pos += len(z)
+        x = self.G(z, y)
+        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # quantised like real images
+
+
+@dataclass
+class Evaluator:
+    """Scores generators against one set of real statistics; see `build_evaluator`."""
+
+    extractor: FeatureExtractorBase
+    real: dict
+    num_classes: int
+    batch_size: int
+    device: torch.device
+    seed: int = 0
+
+    @torch.no_grad()
+    def __call__(self, G: nn.Module, num_samples: int, progress: bool = False) -> dict[str, float]:
+        """{"fid", "is", "is_std"} (plus "class_acc" with the sample classifier) of `num_samples` images of G,
+        classes balanced; the same latents and labels on every call, so scores are comparable across steps."""
+        if num_samples < ISC_SPLITS:
+            raise MetricsError(f"{num_samples} samples cannot make {ISC_SPLITS} IS splits; use at least {ISC_SPLITS}")
+        fid_layer, isc_layer = LAYERS[self.extractor.get_name()]
+        labels = balanced_labels(num_samples, self.num_classes, self.seed)
+        was_training = G.training
+        G.eval()
+        try:
+            features = get_featuresdict_from_generative_model(
+                _ConditionalSampler(G, labels), self.extractor, num_samples, self.batch_size,
+                cuda=self.device.type == "cuda", rng_seed=self.seed, verbose=progress,
+            )  # fmt: skip
+        finally:
+            G.train(was_training)
+        is_mean, is_std = inception_score(features[isc_layer], ISC_SPLITS, self.seed)
+        out = {"fid": fid(statistics(features[fid_layer]), self.real), "is": is_mean, "is_std": is_std}
+        if self.extractor.get_name() == SAMPLE_CLASSIFIER:
+            out["class_acc"] = accuracy(features["logits"], labels)
+        return out
+
+
+def feature_weights(cfg: Config, log=print) -> tuple[Path, str]:
+    """(weights file, identity for cache keys) of cfg.eval.feature_extractor; trains the sample classifier
+    if it is not cached. Raises MetricsError before any expensive work when the weights cannot be had."""
+    e = cfg.eval
+    if e.feature_extractor == INCEPTION:
+        return inception_weights(e.inception_weights), INCEPTION_SHA256_PREFIX
+    try:
+        train, val = find_shards(cfg.data.train_shards, "train"), find_shards(cfg.data.val_shards, "val")
+    except DataError as err:
+        raise MetricsError(f"the sample classifier needs the sample set's shards: {err}") from None
+    path = sample_classifier(train, val, Path(e.cache_dir) if e.cache_dir else default_cache_dir(train), log)
+    return path, _sha256(path)
+
+
+def real_shards(cfg: Config, split: str | None = None) -> ShardSet:
+    """The real images FID compares against: data.val_shards or data.train_shards (eval.real_split)."""
+    split = split or cfg.eval.real_split
+    location = cfg.data.val_shards if split == "val" else cfg.data.train_shards
+    try:
+        return find_shards(location, split)
+    except DataError as err:
+        raise MetricsError(f"real images for FID (data.{split}_shards): {err}") from None
+
+
+def build_evaluator(cfg: Config, device, split: str | None = None, stats_file: str | None = None, log=print) -> Evaluator:
+    """An Evaluator for cfg.eval's extractor against the real split's statistics (cached or computed now)."""
+    device = torch.device(device)
+    shards = real_shards(cfg, split)
+    weights, identity = feature_weights(cfg, log)
+    extractor = create_feature_extractor(cfg.eval.feature_extractor, list(LAYERS[cfg.eval.feature_extractor]),
+                                         cuda=device.type == "cuda", feature_extractor_weights_path=str(weights),
+                                         verbose=False)  # fmt: skip
+    cache = Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else default_cache_dir(shards)
+    real = real_statistics(extractor, identity, shards, cache, cfg.eval.batch_size, device, stats_file, log)
+    return Evaluator(extractor, real, cfg.model.num_classes, cfg.eval.batch_size, device, cfg.eval.seed)
+

@@ -1,0 +1,112 @@
+"""pipelines/evaluate.py end to end, and in-loop FID in the Ray training loop."""
+
+import json
+import socket
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+import pipelines.evaluate as evaluate
+import sagan.metrics as metrics
+from pipelines.common import prepare_tracking
+from pipelines.evaluate import main
+from pipelines.train import build_trainer, resolve_paths
+from sagan.checkpoint import save_checkpoint
+from sagan.config import load_config
+from sagan.models import build_models
+from sagan.step import Trainer
+
+
+def base_overrides(digits, eval_cache, tmp_path):
+    return [f"data.train_shards={digits / 'train'}", f"data.val_shards={digits / 'val'}",
+            f"eval.cache_dir={eval_cache}", "eval.feature_extractor=sample-classifier", "eval.batch_size=64",
+            f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "model.ch=8", "train.batch_size=4"]  # fmt: skip
+
+
+def offline_checkpoint(digits, eval_cache, tmp_path, extra=None) -> Path:
+    """A step-0 checkpoint written without Ray (no MLflow run unless `extra` names one)."""
+    cfg = load_config(None, base_overrides(digits, eval_cache, tmp_path))
+    torch.manual_seed(0)
+    G, D = build_models(cfg.model)
+    return save_checkpoint(tmp_path / "ckpt" / "checkpoint.pt", Trainer(G, D, cfg), cfg, extra=extra)
+
+
+def test_in_loop_fid_and_the_eval_job_land_in_the_training_run(ray_session, digits, eval_cache, tmp_path, capsys):
+    cfg = load_config(None, [*base_overrides(digits, eval_cache, tmp_path), "run.name=evaluated", "train.steps=4",
+                             "train.log_every=2", "train.ckpt_every=4", "train.sample_every=4", "train.eval_every=2",
+                             "eval.loop_samples=40", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"])  # fmt: skip
+    cfg = resolve_paths(cfg)
+    prepare_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    result = build_trainer(cfg, cfg.mlflow.tracking_uri).fit()
+    assert result.metrics["step"] == 4 and result.metrics["loop/fid"] > 0 and 0 <= result.metrics["loop/class_acc"] <= 1
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("sagan-train")
+    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'evaluated'")
+    run_id = run.info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "loop/fid")] == [0, 2, 4]
+    assert "loop_fid.png" in [Path(a.path).name for a in client.list_artifacts(run_id, "plots")]
+
+    args = ["--checkpoint", str(Path(cfg.run.storage_path) / "evaluated"), "eval.num_samples=60"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"logged to MLflow run {run_id}" in out
+    scores = json.loads(out.strip().splitlines()[-1])
+    (fid,) = client.get_metric_history(run_id, "eval/fid")
+    assert fid.step == 4 and fid.value == pytest.approx(scores["fid"])
+    (acc,) = client.get_metric_history(run_id, "eval/class_acc")
+    assert acc.step == 4 and 0 <= acc.value <= 1
+    params = client.get_run(run_id).data.params
+    assert params["eval_step_4.num_samples"] == "60" and params["eval_step_4.generator"] == "ema"
+    assert params["eval.num_samples"] == "50000"  # the training config's own param is untouched
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert any("eval_samples" in a for a in images)
+    record = json.loads(Path(client.download_artifacts(run_id, "evaluations/step_000004.json", str(tmp_path))).read_text())
+    assert record["settings"]["num_samples"] == 60 and record["scores"]["fid"] == pytest.approx(scores["fid"])
+
+
+def test_a_checkpoint_without_a_run_gets_a_new_run_tagged_with_it(digits, eval_cache, tmp_path, capsys):
+    ckpt = offline_checkpoint(digits, eval_cache, tmp_path)
+    assert main(["--checkpoint", str(ckpt), "eval.num_samples=30"]) == 0
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sagan-eval")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.tags["checkpoint"] == str(ckpt.resolve())
+    assert run.data.params["eval.num_samples"] == "30"
+    (fid,) = client.get_metric_history(run.info.run_id, "eval/fid")
+    assert fid.step == 0 and fid.value > 0
+
+
+def test_offline_without_inception_weights_fails_before_generating(digits, eval_cache, tmp_path, capsys, monkeypatch):
+    ckpt = offline_checkpoint(digits, eval_cache, tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with socket.socket() as s:  # a port nobody listens on: the download fails at once, as offline
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(metrics, "INCEPTION_URL", f"http://127.0.0.1:{s.getsockname()[1]}/w.pth")
+    monkeypatch.setattr(evaluate, "load_generator", lambda *a, **k: pytest.fail("generator loaded before the error"))
+    assert main(["--checkpoint", str(ckpt), "eval.feature_extractor=inception-v3-compat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no Inception weights") and "--inception-weights" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "{tmp}/nowhere"], "no checkpoint at"),
+        (["--checkpoint", "{ckpt}", "model.ch=16"], "override model.ch=16 is not allowed"),
+        (["--checkpoint", "{ckpt}", "eval.num_samples=5"], "eval.num_samples: must be at least 10"),
+        (["--checkpoint", "{ckpt}", "eval.feature_extractor=vgg"], "eval.feature_extractor: 'vgg' is not one of"),
+        (["--checkpoint", "{ckpt}", "data.val_shards={tmp}/none"], "real images for FID"),
+        (["--checkpoint", "{ckpt}", "--run-id", "0123456789abcdef"], "MLflow run 0123456789abcdef is not in"),
+        (["--checkpoint", "{ckpt}", "--device", "tpu"], "--device tpu is not one of"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_sample(digits, eval_cache, tmp_path, capsys, monkeypatch, args, message):
+    ckpt = offline_checkpoint(digits, eval_cache, tmp_path)
+    monkeypatch.setattr(evaluate, "load_generator", lambda *a, **k: pytest.fail("generator loaded before the error"))
+    assert main([a.format(tmp=tmp_path, ckpt=ckpt) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
