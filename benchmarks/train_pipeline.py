@@ -29,7 +29,7 @@ def pipeline_images_per_s(tmp: Path, shards: Path, workers: int, args) -> float:
     cmd = [sys.executable, str(REPO / "pipelines/train.py"), f"data.train_shards={shards}", f"run.name={name}",
            f"run.storage_path={tmp / 'runs'}", f"mlflow.tracking_uri={db}", f"model.ch={args.ch}",
            f"train.batch_size={args.batch}", f"train.steps={args.steps}", "train.log_every=10",
-           f"train.sample_every={args.steps}", f"train.ckpt_every={args.steps}", f"scaling.num_workers={workers}",
+           f"train.sample_every={args.steps}", f"train.ckpt_every={args.steps}", "train.eval_every=0", f"scaling.num_workers={workers}",
            f"scaling.cpus_per_worker={1.0 if workers == 1 else 0.5}"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
     client = mlflow.MlflowClient(db)

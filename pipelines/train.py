@@ -65,6 +65,17 @@ def preflight(cfg: Config, cluster: dict) -> None:
     if shards.image_size != cfg.model.resolution:
         raise PreflightError(f"the shards hold {shards.image_size}px images but model.resolution is "
                              f"{cfg.model.resolution}; reshard with --size {cfg.model.resolution} or change it")  # fmt: skip
+    if cfg.train.eval_every:  # in-loop FID compares against these
+        from sagan.metrics import MetricsError, real_shards
+
+        try:
+            real = real_shards(cfg)
+        except MetricsError as e:
+            raise PreflightError(str(e)) from None
+        if (real.num_classes, real.image_size) != (shards.num_classes, shards.image_size):
+            raise PreflightError(f"the real shards for FID ({real.manifest.parent}) hold {real.num_classes} classes at "
+                                 f"{real.image_size}px, the training shards {shards.num_classes} at {shards.image_size}px; "
+                                 f"point data.{cfg.eval.real_split}_shards at the same data set")  # fmt: skip
     storage = cfg.run.storage_path
     if "://" not in storage:
         try:
@@ -77,21 +88,16 @@ def preflight(cfg: Config, cluster: dict) -> None:
 
 
 def prepare_evaluation(cfg: Config) -> None:
-    """For in-loop FID: check the real shards and get the feature extractor's weights (training the sample
-    classifier or downloading Inception once) before any worker starts; PreflightError when they cannot be had."""
+    """For in-loop FID, get the feature extractor's weights before any worker starts (trains the sample
+    classifier or downloads Inception once); PreflightError when they cannot be had."""
     if not cfg.train.eval_every:
         return
-    from sagan.metrics import MetricsError, feature_weights, real_shards
+    from sagan.metrics import MetricsError, feature_weights
 
     try:
-        real = real_shards(cfg)
         feature_weights(cfg)
     except MetricsError as e:
         raise PreflightError(str(e)) from None
-    if (real.num_classes, real.image_size) != (cfg.model.num_classes, cfg.model.resolution):
-        raise PreflightError(f"the real shards for FID ({real.manifest}) hold {real.num_classes} classes at "
-                             f"{real.image_size}px, the model {cfg.model.num_classes} at {cfg.model.resolution}px; "
-                             f"point data.{cfg.eval.real_split}_shards at the same data")  # fmt: skip
 
 
 def build_trainer(cfg: Config, tracking_uri: str):
@@ -139,16 +145,16 @@ def main(argv=None) -> int:
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        prepare_evaluation(cfg)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     uri = default_tracking_uri(cfg.mlflow.tracking_uri)
     try:
         prepare_tracking(uri, cfg.mlflow.experiment)
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
         print(f"error: MLflow tracking at {uri} is not usable: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    try:
-        prepare_evaluation(cfg)
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
         return 2
     if uri.startswith("sqlite:") and sum(n["Alive"] for n in ray.nodes()) > 1:
         print(f"warning: MLflow store {uri} is a file on this node, but rank 0 may run on another; on a "

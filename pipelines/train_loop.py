@@ -155,7 +155,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     t = cfg.train
     # In-loop FID on rank 0 (the others wait at the next report); the real statistics come from the cache
     # the driver's preflight filled, or are computed here once.
-    evaluator = build_evaluator(cfg, device) if t.eval_every and rank == 0 else None
+    evaluator = build_evaluator(cfg, device, log=log.info) if t.eval_every and rank == 0 else None
 
     def evaluate(step: int) -> dict:
         if evaluator is None:
@@ -214,7 +214,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for size, fig in attention_figures(G_ema, fixed_z, fixed_y).items():
                 tracker.image(fig, f"attention_{size}", step)
         eval_now = bool(t.eval_every) and (step % t.eval_every == 0 or step == t.steps)
+        eval_start = time.perf_counter()
         scores = evaluate(step) if eval_now else {}
+        window_start += time.perf_counter() - eval_start  # images/s measures training, not evaluation
         if log_now or ckpt_now or eval_now:
             report = {"step": step, **{k: values[k] for k in ("d_loss", "g_loss", "d_real", "d_fake")},
                       "rank_param_spread": param_spread(G, D), **scores}  # fmt: skip

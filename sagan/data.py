@@ -58,6 +58,8 @@ def find_shards(location: str, split: str = "train") -> ShardSet:
         root, tar_dir, wanted = path, path / split, None
     elif path.is_dir():
         root, tar_dir, wanted = path.parent, path, None
+    elif "{" not in loc and not path.exists():
+        raise DataError(f"{loc} does not exist")
     else:
         expanded = [Path(p) for p in braceexpand.braceexpand(loc)]
         wanted = {p.name for p in expanded if p.is_file()}

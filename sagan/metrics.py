@@ -407,6 +407,8 @@ def real_shards(cfg: Config, split: str | None = None) -> ShardSet:
 def build_evaluator(cfg: Config, device, split: str | None = None, stats_file: str | None = None, log=print) -> Evaluator:
     """An Evaluator for cfg.eval's extractor against the real split's statistics (cached or computed now)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # torch-fidelity moves models and noise with .cuda(): the current device
     shards = real_shards(cfg, split)
     weights, identity = feature_weights(cfg, log)
     extractor = create_feature_extractor(cfg.eval.feature_extractor, list(LAYERS[cfg.eval.feature_extractor]),

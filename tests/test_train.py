@@ -126,11 +126,12 @@ def test_every_rank_gets_the_same_number_of_batches_with_true_labels(digits):
         ("scaling.use_gpu=true", "GPU(s)"),
         ("model.g_attn=[4]", r"model.g_attn has no [4]"),
         ("run.storage_path=/proc/nope", "is not writable"),
+        ("data.val_shards={empty}/val", "real images for FID (data.val_shards): "),  # the demo config's in-loop FID
     ],
 )
 def test_bad_input_fails_before_any_worker(ray_session, digits, tmp_path, capsys, override, message):
     (tmp_path / "empty").mkdir()
-    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
+    args = [f"data.train_shards={digits / 'train'}", f"data.val_shards={digits / 'val'}", f"run.storage_path={tmp_path / 'runs'}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", override.format(digits=digits, empty=tmp_path / "empty")]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -146,7 +147,7 @@ def test_non_finite_loss_stops_the_run_naming_the_step(ray_session, digits, tmp_
     args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
             f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "model.ch=8", "train.batch_size=4",
             "run.name=nan", "train.steps=20", "train.ckpt_every=1", "optim.lr_d=1e30", "optim.lr_g=1e30",
-            "run.max_failures=1"]  # fmt: skip
+            "run.max_failures=1", "train.eval_every=0"]  # fmt: skip
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: non-finite loss at step ") and "the last good checkpoint is kept" in err
