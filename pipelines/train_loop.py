@@ -126,8 +126,19 @@ def param_spread(G, D) -> float:
     return float(values.max() - values.min())
 
 
+def _quiet_ray_reports() -> None:
+    """Silence Ray Train's INFO line per ray.train.report: Ray 2.60 names that logger by its file path, so
+    RunConfig's LoggingConfig level does not reach it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: leave its logging alone
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Train SAGAN on this rank: `loop_config` = {"config": to_dict(cfg), "tracking_uri": ..., "tags": {...}}."""
+    _quiet_ray_reports()
     cfg = from_dict(loop_config["config"])
     raise_if_diverged(cfg)
     ctx = ray.train.get_context()

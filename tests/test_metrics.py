@@ -1,6 +1,7 @@
 """FID, IS and class accuracy through torch-fidelity: the small sample-set extractor, cached statistics,
 the Inception weights' offline path. No Ray."""
 
+import math
 import socket
 
 import pytest
@@ -180,3 +181,35 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_inception_path_scores_a_generator_with_stand_in_weights(tmp_path, monkeypatch):
+    """The standard extractor's wiring (layers, uint8 input, weights lookup in TORCH_HOME) with randomly
+    initialised weights: the real file cannot be downloaded here."""
+    import hashlib
+
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    with monkeypatch.context() as m:  # build the network once without weights, to save its random init
+        m.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        skeleton = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    file = home / "hub" / "checkpoints" / metrics.INCEPTION_FILE
+    file.parent.mkdir(parents=True)
+    torch.save(skeleton.state_dict(), file)
+    monkeypatch.setattr(metrics, "INCEPTION_SHA256_PREFIX", hashlib.sha256(file.read_bytes()).hexdigest()[:8])
+    assert inception_weights(None) == file
+
+    extractor = create_feature_extractor("inception-v3-compat", list(metrics.LAYERS["inception-v3-compat"]),
+                                         cuda=False, feature_extractor_weights_path=str(file), verbose=False)  # fmt: skip
+    real = (torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    pool, logits = extractor(real)  # 32px in, resized to 299 inside, as for 128px ImageNet samples
+    assert pool.shape == (24, 2048) and logits.shape == (24, 1008)
+    cfg = load_config(None, ["model.ch=8"])
+    torch.manual_seed(0)
+    G, _ = build_models(cfg.model)
+    scores = Evaluator(extractor, statistics(pool), 10, 10, torch.device("cpu"))(G, 20)
+    assert set(scores) == {"fid", "is", "is_std"}  # no class accuracy: Inception's classes are not ours
+    assert all(math.isfinite(v) for v in scores.values()) and 1.0 - 1e-9 <= scores["is"] <= 1008
