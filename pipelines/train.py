@@ -69,13 +69,9 @@ def preflight(cfg: Config, cluster: dict) -> None:
         from sagan.metrics import MetricsError, real_shards
 
         try:
-            real = real_shards(cfg)
+            real_shards(cfg)
         except MetricsError as e:
             raise PreflightError(str(e)) from None
-        if (real.num_classes, real.image_size) != (shards.num_classes, shards.image_size):
-            raise PreflightError(f"the real shards for FID ({real.manifest.parent}) hold {real.num_classes} classes at "
-                                 f"{real.image_size}px, the training shards {shards.num_classes} at {shards.image_size}px; "
-                                 f"point data.{cfg.eval.real_split}_shards at the same data set")  # fmt: skip
     storage = cfg.run.storage_path
     if "://" not in storage:
         try:

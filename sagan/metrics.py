@@ -170,7 +170,8 @@ def load_images(shards: ShardSet) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image translated by up to `max_shift` pixels (zero-padded): robustness to a generator's offsets."""
+    """The batch moved by one random offset of up to `max_shift` pixels, black-padded: robustness to a
+    generator's small offsets."""
     pad = F.pad(x, [max_shift] * 4, value=-1.0)
     size = x.shape[-1]
     dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=gen).tolist()
@@ -182,15 +183,21 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(dim=1) == labels.to(logits.device)).float().mean().item()
 
 
-def train_sample_classifier(train: ShardSet, val: ShardSet, epochs: int = 10, width: int = 32, seed: int = 0,
-                            batch_size: int = 64) -> tuple[dict, float]:  # fmt: skip
+# How the sample classifier is trained; part of its cache key, so a changed recipe retrains it.
+# 10 epochs of width 32: 98.9% val accuracy in ~15 s on 2 cores (width 16: 97.8%).
+CLASSIFIER_RECIPE = {"epochs": 10, "width": 32, "seed": 0, "batch_size": 64}
+
+
+def train_sample_classifier(train: ShardSet, val: ShardSet, epochs: int, width: int, seed: int,
+                            batch_size: int) -> tuple[dict, float]:  # fmt: skip
     """Train a SampleClassifier on `train`; return (what SampleClassifierFeatures loads, val accuracy)."""
+    with torch.random.fork_rng():  # seeded weights without touching the caller's random state
+        torch.manual_seed(seed)
+        net = SampleClassifier(train.num_classes, width)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     x_train, y_train = load_images(train)
     x_val, y_val = load_images(val)
     x_train = x_train.float() / 127.5 - 1.0
-    net = SampleClassifier(train.num_classes, width)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * -(-len(x_train) // batch_size))
     net.train()
@@ -214,16 +221,17 @@ def train_sample_classifier(train: ShardSet, val: ShardSet, epochs: int = 10, wi
 
 def sample_classifier(train: ShardSet, val: ShardSet, cache: Path, log=print) -> Path:
     """The classifier's weights file for these shards: from `cache`, or trained now and cached there."""
-    path = Path(cache) / f"sample-classifier-{train.key[:16]}.pt"
+    key = hashlib.sha256(f"{train.key} {sorted(CLASSIFIER_RECIPE.items())}".encode()).hexdigest()
+    path = Path(cache) / f"sample-classifier-{key[:16]}.pt"
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("train_key") == train.key:
+        if saved.get("key") == key:
             log(f"sample classifier: val accuracy {saved['val_accuracy']:.1%} ({path})")
             return path
     start = time.perf_counter()
     log(f"training the sample classifier on {train.num_samples} images ...")
-    saved, val_accuracy = train_sample_classifier(train, val)
-    saved["val_accuracy"] = val_accuracy
+    saved, val_accuracy = train_sample_classifier(train, val, **CLASSIFIER_RECIPE)
+    saved.update(val_accuracy=val_accuracy, key=key)
     atomic_save(saved, path)
     log(f"sample classifier: val accuracy {val_accuracy:.1%} on {val.num_samples} images, "
         f"trained in {time.perf_counter() - start:.0f}s ({path})")  # fmt: skip
@@ -395,13 +403,20 @@ def feature_weights(cfg: Config, log=print) -> tuple[Path, str]:
 
 
 def real_shards(cfg: Config, split: str | None = None) -> ShardSet:
-    """The real images FID compares against: data.val_shards or data.train_shards (eval.real_split)."""
+    """The real images FID compares against: data.val_shards or data.train_shards (eval.real_split),
+    checked against the model's classes and resolution."""
     split = split or cfg.eval.real_split
     location = cfg.data.val_shards if split == "val" else cfg.data.train_shards
     try:
-        return find_shards(location, split)
+        shards = find_shards(location, split)
     except DataError as err:
         raise MetricsError(f"real images for FID (data.{split}_shards): {err}") from None
+    m = cfg.model
+    if (shards.num_classes, shards.image_size) != (m.num_classes, m.resolution):
+        raise MetricsError(f"real images for FID ({shards.manifest.parent}) hold {shards.num_classes} classes at "
+                           f"{shards.image_size}px but the model makes {m.num_classes} at {m.resolution}px; "
+                           f"point data.{split}_shards at the data the model was trained on")  # fmt: skip
+    return shards
 
 
 def build_evaluator(cfg: Config, device, split: str | None = None, stats_file: str | None = None, log=print) -> Evaluator:

@@ -100,6 +100,7 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
         (["--checkpoint", "{ckpt}", "eval.num_samples=5"], "eval.num_samples: must be at least 10"),
         (["--checkpoint", "{ckpt}", "eval.feature_extractor=vgg"], "eval.feature_extractor: 'vgg' is not one of"),
         (["--checkpoint", "{ckpt}", "data.val_shards={tmp}/none"], "real images for FID"),
+        (["--checkpoint", "{ckpt}", "eval.real_split=train", "data.train_shards={shards64}"], "but the model makes 10 at 32px"),
         (["--checkpoint", "{ckpt}", "--run-id", "0123456789abcdef"], "MLflow run 0123456789abcdef is not in"),
         (["--checkpoint", "{ckpt}", "--device", "tpu"], "--device tpu is not one of"),
     ],
@@ -107,6 +108,12 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
 def test_bad_input_is_one_line_before_any_sample(digits, eval_cache, tmp_path, capsys, monkeypatch, args, message):
     ckpt = offline_checkpoint(digits, eval_cache, tmp_path)
     monkeypatch.setattr(evaluate, "load_generator", lambda *a, **k: pytest.fail("generator loaded before the error"))
-    assert main([a.format(tmp=tmp_path, ckpt=ckpt) for a in args]) == 2
+    shards64 = tmp_path / "digits64"
+    if any("shards64" in a for a in args):  # the same digits sharded at another size
+        from preprocessing.shard_imagenet import main as shard_main
+
+        assert shard_main(["--src", str(digits.parent / "raw"), "--out", str(shards64), "--size", "64", "--shard-size", "2000"]) == 0
+        capsys.readouterr()  # the sharding's own progress output
+    assert main([a.format(tmp=tmp_path, ckpt=ckpt, shards64=shards64 / "train") for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
