@@ -19,9 +19,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from pipelines.evaluate import find_checkpoint  # noqa: E402
+from pipelines.common import default_tracking_uri  # noqa: E402
+from pipelines.evaluate import UsageError, find_checkpoint  # noqa: E402
 from sagan.checkpoint import load_checkpoint, load_generator  # noqa: E402
-from sagan.config import from_dict  # noqa: E402
+from sagan.config import SAMPLE_CLASSIFIER, from_dict  # noqa: E402
 from sagan.metrics import build_evaluator  # noqa: E402
 from sagan.models import build_models  # noqa: E402
 
@@ -33,9 +34,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(REPO / "runs" / "sagan-demo"), help="the demo run (default runs/sagan-demo)")
     args = p.parse_args(argv)
-    ckpt = find_checkpoint(args.checkpoint)
+    try:
+        ckpt = find_checkpoint(args.checkpoint)
+    except UsageError as e:
+        print(f"error: {e}; run `make demo` first", file=sys.stderr)
+        return 2
     state = load_checkpoint(ckpt)
     cfg, step, extra = from_dict(state["config"]), int(state["step"]), state["extra"]
+    if cfg.eval.feature_extractor != SAMPLE_CLASSIFIER or not extra.get("mlflow_run_id"):
+        print(f"error: {ckpt} is not a demo run on the sample set with an MLflow run; run `make demo` first", file=sys.stderr)
+        return 2
     evaluator = build_evaluator(cfg, "cpu")
     torch.manual_seed(cfg.train.seed)  # as the training loop does before building the models
     G0, _ = build_models(cfg.model)
@@ -44,8 +52,9 @@ def main(argv=None) -> int:
 
     import mlflow
 
-    client = mlflow.MlflowClient(extra["mlflow_tracking_uri"])
-    curve = sorted((m.step, round(m.value, 3)) for m in client.get_metric_history(extra["mlflow_run_id"], "loop/fid"))
+    client = mlflow.MlflowClient(extra.get("mlflow_tracking_uri") or default_tracking_uri())
+    history = sorted(client.get_metric_history(extra["mlflow_run_id"], "loop/fid"), key=lambda m: m.timestamp)
+    curve = sorted({m.step: round(m.value, 3) for m in history}.items())  # a resumed run's replayed steps: the latest
     result = {
         "benchmark": "demo_quality",
         "checkpoint": str(ckpt),

@@ -43,3 +43,9 @@ def ray_job_id() -> str | None:
         return json.loads(raw).get("metadata", {}).get("job_submission_id")
     except (ValueError, AttributeError):
         return None
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

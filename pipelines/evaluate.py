@@ -14,10 +14,11 @@ splits. eval.feature_extractor: inception-v3-compat (standard; weights downloade
 
 Results land in the MLflow run that wrote the checkpoint, at the checkpoint's step (or in --run-id); with
 no known run, in a new run of --experiment tagged with the checkpoint. key=value overrides apply to the
-checkpoint's eval.*, data.* and mlflow.* keys (the model is the checkpoint's).
+checkpoint's eval.* and data.* keys and mlflow.tracking_uri (the model is the checkpoint's).
 """
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -27,12 +28,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
-from pipelines.common import absolute, default_tracking_uri, git_commit, ray_job_id  # noqa: E402
-from sagan.checkpoint import CheckpointError, load_checkpoint, load_generator  # noqa: E402
+from pipelines.common import absolute, default_tracking_uri, first_line, git_commit, ray_job_id  # noqa: E402
+from sagan.checkpoint import CheckpointError, generator_from_state, load_checkpoint  # noqa: E402
 from sagan.config import ConfigError, from_dict, with_overrides  # noqa: E402
 
 CHECKPOINT_FILE = "checkpoint.pt"
-OVERRIDABLE = ("eval.", "data.", "mlflow.")
+OVERRIDABLE = ("eval.", "data.", "mlflow.tracking_uri=")
 
 
 class UsageError(Exception):
@@ -48,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--stats-file", help="real statistics file: read if it exists, else computed and written there")
     p.add_argument("--inception-weights", help="local Inception weights file (same as eval.inception_weights)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available; default)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of eval.*, data.*, mlflow.* keys, e.g. eval.num_samples=10000")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of eval.*, data.* and mlflow.tracking_uri, e.g. eval.num_samples=10000")
     return p.parse_args(argv)
 
 
@@ -75,20 +76,24 @@ def pick_device(name: str) -> torch.device:
 
 
 def mlflow_target(args, cfg, extra: dict) -> tuple[str, str | None]:
-    """(tracking URI, run id to log into or None): the training run's unless told otherwise; checked now."""
+    """(tracking URI, run id to log into or None): the training run's unless told otherwise; checked now,
+    so an unreachable store or a missing run stops the job before any sample is generated."""
     import mlflow
 
     uri = cfg.mlflow.tracking_uri or extra.get("mlflow_tracking_uri") or default_tracking_uri()
     run_id = args.run_id or extra.get("mlflow_run_id")
-    if run_id:
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            raise UsageError(f"MLflow run {run_id} is not in {uri}: that store does not exist; pass "
-                             "mlflow.tracking_uri=URI of the training store, or --run-id")  # fmt: skip
-        try:
-            mlflow.MlflowClient(uri).get_run(run_id)
-        except Exception as e:  # noqa: BLE001 - missing run and unreachable store have the same fix
-            raise UsageError(f"MLflow run {run_id} is not in {uri} ({str(e).splitlines()[0]}); "
-                             "pass mlflow.tracking_uri=URI of the training store, or --run-id") from None  # fmt: skip
+    fix = "pass mlflow.tracking_uri=URI of the training store, or --run-id"
+    if run_id and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UsageError(f"MLflow run {run_id} is not in {uri}: that store does not exist; {fix}")
+    client = mlflow.MlflowClient(uri)
+    try:
+        if run_id:
+            client.get_run(run_id)
+        else:
+            client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - a missing run and an unreachable store have the same fix
+        where = f"MLflow run {run_id} is not in {uri}" if run_id else f"MLflow store {uri} is not usable"
+        raise UsageError(f"{where} ({first_line(e)}); {fix}") from None
     return uri, run_id
 
 
@@ -112,11 +117,16 @@ def log_results(uri: str, run_id: str | None, args, cfg, ckpt: Path, step: int, 
     prefix = "eval." if new_run else f"eval_step_{step}."
     now = mlflow.utils.time.get_current_time_millis()
     client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, step) for k, v in scores.items()])
+    # One record per step and settings, so a re-evaluation with other settings keeps both.
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    record = f"evaluations/step_{step:06d}-{digest}.json"
+    client.log_dict(run_id, {"step": step, "settings": settings, "scores": scores}, record)
     try:
         client.log_batch(run_id, params=[Param(prefix + k, str(v)) for k, v in settings.items()])
-    except MlflowException:  # params cannot change: a second evaluation of this step with other settings
-        print(f"note: step {step} was evaluated before with other settings; these are in evaluations/step_{step:06d}.json")
-    client.log_dict(run_id, {"step": step, "settings": settings, "scores": scores}, f"evaluations/step_{step:06d}.json")
+    except MlflowException as e:
+        if e.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        print(f"note: step {step} was evaluated before with other settings (params keep the first); this one is {record}")
     client.log_image(run_id, grid, key="eval_samples", step=step)
     if new_run:
         client.set_terminated(run_id)
@@ -125,7 +135,7 @@ def log_results(uri: str, run_id: str | None, args, cfg, ckpt: Path, step: int, 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sagan.metrics import MetricsError, build_evaluator
+    from sagan.metrics import MetricsError, build_evaluator, feature_weights, real_shards
     from sagan.viz import grid_inputs, sample_grid
 
     try:
@@ -133,33 +143,40 @@ def main(argv=None) -> int:
         state = load_checkpoint(ckpt)
         bad = [o for o in args.overrides if not o.startswith(OVERRIDABLE)]
         if bad:
-            raise UsageError(f"override {bad[0]} is not allowed here: only {', '.join(k + '*' for k in OVERRIDABLE)} keys (the model is the checkpoint's)")
+            raise UsageError(f"override {bad[0]} is not allowed here: only eval.*, data.* and mlflow.tracking_uri "
+                             "(the model is the checkpoint's)")  # fmt: skip
         cfg = with_overrides(from_dict(state["config"]), args.overrides)
         if args.inception_weights:
             cfg.eval.inception_weights = absolute(args.inception_weights)
         step = int(state["step"])
         device = pick_device(args.device)
+        real_shards(cfg)  # the cheap checks first: data, weights (training the sample classifier once), MLflow
+        weights = feature_weights(cfg)
         uri, run_id = mlflow_target(args, cfg, state["extra"])
-        del state
-        # Weights, real statistics and the extractor before a single sample is generated.
-        evaluator = build_evaluator(cfg, device, stats_file=args.stats_file)
+        # The real statistics and the extractor before a single sample is generated.
+        evaluator = build_evaluator(cfg, device, stats_file=args.stats_file, weights=weights)
     except (UsageError, CheckpointError, ConfigError, MetricsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    G, _ = load_generator(ckpt, ema=not args.raw, device=device)
+    G, _ = generator_from_state(state, ema=not args.raw, device=device)
+    del state
     print(f"scoring {'raw G' if args.raw else 'G_ema'} of {ckpt} (step {step}): {cfg.eval.num_samples} samples "
           f"on {device}, {cfg.eval.feature_extractor}", flush=True)  # fmt: skip
     scores = evaluator(G, cfg.eval.num_samples, progress=True)
-    z, y = grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.eval.seed)
-    with torch.no_grad():
-        grid = sample_grid(G(z.to(device), y.to(device)))
-    run_id = log_results(uri, run_id, args, cfg, ckpt, step, scores, grid)
     line = f"FID {scores['fid']:.3f}  IS {scores['is']:.3f} ± {scores['is_std']:.3f}"
     if "class_acc" in scores:
         line += f"  class accuracy {scores['class_acc']:.1%}"
     print(f"{line}  ({cfg.eval.num_samples} samples, step {step})")
+    print(json.dumps({"step": step, **scores}), flush=True)  # before MLflow: a logging failure keeps the scores
+    z, y = grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.eval.seed)
+    with torch.no_grad():
+        grid = sample_grid(G(z.to(device), y.to(device)))
+    try:
+        run_id = log_results(uri, run_id, args, cfg, ckpt, step, scores, grid)
+    except Exception as e:  # noqa: BLE001 - the scores are printed above; say what failed in one line
+        print(f"error: the scores could not be logged to MLflow at {uri}: {first_line(e)}", file=sys.stderr)
+        return 1
     print(f"logged to MLflow run {run_id} at {uri}")
-    print(json.dumps({"step": step, **scores}))
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import absolute, default_tracking_uri, git_commit, prepare_tracking, ray_job_id  # noqa: E402
+from pipelines.common import absolute, default_tracking_uri, first_line, git_commit, prepare_tracking, ray_job_id  # noqa: E402
 from sagan.config import Config, ConfigError, load_config, to_dict  # noqa: E402
 from sagan.data import DataError, batches_per_epoch, find_shards  # noqa: E402
 
@@ -49,7 +49,8 @@ def preflight(cfg: Config, cluster: dict) -> None:
     s = cfg.scaling
     if s.use_gpu and cluster.get("GPU", 0) < s.num_workers:
         raise PreflightError(f"scaling.num_workers={s.num_workers} GPU workers but the cluster has "
-                             f"{int(cluster.get('GPU', 0))} GPU(s); lower scaling.num_workers or add GPU nodes")  # fmt: skip
+                             f"{int(cluster.get('GPU', 0))} GPU(s) up; lower scaling.num_workers or start more GPU "
+                             "nodes (an autoscaling cluster: raise the GPU node type's min_workers)")  # fmt: skip
     need = s.num_workers * s.cpus_per_worker
     if cluster.get("CPU", 0) < need:
         raise PreflightError(f"{s.num_workers} workers x {s.cpus_per_worker} CPUs = {need} CPUs but the cluster has "
@@ -84,16 +85,31 @@ def preflight(cfg: Config, cluster: dict) -> None:
 
 
 def prepare_evaluation(cfg: Config) -> None:
-    """For in-loop FID, get the feature extractor's weights before any worker starts (trains the sample
-    classifier or downloads Inception once); PreflightError when they cannot be had."""
+    """For in-loop FID: fill the eval cache (the extractor's weights, the real statistics) in one Ray task
+    with a worker's resources, before the workers start; PreflightError when the weights cannot be had.
+
+    Rank 0 would otherwise compute the statistics while the other ranks wait in a collective, which times out
+    on a large real split. On a cluster the cache must be on shared storage (eval.cache_dir, or the default
+    next to the shards) for rank 0 to find it.
+    """
     if not cfg.train.eval_every:
         return
-    from sagan.metrics import MetricsError, feature_weights
+    import ray
 
+    from pipelines.train_loop import prepare_eval_cache
+    from sagan.config import INCEPTION
+    from sagan.metrics import MetricsError
+
+    s = cfg.scaling
+    task = ray.remote(num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0)(prepare_eval_cache)
     try:
-        feature_weights(cfg)
-    except MetricsError as e:
-        raise PreflightError(str(e)) from None
+        weights = ray.get(task.remote(to_dict(cfg)))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, MetricsError):
+            raise PreflightError(str(e.cause)) from None
+        raise
+    if cfg.eval.feature_extractor == INCEPTION:
+        cfg.eval.inception_weights = weights  # the copy in the shared cache, for rank 0 wherever it runs
 
 
 def build_trainer(cfg: Config, tracking_uri: str):
@@ -150,9 +166,9 @@ def main(argv=None) -> int:
     try:
         prepare_tracking(uri, cfg.mlflow.experiment)
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
-        print(f"error: MLflow tracking at {uri} is not usable: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: MLflow tracking at {uri} is not usable: {first_line(e)}", file=sys.stderr)
         return 2
-    if uri.startswith("sqlite:") and sum(n["Alive"] for n in ray.nodes()) > 1:
+    if uri.startswith("sqlite:") and (os.environ.get("RAY_ADDRESS") or sum(n["Alive"] for n in ray.nodes()) > 1):
         print(f"warning: MLflow store {uri} is a file on this node, but rank 0 may run on another; on a "
               "multi-node cluster set mlflow.tracking_uri to a tracking server (mlflow server ...)", file=sys.stderr)  # fmt: skip
     print(f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "

@@ -6,6 +6,7 @@ checkpoint to resume from, and `ray.train.report`. The step itself is `sagan.ste
 
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from PIL import Image
 from sagan.checkpoint import load_checkpoint, save_checkpoint
 from sagan.config import Config, flatten, from_dict
 from sagan.data import batches_per_epoch, find_shards, rank_batches
-from sagan.metrics import build_evaluator
+from sagan.metrics import build_evaluator, feature_weights
 from sagan.models import build_models
 from sagan.step import Trainer, unwrap
 from sagan.viz import attention_figures, grid_inputs, metric_curve, sample_grid
@@ -97,9 +98,10 @@ class Tracker:
         if not self.enabled:
             return
         history = self.mlflow.MlflowClient().get_metric_history(self.run_id, metric)
-        if history:
-            points = sorted((m.step, m.value) for m in history)
-            self.mlflow.log_image(metric_curve(points, metric), artifact_file=artifact)
+        # A resumed run replays the steps after its last checkpoint: the latest value of each step counts.
+        latest = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+        if latest:
+            self.mlflow.log_image(metric_curve(sorted(latest.items()), metric), artifact_file=artifact)
 
     def close(self):
         if self.enabled:
@@ -136,6 +138,16 @@ def _quiet_ray_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def prepare_eval_cache(config: dict) -> str:
+    """Ray task run by the driver before training: resolve the feature extractor's weights and compute the
+    real statistics into the eval cache, on the device a worker would use. Returns the weights file."""
+    cfg = from_dict(config)
+    torch.set_num_threads(os.cpu_count() or 1)  # alone on its node: training has not started yet
+    weights = feature_weights(cfg)
+    build_evaluator(cfg, "cuda" if cfg.scaling.use_gpu else "cpu", weights=weights)
+    return str(weights[0])
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Train SAGAN on this rank: `loop_config` = {"config": to_dict(cfg), "tracking_uri": ..., "tags": {...}}."""
     _quiet_ray_reports()
@@ -158,15 +170,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         run_id = state["extra"].get("mlflow_run_id")
         if rank == 0:
             log.info(f"resumed from step {trainer.step} ({checkpoint.path})")
+    t = cfg.train
+    # In-loop FID on rank 0, while the others wait in the next collective. The driver filled the eval cache
+    # (weights, real statistics), so this loads them; built before the MLflow run starts, so a failure here
+    # leaves no run behind.
+    evaluator = build_evaluator(cfg, device, log=log.info) if t.eval_every and rank == 0 else None
     tracker = Tracker(rank == 0, cfg, loop_config, run_id)
     torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # different latents per rank
     fixed_z, fixed_y = (v.to(device) for v in grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.train.seed))
 
     stream = batch_stream(cfg, rank, world, trainer.step * cfg.optim.n_dis, device)
-    t = cfg.train
-    # In-loop FID on rank 0 (the others wait at the next report); the real statistics come from the cache
-    # the driver's preflight filled, or are computed here once.
-    evaluator = build_evaluator(cfg, device, log=log.info) if t.eval_every and rank == 0 else None
 
     def evaluate(step: int) -> dict:
         if evaluator is None:

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -36,15 +37,16 @@ def atomic_save(obj, path: str | Path) -> Path:
     """torch.save `obj` to `path` through a temporary file and a rename; a crash leaves `path` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # A unique temporary name: writers on other nodes of a shared file system may have the same pid.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -96,7 +98,12 @@ def trainer_from_checkpoint(path: str | Path, device="cpu") -> tuple[Trainer, Co
 
 def load_generator(path: str | Path, ema: bool = True, device="cpu") -> tuple[Generator, Config]:
     """The checkpoint's generator (its EMA weights unless `ema` is False) in eval mode, and its config."""
-    state = load_checkpoint(path, map_location=device)
+    return generator_from_state(load_checkpoint(path), ema, device)
+
+
+def generator_from_state(state: dict, ema: bool = True, device="cpu") -> tuple[Generator, Config]:
+    """The generator in a loaded checkpoint `state` (EMA weights unless `ema` is False), in eval mode on
+    `device`, and its config; only G travels to the device, not D or the optimizer states."""
     cfg = from_dict(state["config"])
     G, _ = build_models(cfg.model)
     G.load_state_dict(state["G_ema" if ema else "G"])

@@ -14,8 +14,11 @@ scores any generator, in the training loop (few samples, fast) and in the evalua
 
 import hashlib
 import os
+import shutil
 import socket
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +97,38 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _share(path: Path, cache: Path) -> Path:
+    """`path` copied into `cache` (atomically, once), where every node sharing the cache finds it."""
+    target = Path(cache) / path.name
+    if target.is_file() and target.stat().st_size == path.stat().st_size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def _on(device: torch.device):
+    """A context making `device` current for torch-fidelity, which moves models and noise with .cuda()."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
+def _load_cached(path: Path, log) -> dict | None:
+    """The dict torch saved at `path`, or None (a miss) when it is absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed, whatever the damage
+        log(f"cache entry {path} is unreadable ({type(e).__name__}); recomputing it")
+        return None
 
 
 # ---------------------------------------------------------------- the sample-set classifier
@@ -191,7 +226,7 @@ CLASSIFIER_RECIPE = {"epochs": 10, "width": 32, "seed": 0, "batch_size": 64}
 def train_sample_classifier(train: ShardSet, val: ShardSet, epochs: int, width: int, seed: int,
                             batch_size: int) -> tuple[dict, float]:  # fmt: skip
     """Train a SampleClassifier on `train`; return (what SampleClassifierFeatures loads, val accuracy)."""
-    with torch.random.fork_rng():  # seeded weights without touching the caller's random state
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's random state
         torch.manual_seed(seed)
         net = SampleClassifier(train.num_classes, width)
     gen = torch.Generator().manual_seed(seed)
@@ -223,11 +258,10 @@ def sample_classifier(train: ShardSet, val: ShardSet, cache: Path, log=print) ->
     """The classifier's weights file for these shards: from `cache`, or trained now and cached there."""
     key = hashlib.sha256(f"{train.key} {sorted(CLASSIFIER_RECIPE.items())}".encode()).hexdigest()
     path = Path(cache) / f"sample-classifier-{key[:16]}.pt"
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("key") == key:
-            log(f"sample classifier: val accuracy {saved['val_accuracy']:.1%} ({path})")
-            return path
+    saved = _load_cached(path, log)
+    if saved and saved.get("key") == key:
+        log(f"sample classifier: val accuracy {saved['val_accuracy']:.1%} ({path})")
+        return path
     start = time.perf_counter()
     log(f"training the sample classifier on {train.num_samples} images ...")
     saved, val_accuracy = train_sample_classifier(train, val, **CLASSIFIER_RECIPE)
@@ -286,11 +320,6 @@ def _save_stats(stats: dict, meta: dict, path: Path) -> None:
     atomic_save({"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), **meta}, path)
 
 
-def _load_stats(path: Path) -> tuple[dict, dict]:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    return {"mu": saved.pop("mu").numpy(), "sigma": saved.pop("sigma").numpy()}, saved
-
-
 def real_statistics(extractor: FeatureExtractorBase, identity: str, shards: ShardSet, cache: Path,
                     batch_size: int, device, stats_file: str | None = None, log=print) -> dict:  # fmt: skip
     """FID statistics of the real images in `shards` under `extractor` (whose weights `identity` names).
@@ -304,14 +333,17 @@ def real_statistics(extractor: FeatureExtractorBase, identity: str, shards: Shar
             "image_size": shards.image_size, "data_key": shards.key}  # fmt: skip
     key = hashlib.sha256(repr(sorted(meta.items())).encode()).hexdigest()
     path = Path(stats_file) if stats_file else Path(cache) / f"fid-stats-{meta['extractor']}-{shards.image_size}px-{key[:16]}.pt"
-    if path.is_file():
-        stats, saved = _load_stats(path)
+    if stats_file and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # the user's file: errors are theirs to see
+    else:
+        saved = _load_cached(path, log)
+    if saved:
         if saved.get("key") != key:
             differs = [k for k in meta if saved.get(k) != meta[k]]
             raise MetricsError(f"real statistics {path} were computed with other {', '.join(differs)}; "
                                "delete the file or choose another --stats-file")  # fmt: skip
         log(f"real statistics: {saved['num_samples']} images, cached ({path})")
-        return stats
+        return {"mu": saved["mu"].numpy(), "sigma": saved["sigma"].numpy()}
     log(f"real statistics: {shards.num_samples} images through {meta['extractor']} ...")
     features = extract_features(extractor, shards, batch_size, device)[layer]
     stats = statistics(features)
@@ -375,10 +407,11 @@ class Evaluator:
         was_training = G.training
         G.eval()
         try:
-            features = get_featuresdict_from_generative_model(
-                _ConditionalSampler(G, labels), self.extractor, num_samples, self.batch_size,
-                cuda=self.device.type == "cuda", rng_seed=self.seed, verbose=progress,
-            )  # fmt: skip
+            with _on(self.device):
+                features = get_featuresdict_from_generative_model(
+                    _ConditionalSampler(G, labels), self.extractor, num_samples, self.batch_size,
+                    cuda=self.device.type == "cuda", rng_seed=self.seed, verbose=progress,
+                )  # fmt: skip
         finally:
             G.train(was_training)
         is_mean, is_std = inception_score(features[isc_layer], ISC_SPLITS, self.seed)
@@ -388,24 +421,30 @@ class Evaluator:
         return out
 
 
+def eval_cache_dir(cfg: Config) -> Path:
+    """eval.cache_dir, else the default next to the real shards (see `default_cache_dir`)."""
+    return Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else default_cache_dir(real_shards(cfg))
+
+
 def feature_weights(cfg: Config, log=print) -> tuple[Path, str]:
-    """(weights file, identity for cache keys) of cfg.eval.feature_extractor; trains the sample classifier
-    if it is not cached. Raises MetricsError before any expensive work when the weights cannot be had."""
+    """(weights file in the eval cache, identity for cache keys) of cfg.eval.feature_extractor: the Inception
+    file found or downloaded and copied into the cache (so every node sharing it finds it), or the sample
+    classifier, trained if it is not cached. Raises MetricsError when the weights cannot be had."""
     e = cfg.eval
     if e.feature_extractor == INCEPTION:
-        return inception_weights(e.inception_weights), INCEPTION_SHA256_PREFIX
+        return _share(inception_weights(e.inception_weights), eval_cache_dir(cfg)), INCEPTION_SHA256_PREFIX
     try:
         train, val = find_shards(cfg.data.train_shards, "train"), find_shards(cfg.data.val_shards, "val")
     except DataError as err:
         raise MetricsError(f"the sample classifier needs the sample set's shards: {err}") from None
-    path = sample_classifier(train, val, Path(e.cache_dir) if e.cache_dir else default_cache_dir(train), log)
+    path = sample_classifier(train, val, eval_cache_dir(cfg), log)
     return path, _sha256(path)
 
 
-def real_shards(cfg: Config, split: str | None = None) -> ShardSet:
+def real_shards(cfg: Config) -> ShardSet:
     """The real images FID compares against: data.val_shards or data.train_shards (eval.real_split),
     checked against the model's classes and resolution."""
-    split = split or cfg.eval.real_split
+    split = cfg.eval.real_split
     location = cfg.data.val_shards if split == "val" else cfg.data.train_shards
     try:
         shards = find_shards(location, split)
@@ -419,17 +458,16 @@ def real_shards(cfg: Config, split: str | None = None) -> ShardSet:
     return shards
 
 
-def build_evaluator(cfg: Config, device, split: str | None = None, stats_file: str | None = None, log=print) -> Evaluator:
-    """An Evaluator for cfg.eval's extractor against the real split's statistics (cached or computed now)."""
+def build_evaluator(cfg: Config, device, stats_file: str | None = None, weights: tuple[Path, str] | None = None,
+                    log=print) -> Evaluator:  # fmt: skip
+    """An Evaluator for cfg.eval's extractor against eval.real_split's statistics (cached or computed now).
+    `weights`: what `feature_weights(cfg)` returned, when the caller has it already."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # torch-fidelity moves models and noise with .cuda(): the current device
-    shards = real_shards(cfg, split)
-    weights, identity = feature_weights(cfg, log)
-    extractor = create_feature_extractor(cfg.eval.feature_extractor, list(LAYERS[cfg.eval.feature_extractor]),
-                                         cuda=device.type == "cuda", feature_extractor_weights_path=str(weights),
-                                         verbose=False)  # fmt: skip
-    cache = Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else default_cache_dir(shards)
-    real = real_statistics(extractor, identity, shards, cache, cfg.eval.batch_size, device, stats_file, log)
+    shards = real_shards(cfg)
+    weights, identity = weights or feature_weights(cfg, log)
+    with _on(device):
+        extractor = create_feature_extractor(cfg.eval.feature_extractor, list(LAYERS[cfg.eval.feature_extractor]),
+                                             cuda=device.type == "cuda", feature_extractor_weights_path=str(weights),
+                                             verbose=False)  # fmt: skip
+        real = real_statistics(extractor, identity, shards, eval_cache_dir(cfg), cfg.eval.batch_size, device, stats_file, log)
     return Evaluator(extractor, real, cfg.model.num_classes, cfg.eval.batch_size, device, cfg.eval.seed)
-

@@ -54,7 +54,7 @@ def test_in_loop_fid_and_the_eval_job_land_in_the_training_run(ray_session, digi
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"logged to MLflow run {run_id}" in out
-    scores = json.loads(out.strip().splitlines()[-1])
+    (scores,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     (fid,) = client.get_metric_history(run_id, "eval/fid")
     assert fid.step == 4 and fid.value == pytest.approx(scores["fid"])
     (acc,) = client.get_metric_history(run_id, "eval/class_acc")
@@ -64,8 +64,16 @@ def test_in_loop_fid_and_the_eval_job_land_in_the_training_run(ray_session, digi
     assert params["eval.num_samples"] == "50000"  # the training config's own param is untouched
     images = [a.path for a in client.list_artifacts(run_id, "images")]
     assert any("eval_samples" in a for a in images)
-    record = json.loads(Path(client.download_artifacts(run_id, "evaluations/step_000004.json", str(tmp_path))).read_text())
+    (entry,) = client.list_artifacts(run_id, "evaluations")
+    assert Path(entry.path).name.startswith("step_000004-")
+    record = json.loads(Path(client.download_artifacts(run_id, entry.path, str(tmp_path))).read_text())
     assert record["settings"]["num_samples"] == 60 and record["scores"]["fid"] == pytest.approx(scores["fid"])
+
+    # The same step again with other settings: a second record, the params keep the first evaluation's.
+    assert main([*args[:2], "eval.num_samples=30"]) == 0
+    assert "evaluated before with other settings" in capsys.readouterr().out
+    assert len(client.list_artifacts(run_id, "evaluations")) == 2
+    assert client.get_run(run_id).data.params["eval_step_4.num_samples"] == "60"
 
 
 def test_a_checkpoint_without_a_run_gets_a_new_run_tagged_with_it(digits, eval_cache, tmp_path, capsys):
@@ -86,7 +94,7 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
     with socket.socket() as s:  # a port nobody listens on: the download fails at once, as offline
         s.bind(("127.0.0.1", 0))
         monkeypatch.setattr(metrics, "INCEPTION_URL", f"http://127.0.0.1:{s.getsockname()[1]}/w.pth")
-    monkeypatch.setattr(evaluate, "load_generator", lambda *a, **k: pytest.fail("generator loaded before the error"))
+    monkeypatch.setattr(evaluate, "generator_from_state", lambda *a, **k: pytest.fail("generator built before the error"))
     assert main(["--checkpoint", str(ckpt), "eval.feature_extractor=inception-v3-compat"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no Inception weights") and "--inception-weights" in err and len(err.splitlines()) == 1
@@ -107,7 +115,7 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
 )
 def test_bad_input_is_one_line_before_any_sample(digits, eval_cache, tmp_path, capsys, monkeypatch, args, message):
     ckpt = offline_checkpoint(digits, eval_cache, tmp_path)
-    monkeypatch.setattr(evaluate, "load_generator", lambda *a, **k: pytest.fail("generator loaded before the error"))
+    monkeypatch.setattr(evaluate, "generator_from_state", lambda *a, **k: pytest.fail("generator built before the error"))
     shards64 = tmp_path / "digits64"
     if any("shards64" in a for a in args):  # the same digits sharded at another size
         from preprocessing.shard_imagenet import main as shard_main

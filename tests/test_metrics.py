@@ -96,6 +96,18 @@ def test_real_statistics_are_cached_and_the_second_call_makes_no_feature_pass(cl
     assert first["mu"].dtype == second["mu"].dtype  # torch-fidelity's FID insists on equal dtypes
 
 
+def test_a_damaged_cache_entry_is_recomputed(classifier, tmp_path):
+    extractor, _, val = classifier
+    first = real_statistics(extractor, "id-1", val, tmp_path, 128, "cpu", log=lambda m: None)
+    (cached,) = tmp_path.glob("fid-stats-*.pt")
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated, as by a crash on another node
+    lines = []
+    again = real_statistics(extractor, "id-1", val, tmp_path, 128, "cpu", log=lines.append)
+    assert any("unreadable" in line for line in lines)
+    assert (first["sigma"] == again["sigma"]).all()
+    torch.load(cached, weights_only=True)  # rewritten whole
+
+
 def test_cache_key_changes_with_the_extractor_weights(classifier, tmp_path):
     extractor, _, val = classifier
     real_statistics(extractor, "weights-a", val, tmp_path, 128, "cpu", log=lambda m: None)
@@ -201,13 +213,15 @@ def test_inception_path_scores_a_generator_with_stand_in_weights(tmp_path, monke
     torch.save(skeleton.state_dict(), file)
     monkeypatch.setattr(metrics, "INCEPTION_SHA256_PREFIX", hashlib.sha256(file.read_bytes()).hexdigest()[:8])
     assert inception_weights(None) == file
+    cfg = load_config(None, ["model.ch=8", f"eval.cache_dir={tmp_path / 'shared-cache'}"])
+    shared, identity = metrics.feature_weights(cfg)  # copied where every node sharing the cache finds it
+    assert shared == tmp_path / "shared-cache" / metrics.INCEPTION_FILE and shared.read_bytes() == file.read_bytes()
 
     extractor = create_feature_extractor("inception-v3-compat", list(metrics.LAYERS["inception-v3-compat"]),
                                          cuda=False, feature_extractor_weights_path=str(file), verbose=False)  # fmt: skip
     real = (torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     pool, logits = extractor(real)  # 32px in, resized to 299 inside, as for 128px ImageNet samples
     assert pool.shape == (24, 2048) and logits.shape == (24, 1008)
-    cfg = load_config(None, ["model.ch=8"])
     torch.manual_seed(0)
     G, _ = build_models(cfg.model)
     scores = Evaluator(extractor, statistics(pool), 10, 10, torch.device("cpu"))(G, 20)

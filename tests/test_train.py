@@ -127,12 +127,15 @@ def test_every_rank_gets_the_same_number_of_batches_with_true_labels(digits):
         ("model.g_attn=[4]", r"model.g_attn has no [4]"),
         ("run.storage_path=/proc/nope", "is not writable"),
         ("data.val_shards={empty}/val", "real images for FID (data.val_shards): "),  # the demo config's in-loop FID
+        # Raised in the Ray task that fills the eval cache, reported as one line all the same.
+        ("eval.feature_extractor=inception-v3-compat eval.inception_weights={empty}/w.pth", "Inception weights"),
     ],
 )
 def test_bad_input_fails_before_any_worker(ray_session, digits, tmp_path, capsys, override, message):
     (tmp_path / "empty").mkdir()
     args = [f"data.train_shards={digits / 'train'}", f"data.val_shards={digits / 'val'}", f"run.storage_path={tmp_path / 'runs'}",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", override.format(digits=digits, empty=tmp_path / "empty")]  # fmt: skip
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", f"eval.cache_dir={tmp_path / 'cache'}",
+            *override.format(digits=digits, empty=tmp_path / "empty").split()]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
