@@ -136,7 +136,7 @@ def build_trainer(cfg: Config, tracking_uri: str):
             storage_path=cfg.run.storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's per-report INFO lines drown ours
+            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO lines drown the loop's own
         ),
     )
 
@@ -154,10 +154,6 @@ def main(argv=None) -> int:
         ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
     try:
         preflight(cfg, ray.cluster_resources())
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         prepare_evaluation(cfg)
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
