@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from pipelines.common import default_tracking_uri  # noqa: E402
@@ -45,8 +43,7 @@ def main(argv=None) -> int:
         print(f"error: {ckpt} is not a demo run on the sample set with an MLflow run; run `make demo` first", file=sys.stderr)
         return 2
     evaluator = build_evaluator(cfg, "cpu")
-    torch.manual_seed(cfg.train.seed)  # as the training loop does before building the models
-    G0, _ = build_models(cfg.model)
+    G0, _ = build_models(cfg.model, seed=cfg.train.seed)  # the run's step 0, as the training loop builds it
     start = evaluator(G0, cfg.eval.num_samples)
     end = evaluator(load_generator(ckpt)[0], cfg.eval.num_samples)
 

@@ -156,8 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    G, D = build_models(cfg.model)
+    G, D = build_models(cfg.model, seed=cfg.train.seed)  # the same initial weights on every rank
     G, D = ray.train.torch.prepare_model(G), ray.train.torch.prepare_model(D)
     trainer = Trainer(G, D, cfg)
 

@@ -144,8 +144,13 @@ class Discriminator(nn.Module):
         return (out, maps) if return_attn else out
 
 
-def build_models(model_cfg) -> tuple[Generator, Discriminator]:
-    """(Generator, Discriminator) from a `ModelConfig`."""
+def build_models(model_cfg, seed: int | None = None) -> tuple[Generator, Discriminator]:
+    """(Generator, Discriminator) from a `ModelConfig`; with `seed`, initialised from that seed alone (the
+    same weights on every rank and in every later rebuild of a run's step 0), the global RNG untouched."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_models(model_cfg)
     c = model_cfg
     G = Generator(c.resolution, c.ch, c.z_dim, c.num_classes, tuple(c.g_attn), sn=c.g_sn)
     D = Discriminator(c.resolution, c.ch, c.num_classes, tuple(c.d_attn), sn=c.d_sn)

@@ -12,7 +12,7 @@ import pipelines.evaluate as evaluate
 import sagan.metrics as metrics
 from pipelines.common import prepare_tracking
 from pipelines.evaluate import main
-from pipelines.train import build_trainer, resolve_paths
+from pipelines.train import build_trainer, prepare_evaluation, resolve_paths
 from sagan.checkpoint import save_checkpoint
 from sagan.config import load_config
 from sagan.models import build_models
@@ -39,6 +39,8 @@ def test_in_loop_fid_and_the_eval_job_land_in_the_training_run(ray_session, digi
                              "train.log_every=2", "train.ckpt_every=4", "train.sample_every=4", "train.eval_every=2",
                              "eval.loop_samples=40", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"])  # fmt: skip
     cfg = resolve_paths(cfg)
+    prepare_evaluation(cfg)  # the driver's Ray task that fills the eval cache before workers start
+    assert list(eval_cache.glob("sample-classifier-*.pt")) and list(eval_cache.glob("fid-stats-sample-classifier-32px-*.pt"))
     prepare_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     result = build_trainer(cfg, cfg.mlflow.tracking_uri).fit()
     assert result.metrics["step"] == 4 and result.metrics["loop/fid"] > 0 and 0 <= result.metrics["loop/class_acc"] <= 1

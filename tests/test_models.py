@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sagan.models import Discriminator, Generator, d_block_resolutions, g_block_resolutions
+from sagan.models import Discriminator, Generator, build_models, d_block_resolutions, g_block_resolutions
 
 
 def _count(model):
@@ -62,3 +62,18 @@ def test_invalid_attention_resolution_names_valid_sizes():
 def test_unsupported_resolution_raises():
     with pytest.raises(ValueError, match="resolution 48 is not supported"):
         Generator(48, ch=8, num_classes=3, attn_resolutions=())
+
+
+def test_seeded_build_gives_the_same_weights_and_leaves_the_global_rng_alone():
+    from sagan.config import load_config
+
+    cfg = load_config(None, ["model.ch=8"])
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    (G1, D1), (G2, D2) = build_models(cfg.model, seed=7), build_models(cfg.model, seed=7)
+    assert torch.rand(1) == before  # no draws from the caller's RNG
+    for a, b in zip([*G1.state_dict().values(), *D1.state_dict().values()], [*G2.state_dict().values(), *D2.state_dict().values()]):
+        assert torch.equal(a, b)
+    G3, _ = build_models(cfg.model, seed=8)
+    assert not torch.equal(G1.linear.parametrizations.weight.original, G3.linear.parametrizations.weight.original)
