@@ -22,7 +22,8 @@ from sagan.config import Config, flatten, from_dict
 from sagan.data import batches_per_epoch, find_shards, rank_batches
 from sagan.metrics import build_evaluator, feature_weights
 from sagan.models import build_models
-from sagan.step import Trainer, unwrap
+from sagan.speed import Speed, prepare_models
+from sagan.step import LossMonitor, Trainer, unwrap
 from sagan.viz import attention_figures, grid_inputs, metric_curve, sample_grid
 
 # Console lines go through logging: Ray Train's patched print() would show each of them twice.
@@ -157,8 +158,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     G, D = build_models(cfg.model, seed=cfg.train.seed)  # the same initial weights on every rank
+    speed = Speed.from_config(cfg.train, device)
+    prepare_models(speed, G, D)  # memory layout before DDP lays out its gradient buckets
     G, D = ray.train.torch.prepare_model(G), ray.train.torch.prepare_model(D)
-    trainer = Trainer(G, D, cfg)
+    trainer = Trainer(G, D, cfg, speed)
 
     run_id = None
     checkpoint = ray.train.get_checkpoint()
@@ -169,6 +172,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         run_id = state["extra"].get("mlflow_run_id")
         if rank == 0:
             log.info(f"resumed from step {trainer.step} ({checkpoint.path})")
+    if rank == 0:
+        log.info(f"step settings on {device.type}: {speed}")
     t = cfg.train
     # In-loop FID on rank 0, while the others wait in the next collective. The driver filled the eval cache
     # (weights, real statistics), so this loads them; built before the MLflow run starts, so a failure here
@@ -195,19 +200,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
     global_batch = t.batch_size * world
     start_step, window_start, window_steps = trainer.step, time.perf_counter(), 0
     run_start = window_start
+    monitor = LossMonitor()
     while trainer.step < t.steps:
-        losses = trainer.train_step([next(stream) for _ in range(cfg.optim.n_dis)])
+        monitor.update(trainer.step + 1, trainer.train_step([next(stream) for _ in range(cfg.optim.n_dis)]))
         step = trainer.step
         window_steps += 1
-        values = {k: v.item() for k, v in losses.items()}
-        if not all(np.isfinite(v) for v in values.values()):
+        log_now = step % t.log_every == 0 or step == t.steps
+        ckpt_now = step % t.ckpt_every == 0 or step == t.steps
+        eval_now = bool(t.eval_every) and (step % t.eval_every == 0 or step == t.steps)
+        sample_now = rank == 0 and (step % t.sample_every == 0 or step == t.steps)
+        if not (log_now or ckpt_now or eval_now or sample_now):
+            continue  # the losses stay on the device: no wait on the GPU between log steps
+        values, bad_step = monitor.read()
+        if bad_step is not None:  # checked before anything is logged, sampled or saved from bad weights
             marker = nonfinite_marker(cfg)
             if marker and rank == 0:
                 marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(json.dumps({"step": step, "losses": {k: str(v) for k, v in values.items()}}))
-            raise NonFiniteLossError(f"non-finite loss at step {step}: {values}; the last good checkpoint is kept")
-        log_now = step % t.log_every == 0 or step == t.steps
-        ckpt_now = step % t.ckpt_every == 0 or step == t.steps
+                marker.write_text(json.dumps({"step": bad_step, "losses": {k: str(v) for k, v in values.items()}}))
+            raise NonFiniteLossError(f"non-finite loss at step {bad_step} (at step {step}: {values}); "
+                                     "the last good checkpoint is kept")  # fmt: skip
         if log_now:
             elapsed = time.perf_counter() - window_start
             step_time = elapsed / window_steps
@@ -225,7 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 log.info(f"step {step}/{t.steps}  d_loss {values['d_loss']:.3f}  g_loss {values['g_loss']:.3f}  "
                          f"{values['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min")  # fmt: skip
             window_start, window_steps = time.perf_counter(), 0
-        if rank == 0 and (step % t.sample_every == 0 or step == t.steps):
+        if sample_now:
             G_ema = trainer.ema.model
             with torch.no_grad():
                 grid = sample_grid(G_ema(fixed_z, fixed_y), nrow=8)
@@ -236,7 +247,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 Image.fromarray(grid).save(folder / f"samples_{step:06d}.png")
             for size, fig in attention_figures(G_ema, fixed_z, fixed_y).items():
                 tracker.image(fig, f"attention_{size}", step)
-        eval_now = bool(t.eval_every) and (step % t.eval_every == 0 or step == t.steps)
         eval_start = time.perf_counter()
         scores = evaluate(step) if eval_now else {}
         window_start += time.perf_counter() - eval_start  # images/s measures training, not evaluation

@@ -41,7 +41,10 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000  # G updates in total
     batch_size: int = 32  # per worker: the global batch is batch_size x scaling.num_workers
-    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + loss scaling)
+    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs), fp32, bf16 (autocast) or fp16 (autocast + loss scaling)
+    channels_last: bool | None = None  # NHWC layout for G and D; null: on for GPUs, off on CPUs
+    compile: bool | None = None  # torch.compile G and D (the first steps take minutes); null: on for GPUs, off on CPUs
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" needs no compiler toolchain (debugging)
     seed: int = 0
     ema_decay: float = 0.99  # EMA of G's weights for sampling; BigGAN uses 0.9999 at ImageNet scale
     ema_start: int = 0  # before this step the EMA copies G instead of averaging
@@ -106,7 +109,7 @@ class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type; the message names the key."""
 
 
-_PRECISIONS = ("fp32", "bf16", "fp16")
+_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _type_name(tp) -> str:
@@ -226,6 +229,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"eval.real_split: '{cfg.eval.real_split}' is not one of val, train")
     if t.precision not in _PRECISIONS:
         raise ConfigError(f"train.precision: '{t.precision}' is not one of {', '.join(_PRECISIONS)}")
+    if t.compile is not False and t.compile_backend != "inductor":
+        from torch._dynamo import list_backends
+
+        if t.compile_backend not in list_backends(exclude_tags=()):
+            raise ConfigError(f"train.compile_backend: '{t.compile_backend}' is not a torch.compile backend; "
+                              f"use one of {', '.join(list_backends(exclude_tags=()))}")  # fmt: skip
     positive = {
         "model.ch": m.ch, "model.z_dim": m.z_dim, "model.num_classes": m.num_classes,
         "optim.n_dis": cfg.optim.n_dis, "train.steps": t.steps, "train.batch_size": t.batch_size,

@@ -9,10 +9,27 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 # mmgeneration's SAGAN/BigGAN recipe: SN eps 1e-8 (REFERENCE.md: with EMA and xavier init, FID 12.8).
 SN_EPS = 1e-8
+
+
+class SpectralNormFP32(_SpectralNorm):
+    """torch's spectral-norm parametrization (`parametrizations.spectral_norm`: the same state, `_u`/`_v`,
+    and the same results) with its power iteration and sigma kept in the weights' fp32 under autocast: CUDA
+    autocast would run `mv` in bf16/fp16, and a low-precision sigma rescales every weight by its error."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(weight.device.type, enabled=False):
+            return super().forward(weight)
+
+
+def spectral_norm(layer: nn.Module, eps: float = SN_EPS) -> nn.Module:
+    """`layer` with its weight spectrally normalised (one power iteration per training forward)."""
+    parametrize.register_parametrization(layer, "weight", SpectralNormFP32(layer.weight, 1, 0, eps))
+    return layer
 
 
 def _finish(layer: nn.Module, sn: bool) -> nn.Module:
@@ -20,7 +37,7 @@ def _finish(layer: nn.Module, sn: bool) -> nn.Module:
     nn.init.xavier_uniform_(layer.weight)
     if getattr(layer, "bias", None) is not None:
         nn.init.zeros_(layer.bias)
-    return spectral_norm(layer, n_power_iterations=1, eps=SN_EPS) if sn else layer
+    return spectral_norm(layer) if sn else layer
 
 
 def snconv2d(in_ch: int, out_ch: int, kernel_size: int = 3, *, sn: bool = True, bias: bool = True) -> nn.Module:
@@ -44,7 +61,11 @@ class SelfAttention(nn.Module):
     Query and key are 1x1 convs to C/8, value to C/2; key and value are 2x2 max-pooled, so each of the
     H*W query positions attends over (H/2)*(W/2) key positions. A 1x1 conv maps the result back to C and
     the block returns `gamma * o + x` with a learned scalar gamma that starts at 0 (an identity at init).
+    `use_sdpa` picks the fused kernel (`scaled_dot_product_attention`) or explicit matmul + softmax: the
+    same function; `use_sdpa(model, False)` switches a whole model, as the benchmark's reference path does.
     """
+
+    use_sdpa = True
 
     def __init__(self, channels: int, sn: bool = True):
         super().__init__()
@@ -63,7 +84,7 @@ class SelfAttention(nn.Module):
         q = self.theta(x).flatten(2).transpose(1, 2)  # (B, HW, C/8)
         k = F.max_pool2d(self.phi(x), 2).flatten(2).transpose(1, 2)  # (B, HW/4, C/8)
         v = F.max_pool2d(self.g(x), 2).flatten(2).transpose(1, 2)  # (B, HW/4, C/2)
-        if return_attn:
+        if return_attn or not self.use_sdpa:
             # Softmax over the keys: each query's weights sum to 1. The paper has no 1/sqrt(d) scale.
             attn = torch.softmax(q @ k.transpose(1, 2), dim=-1)
             out = attn @ v
@@ -73,6 +94,13 @@ class SelfAttention(nn.Module):
         out = self.o(out.transpose(1, 2).reshape(b, c // 2, h, w))
         y = self.gamma * out + x
         return (y, attn) if return_attn else y
+
+
+def use_sdpa(model: nn.Module, enabled: bool) -> None:
+    """Make every SelfAttention in `model` use scaled_dot_product_attention (`enabled`) or matmul + softmax."""
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.use_sdpa = enabled
 
 
 class ConditionalBatchNorm2d(nn.Module):

@@ -2,7 +2,8 @@
 
 `Trainer` holds what a step needs between calls (optimizers, EMA, loss scalers, the step count). G and D
 may be plain modules or DistributedDataParallel wrappers; the Ray loop, Tune and the benchmarks all call
-`Trainer.train_step` the same way.
+`Trainer.train_step` the same way. How it runs (precision, layout, compile) is a `sagan.speed.Speed`.
+The step never waits on the GPU: it returns loss tensors, and `LossMonitor` reads them back when asked.
 """
 
 import copy
@@ -14,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import Config
 from .losses import hinge_d_loss, hinge_g_loss
+from .speed import Speed, compile_model, is_channels_last, prepare_models
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,28 +43,70 @@ class EMA:
             e.copy_(b)
 
 
-def make_optimizers(G: nn.Module, D: nn.Module, cfg: Config) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """TTUR: Adam for G at optim.lr_g and for D at optim.lr_d, with optim.betas."""
+def make_optimizers(G: nn.Module, D: nn.Module, cfg: Config, fused: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """TTUR: Adam for G at optim.lr_g and for D at optim.lr_d, with optim.betas; `fused`: one kernel per step."""
     # YAML reads `[0, 0.999]` with an int 0, which newer torch's Adam rejects: force floats.
     betas = tuple(float(b) for b in cfg.optim.betas)
-    opt_g = torch.optim.Adam(unwrap(G).parameters(), lr=cfg.optim.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(unwrap(D).parameters(), lr=cfg.optim.lr_d, betas=betas)
+    impl = {"fused": True} if fused else {}  # else torch's default, the foreach implementation
+    opt_g = torch.optim.Adam(unwrap(G).parameters(), lr=cfg.optim.lr_g, betas=betas, **impl)
+    opt_d = torch.optim.Adam(unwrap(D).parameters(), lr=cfg.optim.lr_d, betas=betas, **impl)
     return opt_g, opt_d
 
 
-class Trainer:
-    """Optimizers, EMA and loss scalers around G and D; `train_step` runs one SAGAN iteration."""
+class LossMonitor:
+    """Keeps the step's losses on the device and reads them back only when asked, so the loop does not wait
+    on the GPU every step, yet still names the first step whose losses were not finite."""
 
-    def __init__(self, G: nn.Module, D: nn.Module, cfg: Config):
+    def __init__(self):
+        self.latest: dict[str, torch.Tensor] = {}
+        self._first_bad: torch.Tensor | None = None  # (): first non-finite step so far, -1 for none
+
+    def update(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        """Record step `step`'s scalar loss tensors (device ops only, no host synchronisation)."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
+        bad = ~torch.isfinite(values).all()
+        self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
+        self.latest = losses
+
+    def read(self) -> tuple[dict[str, float], int | None]:
+        """(the latest losses as floats, the first step with a non-finite loss or None): one host sync."""
+        if self._first_bad is None:
+            return {}, None
+        values = torch.stack([v.detach().float() for v in self.latest.values()] + [self._first_bad.float()]).tolist()
+        first_bad = int(values.pop())
+        return dict(zip(self.latest, values)), (first_bad if first_bad >= 0 else None)
+
+
+class Trainer:
+    """Optimizers, EMA and loss scalers around G and D; `train_step` runs one SAGAN iteration.
+
+    `speed` (default: resolved from cfg.train for the models' device) sets precision, layout and compile.
+    Plain models are put in its layout here; DDP-wrapped ones must be already (`sagan.speed.prepare_models`
+    before wrapping). Compiling happens here, after the EMA copy is taken, and leaves state_dict keys as they are.
+    """
+
+    def __init__(self, G: nn.Module, D: nn.Module, cfg: Config, speed: Speed | None = None):
         self.G, self.D = G, D
         self.device = next(unwrap(G).parameters()).device
+        self.speed = speed or Speed.from_config(cfg.train, self.device)
+        if self.speed.channels_last and not all(is_channels_last(unwrap(m)) for m in (G, D)):
+            if any(isinstance(m, DistributedDataParallel) for m in (G, D)):
+                raise ValueError("channels_last: call sagan.speed.prepare_models(speed, G, D) before wrapping them in DDP")
+        prepare_models(self.speed, unwrap(G), unwrap(D))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = self.speed.cudnn_benchmark  # a process-wide switch
         self.z_dim, self.num_classes = cfg.model.z_dim, cfg.model.num_classes
         self.n_dis = cfg.optim.n_dis
-        self.amp_dtype = _AUTOCAST_DTYPES[cfg.train.precision]
-        self.opt_g, self.opt_d = make_optimizers(G, D, cfg)
+        self.amp_dtype = _AUTOCAST_DTYPES[self.speed.precision]
+        self.opt_g, self.opt_d = make_optimizers(G, D, cfg, fused=self.speed.fused_adam)
         self._hyper = [(opt, dict(group)) for opt in (self.opt_g, self.opt_d) for group in opt.param_groups]
-        self.ema = EMA(G, cfg.train.ema_decay, cfg.train.ema_start)
-        fp16 = cfg.train.precision == "fp16"
+        self.ema = EMA(G, cfg.train.ema_decay, cfg.train.ema_start)  # before compiling: a plain copy
+        if self.speed.compile:
+            compile_model(unwrap(G), self.speed)
+            compile_model(unwrap(D), self.speed)
+        fp16 = self.speed.precision == "fp16"
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.step = 0  # G updates completed
@@ -80,6 +124,7 @@ class Trainer:
 
     def _d_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         batch = real.shape[0]
+        real = real.contiguous(memory_format=self.speed.memory_format)
         self.opt_d.zero_grad(set_to_none=True)  # the G step left gradients in D
         z, y_fake = self.sample_latents(batch)
         with torch.no_grad(), self._autocast():
@@ -98,12 +143,20 @@ class Trainer:
     def _g_step(self, batch: int) -> torch.Tensor:
         self.opt_g.zero_grad(set_to_none=True)
         z, y_fake = self.sample_latents(batch)
-        # D's gradients from this backward are thrown away by the next D step: skip their all-reduce.
+        # G's update needs D's input gradient only: D's weight gradients would be thrown away by the next
+        # D step, so they are not computed (~6% of the step's FLOPs) and not all-reduced.
         no_sync = self.D.no_sync() if isinstance(self.D, DistributedDataParallel) else nullcontext()
+        d_params = list(unwrap(self.D).parameters())
         with no_sync:
-            with self._autocast():
-                loss = hinge_g_loss(self.D(self.G(z, y_fake), y_fake).float())
-            self.scaler_g.scale(loss).backward()
+            for p in d_params:
+                p.requires_grad_(False)
+            try:
+                with self._autocast():
+                    loss = hinge_g_loss(self.D(self.G(z, y_fake), y_fake).float())
+                self.scaler_g.scale(loss).backward()
+            finally:
+                for p in d_params:
+                    p.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
         return loss.detach()
@@ -116,6 +169,8 @@ class Trainer:
         """
         if len(batches) != self.n_dis:
             raise ValueError(f"train_step needs optim.n_dis = {self.n_dis} real batches, got {len(batches)}")
+        if self.speed.compile and self.speed.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs may be overwritten now
         for real, labels in batches:
             metrics = self._d_step(real, labels)
         metrics["g_loss"] = self._g_step(batches[-1][0].shape[0])

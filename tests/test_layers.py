@@ -112,3 +112,60 @@ def test_conditional_batchnorm_uses_per_class_gain_and_bias():
     torch.testing.assert_close(out[0], normed[0])
     torch.testing.assert_close(out[1], 2 * normed[1])
     torch.testing.assert_close(out[2], normed[2] + 0.5)
+
+
+def test_spectral_norm_matches_torchs_parametrization_in_fp32():
+    from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+    from sagan.layers import SN_EPS, snconv2d
+
+    torch.manual_seed(3)
+    ours = snconv2d(4, 6)
+    torch.manual_seed(3)
+    ref = torch_spectral_norm(torch.nn.Conv2d(4, 6, 3, padding=1), eps=SN_EPS)
+    torch.nn.init.xavier_uniform_(ref.parametrizations.weight.original)  # same init order as snconv2d
+    torch.nn.init.zeros_(ref.bias)
+    ours.load_state_dict(ref.state_dict())  # same keys: checkpoints from torch's spectral_norm still load
+    x = torch.randn(2, 4, 5, 5)
+    for _ in range(3):  # training forwards: one power iteration each
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours.parametrizations.weight[0]._u, ref.parametrizations.weight[0]._u, rtol=0, atol=0)
+
+
+def test_spectral_norm_power_iteration_runs_in_fp32_under_autocast():
+    from torch.overrides import TorchFunctionMode
+
+    from sagan.layers import snlinear
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.autocast_on = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.mv, torch.vdot):
+                self.autocast_on.append(torch.is_autocast_enabled("cpu"))
+            return func(*args, **(kwargs or {}))
+
+    layer = snlinear(8, 4)
+    record = Record()
+    with torch.autocast("cpu", dtype=torch.bfloat16), record:
+        weight = layer.weight
+    assert record.autocast_on and not any(record.autocast_on)  # mv (power iteration) and vdot (sigma)
+    assert weight.dtype == torch.float32 and layer.parametrizations.weight[0]._u.dtype == torch.float32
+    sigma = torch.linalg.matrix_norm(weight.detach(), ord=2).item()
+    assert abs(sigma - 1) < 1e-2
+
+
+def test_attention_gives_the_same_output_with_sdpa_and_with_matmul_softmax():
+    from sagan.layers import use_sdpa
+
+    torch.manual_seed(0)
+    G = Generator(32, ch=8, z_dim=16, num_classes=3, attn_resolutions=(16,))
+    G.attn["1"].gamma.data.fill_(0.7)  # make attention matter
+    z, y = torch.randn(4, 16), torch.tensor([0, 1, 2, 0])
+    G.eval()
+    fused = G(z, y)
+    use_sdpa(G, False)
+    assert G.attn["1"].use_sdpa is False
+    torch.testing.assert_close(G(z, y), fused, rtol=1e-5, atol=1e-5)

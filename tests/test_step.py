@@ -118,3 +118,123 @@ def test_fp16_step_uses_loss_scaling_and_recovers_from_overflow():
     assert torch.isfinite(metrics["d_loss"]) and torch.isfinite(metrics["g_loss"])
     assert any(not torch.equal(a, b) for a, b in zip(d0, trainer.D.parameters()))
     assert "scale" in trainer.state_dict()["scaler_d"]
+
+
+# ---------------------------------------------------------------- the fast path's levers, each at tiny size
+
+
+def test_speed_auto_is_the_fast_path_on_gpu_and_fp32_eager_on_cpu():
+    from sagan.speed import Speed
+
+    cfg = tiny_config()
+    assert cfg.train.precision == "auto" and cfg.train.channels_last is None and cfg.train.compile is None
+    cpu, gpu = Speed.from_config(cfg.train, "cpu"), Speed.from_config(cfg.train, "cuda:0")
+    assert (cpu.precision, cpu.channels_last, cpu.compile, cpu.fused_adam) == ("fp32", False, False, False)
+    assert (gpu.precision, gpu.channels_last, gpu.compile, gpu.fused_adam) == ("bf16", True, True, True)
+    chosen = tiny_config("train.precision=fp16", "train.channels_last=false", "train.compile=true")
+    mixed = Speed.from_config(chosen.train, "cuda")
+    assert (mixed.precision, mixed.channels_last, mixed.compile) == ("fp16", False, True)
+
+
+def _trainer_with(speed, seed=0, *overrides):
+    cfg = tiny_config(*overrides)
+    G, D = build_models(cfg.model, seed=seed)
+    return Trainer(G, D, cfg, speed)
+
+
+def _run(trainer, steps=3):
+    torch.manual_seed(11)
+    return [{k: v.item() for k, v in trainer.train_step([real_batch(seed=i)]).items()} for i in range(steps)]
+
+
+def _assert_same_run(a, b, atol):
+    """Same losses over 3 steps within `atol`; weights within a few Adam steps of lr (biases feeding a
+    BatchNorm get zero gradient up to rounding, which Adam's normalisation turns into lr-sized moves)."""
+    for ma, mb in zip(_run(a), _run(b)):
+        for k in ma:
+            assert abs(ma[k] - mb[k]) < atol, (k, ma[k], mb[k])
+    for p, q in zip([*a.G.parameters(), *a.D.parameters()], [*b.G.parameters(), *b.D.parameters()]):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-3)
+
+
+def test_channels_last_step_matches_the_nchw_step():
+    from sagan.speed import Speed, is_channels_last
+
+    ref, fast = _trainer_with(Speed()), _trainer_with(Speed(channels_last=True))
+    assert is_channels_last(fast.G) and is_channels_last(fast.D) and not is_channels_last(ref.G)
+    _assert_same_run(fast, ref, atol=1e-4)
+    assert is_channels_last(fast.G)  # the optimizer step keeps the layout
+
+
+def test_compiled_step_matches_eager_and_keeps_spectral_norm_state_and_keys():
+    from sagan.speed import Speed
+
+    eager = _trainer_with(Speed())
+    compiled = _trainer_with(Speed(compile=True, compile_backend="aot_eager"))
+    u = "blocks.0.conv1.parametrizations.weight.0._u"
+    u0 = compiled.D.state_dict()[u].clone()
+    _assert_same_run(compiled, eager, atol=1e-4)
+    assert not torch.equal(compiled.D.state_dict()[u], u0)  # the power iteration ran inside the compiled graph
+    assert compiled.G.state_dict().keys() == eager.G.state_dict().keys()  # checkpoints stay interchangeable
+    assert not hasattr(compiled.ema.model, "_compiled_call_impl") or compiled.ema.model._compiled_call_impl is None
+
+
+def test_fused_adam_step_matches_foreach_adam():
+    from sagan.speed import Speed
+
+    fused = _trainer_with(Speed(fused_adam=True))
+    assert fused.opt_d.defaults["fused"] is True
+    _assert_same_run(fused, _trainer_with(Speed()), atol=1e-5)
+
+
+def test_g_step_computes_no_weight_gradients_for_d():
+    trainer, _ = tiny_trainer()
+    trainer.train_step([real_batch()])
+    trainer.opt_d.zero_grad(set_to_none=True)
+    trainer._g_step(4)
+    assert all(p.grad is None for p in trainer.D.parameters())
+    assert all(p.requires_grad for p in trainer.D.parameters())
+    assert sum(p.grad is not None for p in trainer.G.parameters()) >= 0.8 * len(list(trainer.G.parameters()))
+
+
+def test_channels_last_under_ddp_must_be_set_before_wrapping(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sagan.speed import Speed, is_channels_last, prepare_models
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cfg = tiny_config()
+        G, D = build_models(cfg.model, seed=0)
+        with pytest.raises(ValueError, match="prepare_models"):
+            Trainer(DDP(G), DDP(D), cfg, Speed(channels_last=True))
+        G, D = build_models(cfg.model, seed=0)
+        prepare_models(Speed(channels_last=True), G, D)
+        trainer = Trainer(DDP(G), DDP(D), cfg, Speed(channels_last=True))
+        assert torch.isfinite(trainer.train_step([real_batch()])["d_loss"])
+        assert is_channels_last(G) and is_channels_last(D)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_monitor_reads_back_only_when_asked_and_names_the_first_bad_step(monkeypatch):
+    from sagan.step import LossMonitor
+
+    monitor = LossMonitor()
+    assert monitor.read() == ({}, None)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host synchronisation inside the step")
+
+    losses = [1.0, 2.0, float("nan"), 4.0, float("inf")]
+    with monkeypatch.context() as m:  # update() must not read a tensor back to the host
+        for name in ("item", "tolist", "__bool__", "__float__", "numpy"):
+            m.setattr(torch.Tensor, name, no_sync)
+        for step, value in enumerate(losses, start=1):
+            monitor.update(step, {"d_loss": torch.tensor(value), "g_loss": torch.tensor(0.5)})
+    values, bad = monitor.read()
+    assert bad == 3 and values["g_loss"] == 0.5 and values["d_loss"] == float("inf")
+    fine = LossMonitor()
+    fine.update(1, {"d_loss": torch.tensor(1.5)})
+    assert fine.read() == ({"d_loss": 1.5}, None)

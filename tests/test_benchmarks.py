@@ -1,0 +1,43 @@
+"""The GPU benchmark scripts, run at tiny size on the CPU: every code path the one-shot GPU run takes."""
+
+import json
+
+import pytest
+
+from benchmarks import eval_speed, train_step
+
+
+def test_train_step_benchmark_measures_variants_and_compares_learning(tmp_path):
+    out = tmp_path / "train_step.json"
+    result = train_step.main(["--resolution", "32", "--ch", "8", "--batch", "4", "--device", "cpu",
+                              "--compile-backend", "aot_eager", "--variants", "reference,fast,+bf16",
+                              "--warmup", "1", "--steps", "2", "--learning-steps", "4", "--window", "2",
+                              "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == result
+    rows = result["variants"]
+    assert set(rows) == {"reference", "fast", "+bf16"}
+    assert all(r["finite"] and r["images_per_s"] > 0 for r in rows.values())
+    assert rows["reference"]["speedup_vs_reference"] == 1.0
+    assert rows["fast"]["levers"]["compile"] is True and rows["+bf16"]["levers"] == {"precision": "bf16"}
+    assert result["flops_per_step"] > 0 and 0 < rows["fast"]["mfu"] < 1
+    learning = result["learning"]
+    assert len(learning["curves"]["reference"]["d_loss"]) == 4 and len(learning["curves"]["fast"]["g_loss"]) == 4
+    assert set(learning["spectral_norm_max_error_after"]) == {"reference", "fast"}
+
+
+def test_train_step_benchmark_rejects_unknown_variants():
+    with pytest.raises(SystemExit, match="unknown variant"):
+        train_step.main(["--device", "cpu", "--variants", "reference,warp_drive"])
+
+
+def test_train_step_benchmark_skips_variants_once_the_budget_is_spent():
+    result = train_step.main(["--resolution", "32", "--ch", "8", "--batch", "2", "--device", "cpu", "--warmup", "0",
+                              "--steps", "1", "--variants", "reference,+sdpa", "--budget-s", "0"])  # fmt: skip
+    assert all("skipped" in r for r in result["variants"].values())
+
+
+def test_eval_speed_benchmark_times_a_fid_and_is_pass(tmp_path):
+    result = eval_speed.main(["--resolution", "32", "--ch", "8", "--num-classes", "10", "--num-samples", "20",
+                              "--batch", "10", "--device", "cpu", "--out", str(tmp_path / "eval.json")])  # fmt: skip
+    assert result["num_samples"] == 20 and result["finite"] and result["seconds"] > 0
+    assert json.loads((tmp_path / "eval.json").read_text())["images_per_s"] == result["images_per_s"]
