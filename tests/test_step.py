@@ -175,6 +175,11 @@ def test_compiled_step_matches_eager_and_keeps_spectral_norm_state_and_keys():
     u0 = compiled.D.state_dict()[u].clone()
     _assert_same_run(compiled, eager, atol=1e-4)
     assert not torch.equal(compiled.D.state_dict()[u], u0)  # the power iteration ran inside the compiled graph
+    for model in ("G", "D"):  # ... and every SN layer's vectors followed the eager ones
+        ours, ref = getattr(compiled, model).state_dict(), getattr(eager, model).state_dict()
+        for key in ref:
+            if key.endswith(("._u", "._v")):
+                torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=1e-3)
     assert compiled.G.state_dict().keys() == eager.G.state_dict().keys()  # checkpoints stay interchangeable
     assert not hasattr(compiled.ema.model, "_compiled_call_impl") or compiled.ema.model._compiled_call_impl is None
 
