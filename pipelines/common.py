@@ -16,12 +16,23 @@ def default_tracking_uri(configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def prepare_tracking(uri: str, experiment: str) -> None:
-    """Create the MLflow store and experiment from the driver, so workers never race on a schema migration."""
+def prepare_tracking(uri: str, experiment: str) -> str:
+    """Create the MLflow store and experiment from the driver, so workers never race on a schema migration.
+    Returns the experiment id. A new experiment in a sqlite store keeps its artifacts next to the database
+    file (mlartifacts/<experiment>), not in ./mlruns of whatever directory the process started in."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / experiment).as_uri()
+        try:
+            mlflow.create_experiment(experiment, artifact_location=location)
+        except MlflowException:  # another process created it in the meantime
+            pass
+    return mlflow.set_experiment(experiment).experiment_id
 
 
 def git_commit() -> str | None:

@@ -78,7 +78,7 @@ class Tracker:
         mlflow.set_experiment(cfg.mlflow.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run.name)
         self.run_id = run.info.run_id
-        if run_id is None:
+        if run_id is None:  # a run given to us was set up (params, tags) by whoever made it
             mlflow.log_params(flatten(cfg))
             mlflow.set_tags({k: v for k, v in loop_config.get("tags", {}).items() if v})
 
@@ -163,13 +163,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     G, D = ray.train.torch.prepare_model(G), ray.train.torch.prepare_model(D)
     trainer = Trainer(G, D, cfg, speed)
 
-    run_id = None
+    run_id = loop_config.get("mlflow_run_id")  # a run made for us (a Tune trial's child run), else our own
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
         trainer.load_state_dict(state)
-        run_id = state["extra"].get("mlflow_run_id")
+        run_id = state["extra"].get("mlflow_run_id") or run_id
         if rank == 0:
             log.info(f"resumed from step {trainer.step} ({checkpoint.path})")
     if rank == 0:

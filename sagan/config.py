@@ -94,6 +94,27 @@ class MlflowConfig:
 
 
 @dataclass
+class TuneConfig:
+    """pipelines/tune.py: the study of SAGAN's Table 1 (attention placement) x Sec. 4 (TTUR ratio) as one sweep."""
+
+    name: str = "sagan-tune-demo"  # the sweep: its folder under run.storage_path, its MLflow parent; rerun to resume
+    experiment: str = "sagan-tune"  # MLflow experiment holding the parent run and one child run per trial
+    lr_g: tuple[float, ...] = (1e-4,)  # G learning rates (one value: fixed)
+    ratio: tuple[float, ...] = (1.0, 4.0)  # lr_d / lr_g values (SAGAN paper, Sec. 4: 4)
+    attn: tuple[tuple[int, ...], ...] | None = ((16,), ())  # tied placements, the same sizes in G and D; [] = none
+    g_attn: tuple[tuple[int, ...], ...] | None = None  # with attn: null, G's placements, crossed with d_attn
+    d_attn: tuple[tuple[int, ...], ...] | None = None  # with attn: null, D's placements
+    seeds: tuple[int, ...] = (0,)  # train.seed values: repeats of each combination
+    search: str = "grid"  # grid: every combination (x num_samples); random: num_samples random draws
+    num_samples: int = 1
+    steps: int = 600  # G steps per trial (train.steps of each trial)
+    metric: str = "loop/fid"  # in-loop metric ASHA and "best" use: loop/fid (min), loop/is or loop/class_acc (max)
+    grace_period: int = 200  # ASHA: steps every trial runs before it can be stopped
+    reduction_factor: float = 2.0  # ASHA: 1/reduction_factor of the trials go on at each rung
+    max_concurrent_trials: int = 0  # 0: GPUs // GPUs per trial, or CPUs // CPUs per trial on a CPU cluster
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -103,6 +124,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 class ConfigError(ValueError):
@@ -256,11 +278,34 @@ def validate(cfg: Config) -> Config:
     for key, value in {"eval.num_samples": cfg.eval.num_samples, "eval.loop_samples": cfg.eval.loop_samples}.items():
         if value < 10:  # the Inception Score's 10 splits
             raise ConfigError(f"{key}: must be at least 10 (IS uses 10 splits), got {value}")
+    _validate_tune(cfg.tune)
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: each must be in [0, 1), got {list(cfg.optim.betas)}")
     return cfg
+
+
+TUNE_METRICS = {"loop/fid": "min", "loop/is": "max", "loop/class_acc": "max"}  # in-loop metric -> better when
+
+
+def _validate_tune(u: TuneConfig) -> None:
+    """The tune section's own values; the search space against the model is checked by pipelines/sweep.py."""
+    if u.search not in ("grid", "random"):
+        raise ConfigError(f"tune.search: '{u.search}' is not one of grid, random")
+    if u.metric not in TUNE_METRICS:
+        raise ConfigError(f"tune.metric: '{u.metric}' is not reported by the training loop; use one of {', '.join(TUNE_METRICS)}")
+    for key in ("num_samples", "steps", "grace_period"):
+        if getattr(u, key) <= 0:
+            raise ConfigError(f"tune.{key}: must be positive, got {getattr(u, key)}")
+    if u.max_concurrent_trials < 0:
+        raise ConfigError(f"tune.max_concurrent_trials: must be 0 (automatic) or more, got {u.max_concurrent_trials}")
+    if not u.reduction_factor > 1:
+        raise ConfigError(f"tune.reduction_factor: must be above 1, got {u.reduction_factor}")
+    for key in ("lr_g", "ratio"):
+        bad = [v for v in getattr(u, key) if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ConfigError(f"tune.{key}: every value must be a finite number above 0, got {bad[0]}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -104,3 +104,47 @@ def metric_curve(points: list[tuple[int, float]], name: str) -> np.ndarray:
     ax.set_title(f"{name}: {values[-1]:.3g} at step {steps[-1]}", fontsize=10)
     fig.tight_layout()
     return _figure_to_array(fig)
+
+
+def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], title: str,
+            xlabel: str, ylabel: str) -> np.ndarray:  # fmt: skip
+    """An annotated heatmap of `values` (rows, cols); NaN cells are blank and marked "-". (H, W, 3) uint8."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(col_labels), 1.4 + 0.6 * len(row_labels)))
+    masked = np.ma.masked_invalid(values)
+    im = ax.imshow(masked, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(col_labels)), col_labels)
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    finite = values[np.isfinite(values)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for (r, c), v in np.ndenumerate(values):
+        text = f"{v:.3g}" if np.isfinite(v) else "-"
+        ax.text(c, r, text, ha="center", va="center", color="white" if np.isfinite(v) and v > middle else "black")
+    if finite.size:
+        fig.colorbar(im, ax=ax)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _figure_to_array(fig)
+
+
+def metric_curves(series: dict[str, list[tuple[int, float]]], name: str, stopped: set[str] = frozenset()) -> np.ndarray:
+    """One line per run of (step, value) points; runs in `stopped` end in an x. (H, W, 3) uint8."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in series.items():
+        if not points:
+            continue
+        steps, values = zip(*points)
+        (line,) = ax.plot(steps, values, "o-", markersize=3, label=label)
+        if label in stopped:
+            ax.plot(steps[-1], values[-1], "x", color=line.get_color(), markersize=10, markeredgewidth=2)
+    finite = [v for points in series.values() for _, v in points if np.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"{name} per trial (x: stopped early)", fontsize=10)
+    fig.tight_layout()
+    return _figure_to_array(fig)

@@ -1,0 +1,126 @@
+"""Launching a training run on Ray, shared by train.py and tune.py: absolute paths, pre-flight checks, the
+eval cache filled before workers start, and the TorchTrainer that runs `train_loop_per_worker`."""
+
+import os
+from pathlib import Path
+
+from pipelines.common import absolute, git_commit, ray_job_id
+from sagan.config import Config, to_dict
+from sagan.data import DataError, batches_per_epoch, find_shards
+
+
+class PreflightError(Exception):
+    """Bad input found before any worker starts; printed as one line."""
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """`cfg` with its local paths made absolute, as Ray workers (in another directory) need them."""
+    cfg.data.train_shards = absolute(cfg.data.train_shards)
+    cfg.data.val_shards = absolute(cfg.data.val_shards)
+    cfg.run.storage_path = absolute(cfg.run.storage_path)
+    cfg.eval.cache_dir = absolute(cfg.eval.cache_dir)
+    cfg.eval.inception_weights = absolute(cfg.eval.inception_weights)
+    return cfg
+
+
+def preflight(cfg: Config, cluster: dict) -> None:
+    """Raise PreflightError for too few resources, bad data, mismatched classes or unwritable storage."""
+    s = cfg.scaling
+    if s.use_gpu and cluster.get("GPU", 0) < s.num_workers:
+        raise PreflightError(f"scaling.num_workers={s.num_workers} GPU workers but the cluster has "
+                             f"{int(cluster.get('GPU', 0))} GPU(s) up; lower scaling.num_workers or start more GPU "
+                             "nodes (an autoscaling cluster: raise the GPU node type's min_workers)")  # fmt: skip
+    need = s.num_workers * s.cpus_per_worker
+    if cluster.get("CPU", 0) < need:
+        raise PreflightError(f"{s.num_workers} workers x {s.cpus_per_worker} CPUs = {need} CPUs but the cluster has "
+                             f"{cluster.get('CPU', 0)}; lower scaling.num_workers or scaling.cpus_per_worker")  # fmt: skip
+    try:
+        shards = find_shards(cfg.data.train_shards)
+        batches_per_epoch(shards, cfg.scaling.num_workers, cfg.train.batch_size)
+    except DataError as e:
+        raise PreflightError(f"data.train_shards: {e}") from None
+    if shards.num_classes != cfg.model.num_classes:
+        raise PreflightError(f"the shards hold {shards.num_classes} classes but model.num_classes is "
+                             f"{cfg.model.num_classes}; set model.num_classes={shards.num_classes}")  # fmt: skip
+    if shards.image_size != cfg.model.resolution:
+        raise PreflightError(f"the shards hold {shards.image_size}px images but model.resolution is "
+                             f"{cfg.model.resolution}; reshard with --size {cfg.model.resolution} or change it")  # fmt: skip
+    if cfg.train.eval_every:  # in-loop FID compares against these
+        from sagan.metrics import MetricsError, real_shards
+
+        try:
+            real_shards(cfg)
+        except MetricsError as e:
+            raise PreflightError(str(e)) from None
+    storage = cfg.run.storage_path
+    if "://" not in storage:
+        try:
+            Path(storage).mkdir(parents=True, exist_ok=True)
+            probe = Path(storage) / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise PreflightError(f"run.storage_path {storage} is not writable ({e.strerror}); choose another") from None
+
+
+def prepare_evaluation(cfg: Config) -> None:
+    """For in-loop FID: fill the eval cache (the extractor's weights, the real statistics) in one Ray task
+    with a worker's resources, before the workers start; PreflightError when the weights cannot be had.
+
+    Rank 0 would otherwise compute the statistics while the other ranks wait in a collective, which times out
+    on a large real split. On a cluster the cache must be on shared storage (eval.cache_dir, or the default
+    next to the shards) for rank 0 to find it.
+    """
+    if not cfg.train.eval_every:
+        return
+    import ray
+
+    from pipelines.train_loop import prepare_eval_cache
+    from sagan.config import INCEPTION
+    from sagan.metrics import MetricsError
+
+    s = cfg.scaling
+    task = ray.remote(num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0)(prepare_eval_cache)
+    try:
+        weights = ray.get(task.remote(to_dict(cfg)))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, MetricsError):
+            raise PreflightError(str(e.cause)) from None
+        raise
+    if cfg.eval.feature_extractor == INCEPTION:
+        cfg.eval.inception_weights = weights  # the copy in the shared cache, for rank 0 wherever it runs
+
+
+def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, tags: dict | None = None,
+                  callbacks: list | None = None):  # fmt: skip
+    """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name). `run_id`: an MLflow run
+    made already (a Tune trial's child run) that rank 0 logs into; `callbacks`: Ray Train callbacks."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train_loop import train_loop_per_worker
+
+    tags = {
+        "git_commit": git_commit(),
+        "ray_job_id": ray_job_id(),
+        "checkpoint_location": f"{cfg.run.storage_path}/{cfg.run.name}",
+        **(tags or {}),
+    }
+    s = cfg.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "tags": tags, "mlflow_run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker}),  # fmt: skip
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO lines drown the loop's own
+            callbacks=callbacks,
+        ),
+    )
+
+

@@ -1,0 +1,211 @@
+"""The Tune side of a sweep: its search space, the trial driver that runs one training run per trial, and
+the MLflow runs (one parent per sweep, one child per trial, found again by tags so a resumed sweep adds none).
+
+A trial is a training run: the driver builds the same TorchTrainer as pipelines/train.py (`build_trainer`)
+with the trial's hyper-parameters, named after the trial id so that a restored sweep resumes it from its
+checkpoint, and forwards rank 0's reports to Tune (TuneReportCallback) for ASHA.
+"""
+
+import itertools
+import json
+from pathlib import Path
+
+from pipelines.common import first_line, git_commit, ray_job_id
+from sagan.config import TUNE_METRICS, Config, ConfigError, flatten, from_dict, to_dict, with_overrides
+
+SWEEP_TAG, TRIAL_TAG, ROLE_TAG, REASON_TAG = "sagan.sweep", "sagan.trial_id", "sagan.role", "sagan.stop_reason"
+SPACE_FILE = "search_space.json"  # in the sweep's folder: a rerun must not silently change the space
+
+
+class SweepError(ValueError):
+    """A search space that cannot run; the message names the key and the fix."""
+
+
+def placements(cfg: Config) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(G sizes, D sizes) per placement: tune.attn tied, else tune.g_attn x tune.d_attn."""
+    t = cfg.tune
+    if t.attn is not None:
+        return [(tuple(a), tuple(a)) for a in t.attn]
+    g = t.g_attn if t.g_attn is not None else (tuple(cfg.model.g_attn),)
+    d = t.d_attn if t.d_attn is not None else (tuple(cfg.model.d_attn),)
+    return [(tuple(a), tuple(b)) for a, b in itertools.product(g, d)]
+
+
+def combinations(cfg: Config) -> list[dict]:
+    """Every trial setting of the search space: {"lr_g", "ratio", "g_attn", "d_attn", "seed"}."""
+    t = cfg.tune
+    return [{"lr_g": lr, "ratio": ratio, "g_attn": list(g), "d_attn": list(d), "seed": seed}
+            for lr, ratio, (g, d), seed in itertools.product(t.lr_g, t.ratio, placements(cfg), t.seeds)]  # fmt: skip
+
+
+def trial_config(base: Config, combo: dict) -> Config:
+    """The training config of one trial: `base` with the combination's values and tune.steps steps."""
+    return with_overrides(base, [
+        f"optim.lr_g={combo['lr_g']}", f"optim.lr_d={combo['lr_g'] * combo['ratio']}",
+        f"model.g_attn={combo['g_attn']}", f"model.d_attn={combo['d_attn']}", f"train.seed={combo['seed']}",
+        f"train.steps={base.tune.steps}",
+    ])  # fmt: skip
+
+
+def check_sweep(cfg: Config) -> list[dict]:
+    """The combinations of cfg's search space, or SweepError for one that cannot run (checked before any trial)."""
+    t = cfg.tune
+    for key in ("lr_g", "ratio", "seeds"):
+        if not getattr(t, key):
+            raise SweepError(f"tune.{key} is empty: the search space has no trial; give it at least one value")
+    if not placements(cfg):
+        raise SweepError("tune.attn (or tune.g_attn / tune.d_attn) is empty: the search space has no trial; "
+                         "[[]] is one placement without attention")  # fmt: skip
+    combos = combinations(cfg)
+    for combo in combos:
+        try:
+            trial_config(cfg, combo)
+        except ConfigError as e:
+            raise SweepError(f"tune: the trial {combo} is not a valid training config: {e}") from None
+    if not cfg.train.eval_every:
+        raise SweepError(f"tune.metric {t.metric} is reported only with in-loop evaluation; set train.eval_every "
+                         f"to a few steps (at most tune.grace_period = {t.grace_period})")  # fmt: skip
+    if t.metric == "loop/class_acc" and cfg.eval.feature_extractor != "sample-classifier":
+        raise SweepError("tune.metric loop/class_acc is reported only with eval.feature_extractor=sample-classifier")
+    if t.grace_period >= t.steps:
+        raise SweepError(f"tune.grace_period ({t.grace_period}) must be below tune.steps ({t.steps}) for ASHA to stop anything")
+    if cfg.train.eval_every > t.grace_period:
+        raise SweepError(f"train.eval_every ({cfg.train.eval_every}) exceeds tune.grace_period ({t.grace_period}): ASHA "
+                         "would have no metric to compare at its first rung; lower train.eval_every")  # fmt: skip
+    return combos
+
+
+def check_same_space(sweep_dir: Path, combos: list[dict], cfg: Config) -> None:
+    """Record the search space in the sweep's folder, or SweepError when a rerun of that sweep changed it."""
+    record = {"combinations": combos, "search": cfg.tune.search, "num_samples": cfg.tune.num_samples,
+              "steps": cfg.tune.steps, "metric": cfg.tune.metric}  # fmt: skip
+    path = sweep_dir / SPACE_FILE
+    if path.is_file():
+        if json.loads(path.read_text()) != json.loads(json.dumps(record)):
+            raise SweepError(f"sweep {cfg.tune.name} exists ({sweep_dir}) with another search space; rerun it "
+                             "unchanged to resume it, or choose another tune.name")  # fmt: skip
+        return
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+
+
+def concurrency(cfg: Config, cluster: dict) -> int:
+    """tune.max_concurrent_trials, or how many trials the cluster holds at once: GPUs // GPUs per trial, or
+    CPUs // CPUs per trial (Tune does not count the Train workers a trial starts, so this is the throttle)."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    s = cfg.scaling
+    if s.use_gpu:
+        return max(1, int(cluster.get("GPU", 0) // s.num_workers))
+    return max(1, int(cluster.get("CPU", 0) // (s.num_workers * s.cpus_per_worker)))
+
+
+# ---------------------------------------------------------------- MLflow: one parent, one child per trial
+
+
+def find_run(client, experiment_id: str, **tags) -> str | None:
+    """The id of the run in the experiment carrying all of `tags` (oldest first), or None."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def parent_run(client, experiment_id: str, cfg: Config) -> str:
+    """The sweep's parent run, made once with the search space as params and found by tag afterwards."""
+    found = find_run(client, experiment_id, **{SWEEP_TAG: cfg.tune.name, ROLE_TAG: "sweep"})
+    if found:
+        return found
+    tags = {SWEEP_TAG: cfg.tune.name, ROLE_TAG: "sweep", "git_commit": git_commit(), "ray_job_id": ray_job_id()}
+    run = client.create_run(experiment_id, run_name=cfg.tune.name, tags={k: v for k, v in tags.items() if v})
+    space = {k: v for k, v in flatten(cfg).items() if k.startswith("tune.")}
+    log_params(client, run.info.run_id, {**space, "model.resolution": cfg.model.resolution, "model.ch": cfg.model.ch,
+                                         "train.batch_size": cfg.train.batch_size,
+                                         "scaling.num_workers": cfg.scaling.num_workers})  # fmt: skip
+    return run.info.run_id
+
+
+def child_run(client, experiment_id: str, parent_id: str, sweep: str, trial_id: str, combo: dict, cfg: Config) -> str:
+    """The trial's child run (made once, linked by mlflow.parentRunId): its hyper-parameters and its whole
+    training config as params, like a training run's."""
+    found = find_run(client, experiment_id, **{SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+    if found:
+        return found
+    tags = {"mlflow.parentRunId": parent_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id, ROLE_TAG: "trial",
+            "git_commit": git_commit(), "checkpoint_location": f"{cfg.run.storage_path}/{cfg.run.name}"}  # fmt: skip
+    run = client.create_run(experiment_id, run_name=f"{sweep}/{trial_id}", tags={k: v for k, v in tags.items() if v})
+    hyper = {"trial.lr_g": combo["lr_g"], "trial.lr_d": combo["lr_g"] * combo["ratio"], "trial.ratio": combo["ratio"],
+             "trial.g_attn": combo["g_attn"], "trial.d_attn": combo["d_attn"], "trial.seed": combo["seed"]}  # fmt: skip
+    log_params(client, run.info.run_id, {**hyper, **{k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}})
+    return run.info.run_id
+
+
+# ---------------------------------------------------------------- the trial driver (a Tune function trainable)
+
+
+def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sweep_dir: str) -> None:
+    """Run one trial as a Ray Train run; rank 0's reports reach Tune. A failure is recorded on the child run
+    (status FAILED, its reason as a tag) and raised, so Tune marks the trial ERROR and the sweep goes on."""
+    import mlflow
+    from ray import tune
+    from ray.train import TrainingFailedError
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.launch import build_trainer
+    from pipelines.train_loop import NonFiniteLossError, raise_if_diverged
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(from_dict(base), params["trial"])
+    cfg.run.name = f"trial-{trial_id}"  # from the trial id, never a timestamp: a restored trial resumes this run
+    cfg.run.storage_path = f"{sweep_dir}/train"
+    cfg.mlflow.experiment = cfg.tune.experiment
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name(cfg.tune.experiment).experiment_id
+    run_id = child_run(client, experiment_id, parent_id, cfg.tune.name, trial_id, params["trial"], cfg)
+    try:
+        raise_if_diverged(cfg)
+        build_trainer(cfg, tracking_uri, run_id=run_id, callbacks=[TuneReportCallback()]).fit()
+    except (NonFiniteLossError, TrainingFailedError) as e:  # not when Tune stops the trial: that is no failure
+        try:
+            raise_if_diverged(cfg)
+            reason = first_line(e)
+        except NonFiniteLossError as diverged:
+            reason = str(diverged)
+        client.set_tag(run_id, REASON_TAG, reason)
+        client.set_terminated(run_id, "FAILED")
+        raise RuntimeError(reason) from None
+    client.set_tag(run_id, REASON_TAG, "completed")  # not reached when ASHA stops the trial: Tune kills this actor
+
+
+def trainable(cfg: Config, tracking_uri: str, parent_id: str, sweep_dir: Path):
+    """The Tune trainable: `run_trial` with the sweep's fixed arguments, taking a negligible CPU share itself."""
+    from ray import tune
+
+    fn = tune.with_parameters(run_trial, base=to_dict(cfg), tracking_uri=tracking_uri, parent_id=parent_id,
+                              sweep_dir=str(sweep_dir))  # fmt: skip
+    return tune.with_resources(fn, {"CPU": 0.01})
+
+
+def param_space(cfg: Config, combos: list[dict]) -> dict:
+    """Tune's param_space: the combinations as one grid (or one choice, for random search)."""
+    from ray import tune
+
+    return {"trial": tune.grid_search(combos) if cfg.tune.search == "grid" else tune.choice(combos)}
+
+
+def metric_mode(cfg: Config) -> str:
+    return TUNE_METRICS[cfg.tune.metric]
+
+
+def trial_dirname(trial) -> str:
+    """trial-<id>: the trial's folder in the sweep, readable back into its id (a failed trial may report nothing)."""
+    return f"trial-{trial.trial_id}"

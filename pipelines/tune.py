@@ -1,0 +1,129 @@
+"""Sweep SAGAN's TTUR learning-rate ratio x attention placement with Ray Tune (ASHA on the in-loop FID),
+reported in MLflow: one parent run per sweep, one child run per trial, a table, heatmap and curves.
+
+    python pipelines/tune.py                                    # configs/tune_demo.yaml: digits, local Ray
+    python pipelines/tune.py --config configs/tune_imagenet128.yaml
+    ray job submit --working-dir . -- python pipelines/tune.py --config configs/tune_imagenet128.yaml
+
+Each trial is a full Ray Train run (pipelines/train.py's loop) with its own workers. Interrupt a sweep
+(Ctrl-C, or the driver killed) and run the same command again to continue it: finished trials are kept,
+unfinished ones resume from their last checkpoint. The search space is the `tune` section (sagan/config.py).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.common import default_tracking_uri, first_line, prepare_tracking  # noqa: E402
+from pipelines.launch import PreflightError, preflight, prepare_evaluation, resolve_paths  # noqa: E402
+from pipelines.sweep import SweepError, check_same_space, check_sweep  # noqa: E402
+from sagan.config import ConfigError, load_config  # noqa: E402
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.yaml"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="tune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"YAML config (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tune.ratio=[1,4] tune.steps=2000")
+    return p.parse_args(argv)
+
+
+def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_dir: Path):
+    """Start the sweep, or restore it from `sweep_dir`; returns Tune's ResultGrid and whether it was restored."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    import ray
+
+    from pipelines.sweep import concurrency, metric_mode, param_space, trainable, trial_dirname
+    from pipelines.sweep_report import ReportOnTrialEnd
+
+    # Rank 0 reports the in-loop metric at evaluation steps only; the other reports (losses) lack it.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    fn = trainable(cfg, uri, parent_id, sweep_dir)
+    if tune.Tuner.can_restore(str(sweep_dir)):
+        print(f"resuming sweep {cfg.tune.name} from {sweep_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=fn, resume_unfinished=True, resume_errored=False)
+        return tuner.fit(), True
+    # Rungs sit at grace_period x reduction_factor^k up to max_t. With max_t one below the trial length, no rung
+    # falls on a trial's last report, and stop_last_trials=False lets a trial that reached it finish by itself
+    # instead of Tune killing its workers while they write the last checkpoint.
+    asha = ASHAScheduler(time_attr="step", metric=cfg.tune.metric, mode=metric_mode(cfg), max_t=cfg.tune.steps - 1,
+                         grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
+                         stop_last_trials=False)  # fmt: skip
+    tuner = tune.Tuner(
+        fn,
+        param_space=param_space(cfg, combos),
+        tune_config=tune.TuneConfig(scheduler=asha, num_samples=cfg.tune.num_samples, reuse_actors=False,
+                                    max_concurrent_trials=concurrency(cfg, ray.cluster_resources()),
+                                    trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),  # fmt: skip
+        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=cfg.run.storage_path, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
+                                  callbacks=[ReportOnTrialEnd(cfg, uri, experiment_id, parent_id)]),  # fmt: skip
+    )
+    return tuner.fit(), False
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
+        combos = check_sweep(cfg)
+    except (ConfigError, SweepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sweep_dir = Path(cfg.run.storage_path) / cfg.tune.name
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
+    try:
+        if "://" not in cfg.run.storage_path:
+            check_same_space(sweep_dir, combos, cfg)
+        preflight(cfg, ray.cluster_resources())
+        prepare_evaluation(cfg)
+    except (PreflightError, SweepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    uri = default_tracking_uri(cfg.mlflow.tracking_uri)
+    try:
+        import mlflow
+
+        from pipelines.sweep import parent_run
+
+        experiment_id = prepare_tracking(uri, cfg.tune.experiment)
+        client = mlflow.MlflowClient(uri)
+        parent_id = parent_run(client, experiment_id, cfg)
+    except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
+        print(f"error: MLflow tracking at {uri} is not usable: {first_line(e)}", file=sys.stderr)
+        return 2
+    print(f"sweep {cfg.tune.name}: {len(combos)} combination(s) x {cfg.tune.num_samples} sample(s), "
+          f"{cfg.tune.steps} steps each, ASHA on {cfg.tune.metric}; trials in {sweep_dir}; "
+          f"MLflow parent run {parent_id} in experiment {cfg.tune.experiment} at {uri}", flush=True)  # fmt: skip
+    results, _ = run_sweep(cfg, combos, uri, experiment_id, parent_id, sweep_dir)
+
+    from pipelines.sweep_report import records_from_results, table_markdown, write_report
+
+    rows, best = write_report(client, experiment_id, parent_id, cfg, records_from_results(results))
+    interrupted = any(not r.error and not r.metrics.get("done") for r in results)
+    if not interrupted:
+        client.set_terminated(parent_id, "FINISHED")
+    print("\n" + table_markdown(rows, cfg.tune.metric))
+    if best:
+        print(f"best: trial {best['trial']}, {cfg.tune.metric} {best['best']:.4g} (ratio {best['ratio']:g}, "
+              f"lr_g {best['lr_g']:g}, attention G{best['g_attn']} D{best['d_attn']}, seed {best['seed']})")  # fmt: skip
+    print(f"report: MLflow run {parent_id} (artifacts report/: trials.csv, trials.md, heatmap.png, curves.png, "
+          f"best_config.yaml); browse with: mlflow ui --backend-store-uri {uri}")  # fmt: skip
+    if interrupted:
+        print("the sweep was interrupted: run the same command again to continue it", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

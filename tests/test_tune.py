@@ -1,0 +1,132 @@
+"""The Ray Tune sweep (pipelines/tune.py) on the session's local Ray: tiny models, 20 steps per trial."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipelines.sweep import ROLE_TAG, SWEEP_TAG, TRIAL_TAG, combinations
+from pipelines.tune import main
+from sagan.config import load_config
+from sagan.models import build_models
+from sagan.step import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sweep_args(digits, tmp_path, name, *overrides, cache=None):
+    return [
+        f"data.train_shards={digits / 'train'}", f"data.val_shards={digits / 'val'}",
+        f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"eval.cache_dir={cache or tmp_path / 'cache'}", "model.ch=8", "train.batch_size=4",
+        "scaling.cpus_per_worker=0.5", "train.log_every=5", "train.ckpt_every=5", "train.eval_every=10",
+        "train.sample_every=20", "eval.loop_samples=100", f"tune.name={name}", "tune.steps=20",
+        "tune.grace_period=10", "tune.attn=[[16]]", "tune.ratio=[1]", *overrides,
+    ]  # fmt: skip
+
+
+def sweep_runs(tmp_path, name):
+    """(client, parent run, child runs) of sweep `name` in the test's MLflow store."""
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sagan-tune")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{name}'")
+    (parent,) = [r for r in runs if r.data.tags[ROLE_TAG] == "sweep"]
+    return client, parent, [r for r in runs if r.data.tags[ROLE_TAG] == "trial"]
+
+
+def test_placements_are_tied_or_crossed_and_every_value_makes_a_trial():
+    tied = load_config(None, ["tune.attn=[[16],[]]", "tune.ratio=[1,2,4]", "tune.seeds=[0,1]"])
+    combos = combinations(tied)
+    assert len(combos) == 2 * 3 * 2 and {(tuple(c["g_attn"]), tuple(c["d_attn"])) for c in combos} == {((16,), (16,)), ((), ())}
+    crossed = load_config(None, ["tune.attn=null", "tune.g_attn=[[16],[8,16]]", "tune.d_attn=[[],[16]]"])
+    pairs = {(tuple(c["g_attn"]), tuple(c["d_attn"])) for c in combinations(crossed)}
+    assert pairs == {((16,), ()), ((16,), (16,)), ((8, 16), ()), ((8, 16), (16,))}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tune.attn=[[16],[12]]", "model.g_attn has no [12] feature map"),
+        ("tune.ratio=[]", "tune.ratio is empty"),
+        ("tune.attn=[]", "tune.attn (or tune.g_attn / tune.d_attn) is empty"),
+        ("tune.metric=loop/accuracy", "tune.metric: 'loop/accuracy' is not reported by the training loop"),
+        ("train.eval_every=0", "reported only with in-loop evaluation; set train.eval_every"),
+        ("tune.grace_period=20", "tune.grace_period (20) must be below tune.steps (20)"),
+    ],
+)
+def test_bad_search_space_fails_in_one_line_before_any_trial(digits, tmp_path, capsys, override, message):
+    assert main(sweep_args(digits, tmp_path, "bad", override)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_sweep_stops_a_bad_trial_records_a_failed_one_and_reports_in_mlflow(ray_session, digits, eval_cache, tmp_path, capsys):
+    # lr_g 0.5 wrecks G within 10 steps (ASHA stops it at its rung); 1e30 makes the losses non-finite.
+    args = sweep_args(digits, tmp_path, "study", "tune.lr_g=[4e-4,0.5,1e30]", "tune.max_concurrent_trials=1",
+                      "tune.steps=40", "train.eval_every=10", cache=eval_cache)  # fmt: skip
+    assert main(args) == 0
+    client, parent, children = sweep_runs(tmp_path, "study")
+    assert len(children) == 3 and all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    by_lr = {float(c.data.params["trial.lr_g"]): c for c in children}
+    for lr, child in by_lr.items():  # each child holds its trial's hyper-parameters, like a training run
+        assert float(child.data.params["optim.lr_g"]) == lr and float(child.data.params["optim.lr_d"]) == lr
+        assert child.data.params["trial.g_attn"] == "[16]" and child.data.params["model.ch"] == "8"
+    assert by_lr[4e-4].info.status == "FINISHED" and by_lr[4e-4].data.tags["sagan.stop_reason"] == "completed"
+    assert by_lr[0.5].info.status == "KILLED" and "stopped by ASHA after step 10" in by_lr[0.5].data.tags["sagan.stop_reason"]
+    assert by_lr[1e30].info.status == "FAILED" and "non-finite loss at step" in by_lr[1e30].data.tags["sagan.stop_reason"]
+    good = by_lr[4e-4].info.run_id
+    assert [m.step for m in client.get_metric_history(good, "loop/fid")] == [0, 10, 20, 30, 40]
+    assert any("samples" in a.path for a in client.list_artifacts(good, "images"))
+
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert report == {f"report/{f}" for f in ("trials.csv", "trials.md", "heatmap.png", "curves.png", "best_config.yaml")}
+    folder = Path(client.download_artifacts(parent.info.run_id, "report", str(tmp_path / "dl")))
+    rows = (folder / "trials.csv").read_text().splitlines()
+    assert rows[0].startswith("trial,ratio,lr_g,lr_d,g_attn,d_attn,seed,status,steps,stop_reason,best_loop/fid")
+    assert sorted(r.split(",")[7] for r in rows[1:]) == ["completed", "failed", "stopped"]
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["best.lr_g"] == "0.0004"
+    assert parent.data.metrics["best_loop_fid"] == min(m.value for m in client.get_metric_history(good, "loop/fid"))
+    assert parent.data.params["tune.lr_g"] == "[0.0004, 0.5, 1e+30]"
+
+    best = load_config(folder / "best_config.yaml")  # loads as a training config, and trains
+    assert best.optim.lr_g == 4e-4 and best.model.g_attn == (16,) and best.run.name == "study-best"
+    trainer = Trainer(*build_models(best.model, seed=0), best)
+    x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (4,))
+    assert all(torch.isfinite(trainer.train_step([(x, y)])["d_loss"]) for _ in range(2))
+    out = capsys.readouterr().out
+    assert "| trial | ratio |" in out and "best: trial" in out and "report: MLflow run" in out
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, digits, eval_cache, tmp_path):
+    args = sweep_args(digits, tmp_path, "resume", "tune.ratio=[1,2]", "tune.max_concurrent_trials=1", cache=eval_cache)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "tune.py"), *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
+    client, trials, deadline = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), [], time.time() + 300
+    while len(trials) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(1)  # one trial at a time: the second child run appears once Tune has ended the first trial
+        exp = client.get_experiment_by_name("sagan-tune")
+        if exp:
+            trials = client.search_runs([exp.experiment_id], "tags.`sagan.role` = 'trial'", order_by=["attributes.start_time ASC"])
+    assert len(trials) == 2, (tmp_path / "first.log").read_text()[-3000:]
+    proc.send_signal(signal.SIGINT)  # Ctrl-C while the second trial runs
+    assert proc.wait(timeout=120) == 130
+    first_id = trials[0].info.run_id
+    assert client.get_run(first_id).info.status == "FINISHED"
+    first_steps = [m.step for m in client.get_metric_history(first_id, "d_loss")]
+
+    assert main(args) == 0
+    _, parent, children = sweep_runs(tmp_path, "resume")
+    assert len(children) == 2 and len({c.data.tags[TRIAL_TAG] for c in children}) == 2  # no duplicates
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert [m.step for m in client.get_metric_history(first_id, "d_loss")] == first_steps  # not run again
+    assert parent.info.status == "FINISHED"
