@@ -4,6 +4,7 @@ Everything Ray-specific sits at the edges: the context (rank, device), `prepare_
 checkpoint to resume from, and `ray.train.report`. The step itself is `sagan.step.Trainer.train_step`.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -81,6 +82,10 @@ class Tracker:
         if run_id is None:  # a run given to us was set up (params, tags) by whoever made it
             mlflow.log_params(flatten(cfg))
             mlflow.set_tags({k: v for k, v in loop_config.get("tags", {}).items() if v})
+
+    def tags(self, values: dict):
+        if self.enabled:
+            self.mlflow.set_tags(values)
 
     def checkpoint_extra(self) -> dict:
         """What a checkpoint records of the MLflow run, so evaluation can log into it."""
@@ -182,6 +187,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # leaves no run behind.
     evaluator = build_evaluator(cfg, device, log=log.info) if t.eval_every and rank == 0 else None
     tracker = Tracker(rank == 0, cfg, loop_config, run_id)
+    tracker.tags({f"speed.{k}": str(v) for k, v in dataclasses.asdict(speed).items()})  # what "auto" resolved to
     torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # different latents per rank
     fixed_z, fixed_y = (v.to(device) for v in grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.train.seed))
 

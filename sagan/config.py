@@ -42,8 +42,8 @@ class TrainConfig:
     steps: int = 1000  # G updates in total
     batch_size: int = 32  # per worker: the global batch is batch_size x scaling.num_workers
     precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs), fp32, bf16 (autocast) or fp16 (autocast + loss scaling)
-    channels_last: bool | None = None  # NHWC layout for G and D; null: on for GPUs, off on CPUs
-    compile: bool | None = None  # torch.compile G and D (the first steps take minutes); null: on for GPUs, off on CPUs
+    channels_last: bool | None = None  # NHWC layout for G and D; null (or auto): on for GPUs, off on CPUs
+    compile: bool | None = None  # torch.compile G and D (the first steps take minutes); null (or auto): on for GPUs, off on CPUs
     compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" needs no compiler toolchain (debugging)
     seed: int = 0
     ema_decay: float = 0.99  # EMA of G's weights for sampling; BigGAN uses 0.9999 at ImageNet scale
@@ -142,7 +142,7 @@ def _coerce(value, tp, key: str):
     """`value` converted to the annotated type `tp`, or ConfigError naming `key`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):  # Optional[X]
-        if value is None:
+        if value is None or (value == "auto" and bool in args):  # train.compile=auto reads as null
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)

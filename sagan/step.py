@@ -53,6 +53,23 @@ def make_optimizers(G: nn.Module, D: nn.Module, cfg: Config, fused: bool = False
     return opt_g, opt_d
 
 
+_CURRENT_KEYS = ("lr", "betas", "fused", "foreach", "capturable")  # taken from the optimizer, not the checkpoint
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict, current_groups: list[dict]) -> None:
+    """Load `saved` into `opt`, keeping `current_groups`' lr, betas and kernel choice, and lay each moment out
+    like its parameter: fused Adam walks parameters and moments as flat arrays, so a checkpoint written with
+    another memory layout (channels_last on or off) would pair each weight with another weight's moments."""
+    groups = [{**g, **{k: cur[k] for k in _CURRENT_KEYS if k in cur}} for g, cur in zip(saved["param_groups"], current_groups)]
+    opt.load_state_dict({**saved, "param_groups": groups})
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p).copy_(value)
+
+
 class LossMonitor:
     """Keeps the step's losses on the device and reads them back only when asked, so the loop does not wait
     on the GPU every step, yet still names the first step whose losses were not finite."""
@@ -101,7 +118,7 @@ class Trainer:
         self.n_dis = cfg.optim.n_dis
         self.amp_dtype = _AUTOCAST_DTYPES[self.speed.precision]
         self.opt_g, self.opt_d = make_optimizers(G, D, cfg, fused=self.speed.fused_adam)
-        self._hyper = [(opt, dict(group)) for opt in (self.opt_g, self.opt_d) for group in opt.param_groups]
+        self._groups = {opt: [dict(g) for g in opt.param_groups] for opt in (self.opt_g, self.opt_d)}
         self.ema = EMA(G, cfg.train.ema_decay, cfg.train.ema_start)  # before compiling: a plain copy
         if self.speed.compile:
             compile_model(unwrap(G), self.speed)
@@ -147,6 +164,7 @@ class Trainer:
         # D step, so they are not computed (~6% of the step's FLOPs) and not all-reduced.
         no_sync = self.D.no_sync() if isinstance(self.D, DistributedDataParallel) else nullcontext()
         d_params = list(unwrap(self.D).parameters())
+        trainable = [p.requires_grad for p in d_params]  # restored as they were: a frozen layer stays frozen
         with no_sync:
             for p in d_params:
                 p.requires_grad_(False)
@@ -155,8 +173,8 @@ class Trainer:
                     loss = hinge_g_loss(self.D(self.G(z, y_fake), y_fake).float())
                 self.scaler_g.scale(loss).backward()
             finally:
-                for p in d_params:
-                    p.requires_grad_(True)
+                for p, flag in zip(d_params, trainable):
+                    p.requires_grad_(flag)
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
         return loss.detach()
@@ -196,13 +214,10 @@ class Trainer:
         unwrap(self.G).load_state_dict(state["G"])
         unwrap(self.D).load_state_dict(state["D"])
         self.ema.model.load_state_dict(state["G_ema"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        # Moments and step counts come from the checkpoint; lr and betas from the current config, so a
-        # resumed run honours a changed optim.lr_g / lr_d / betas.
-        for opt, hyper in self._hyper:
-            for group in opt.param_groups:
-                group.update(lr=hyper["lr"], betas=hyper["betas"])
+        # Moments and step counts come from the checkpoint; lr, betas and the Adam kernel from the current
+        # config and Speed, so a resumed run honours a changed optim.lr_g / lr_d / betas or device.
+        load_optimizer_state(self.opt_g, state["opt_g"], self._groups[self.opt_g])
+        load_optimizer_state(self.opt_d, state["opt_d"], self._groups[self.opt_d])
         if state["scaler_g"]:
             self.scaler_g.load_state_dict(state["scaler_g"])
         if state["scaler_d"]:

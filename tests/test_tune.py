@@ -130,3 +130,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
     assert all(c.info.status == "FINISHED" for c in children)
     assert [m.step for m in client.get_metric_history(first_id, "d_loss")] == first_steps  # not run again
     assert parent.info.status == "FINISHED"
+
+
+def test_two_concurrent_trials_write_into_one_sqlite_store(ray_session, digits, eval_cache, tmp_path):
+    args = sweep_args(digits, tmp_path, "pair", "tune.ratio=[1,2]", "tune.max_concurrent_trials=2", cache=eval_cache)
+    assert main(args) == 0
+    client, _, children = sweep_runs(tmp_path, "pair")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    a, b = children
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # they overlapped
+    for child in children:  # every logged step of both reached the store
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "d_loss")] == [5, 10, 15, 20]
