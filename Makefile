@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: test demo venv clean
+.PHONY: test demo demo-data tune-demo venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,11 @@ test: $(VENV)/.installed
 # MLflow in ./mlflow.db. Everything it writes (data/, runs/, mlflow.db) is git-ignored.
 DEMO_DATA = data/sample
 DEMO_RUN  = runs/sagan-demo
-demo: $(VENV)/.installed
+demo-data: $(VENV)/.installed
 	$(PY) preprocessing/make_sample_data.py --out $(DEMO_DATA)/raw
 	$(PY) preprocessing/shard_imagenet.py --src $(DEMO_DATA)/raw --out $(DEMO_DATA)/shards --size 32 --shard-size 200 --verify
+
+demo: demo-data
 	$(PY) pipelines/train.py --config configs/demo.yaml
 	$(PY) pipelines/evaluate.py --checkpoint $(DEMO_RUN)
 	@echo
@@ -33,3 +35,8 @@ demo: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The demo sweep: the sample data, then 4 trials (TTUR ratio 1, 4 x attention at 16 or none) with ASHA on
+# the in-loop FID; the report lands on the sweep's parent run in ./mlflow.db (experiment sagan-tune).
+tune-demo: demo-data
+	$(PY) pipelines/tune.py --config configs/tune_demo.yaml

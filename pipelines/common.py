@@ -27,7 +27,7 @@ def prepare_tracking(uri: str, experiment: str) -> str:
     if mlflow.get_experiment_by_name(experiment) is None:
         location = None
         if uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / experiment).as_uri()
+            location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / experiment).as_uri()
         try:
             mlflow.create_experiment(experiment, artifact_location=location)
         except MlflowException:  # another process created it in the meantime

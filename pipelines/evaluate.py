@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
-from pipelines.common import absolute, default_tracking_uri, first_line, git_commit, ray_job_id  # noqa: E402
+from pipelines.common import absolute, default_tracking_uri, first_line, git_commit, prepare_tracking, ray_job_id  # noqa: E402
 from sagan.checkpoint import CheckpointError, generator_from_state, load_checkpoint  # noqa: E402
 from sagan.config import ConfigError, from_dict, with_overrides  # noqa: E402
 
@@ -109,7 +109,7 @@ def log_results(uri: str, run_id: str | None, args, cfg, ckpt: Path, step: int, 
                 "seed": cfg.eval.seed, "checkpoint": str(ckpt)}  # fmt: skip
     new_run = run_id is None
     if new_run:
-        exp = client.get_experiment_by_name(args.experiment) or client.get_experiment(client.create_experiment(args.experiment))
+        exp = client.get_experiment(prepare_tracking(uri, args.experiment))  # artifacts next to a sqlite store
         tags = {"checkpoint": str(ckpt), "git_commit": git_commit(), "ray_job_id": ray_job_id()}
         run_id = client.create_run(exp.experiment_id, run_name=f"eval-{cfg.run.name}-step{step}",
                                    tags={k: v for k, v in tags.items() if v}).info.run_id  # fmt: skip

@@ -8,13 +8,16 @@ checkpoint, and forwards rank 0's reports to Tune (TuneReportCallback) for ASHA.
 
 import itertools
 import json
+import uuid
 from pathlib import Path
 
 from pipelines.common import first_line, git_commit, ray_job_id
 from sagan.config import TUNE_METRICS, Config, ConfigError, flatten, from_dict, to_dict, with_overrides
 
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG, REASON_TAG = "sagan.sweep", "sagan.trial_id", "sagan.role", "sagan.stop_reason"
-SPACE_FILE = "search_space.json"  # in the sweep's folder: a rerun must not silently change the space
+SWEEP_ID_TAG = "sagan.sweep_id"
+SPACE_FILE = "sweep.json"  # in the sweep's folder: its config and id; a rerun must not silently change them
+DRIVER_CPU = 0.01  # what a trial's driver function reserves; its Train workers reserve their own
 
 
 class SweepError(ValueError):
@@ -22,13 +25,19 @@ class SweepError(ValueError):
 
 
 def placements(cfg: Config) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(G sizes, D sizes) per placement: tune.attn tied, else tune.g_attn x tune.d_attn."""
+    """(G sizes, D sizes) per placement: tune.attn tied, else tune.g_attn x tune.d_attn (a side left null keeps
+    the model's own placement), else the model's own placement alone."""
     t = cfg.tune
     if t.attn is not None:
         return [(tuple(a), tuple(a)) for a in t.attn]
     g = t.g_attn if t.g_attn is not None else (tuple(cfg.model.g_attn),)
     d = t.d_attn if t.d_attn is not None else (tuple(cfg.model.d_attn),)
     return [(tuple(a), tuple(b)) for a, b in itertools.product(g, d)]
+
+
+def lr_d_of(combo: dict) -> float:
+    """lr_g x ratio without float noise (1e-4 x 3 is 3.0000000000000004e-05)."""
+    return float(f"{combo['lr_g'] * combo['ratio']:.10g}")
 
 
 def combinations(cfg: Config) -> list[dict]:
@@ -41,7 +50,7 @@ def combinations(cfg: Config) -> list[dict]:
 def trial_config(base: Config, combo: dict) -> Config:
     """The training config of one trial: `base` with the combination's values and tune.steps steps."""
     return with_overrides(base, [
-        f"optim.lr_g={combo['lr_g']}", f"optim.lr_d={combo['lr_g'] * combo['ratio']}",
+        f"optim.lr_g={combo['lr_g']}", f"optim.lr_d={lr_d_of(combo)}",
         f"model.g_attn={combo['g_attn']}", f"model.d_attn={combo['d_attn']}", f"train.seed={combo['seed']}",
         f"train.steps={base.tune.steps}",
     ])  # fmt: skip
@@ -50,6 +59,9 @@ def trial_config(base: Config, combo: dict) -> Config:
 def check_sweep(cfg: Config) -> list[dict]:
     """The combinations of cfg's search space, or SweepError for one that cannot run (checked before any trial)."""
     t = cfg.tune
+    if t.attn is not None and (t.g_attn is not None or t.d_attn is not None):
+        raise SweepError("tune.attn (tied placements) and tune.g_attn / tune.d_attn (crossed) are both set; "
+                         "set tune.attn=null to cross G's and D's placements, or drop g_attn / d_attn")  # fmt: skip
     for key in ("lr_g", "ratio", "seeds"):
         if not getattr(t, key):
             raise SweepError(f"tune.{key} is empty: the search space has no trial; give it at least one value")
@@ -75,20 +87,34 @@ def check_sweep(cfg: Config) -> list[dict]:
     return combos
 
 
-def check_same_space(sweep_dir: Path, combos: list[dict], cfg: Config) -> None:
-    """Record the search space in the sweep's folder, or SweepError when a rerun of that sweep changed it."""
-    record = {"combinations": combos, "search": cfg.tune.search, "num_samples": cfg.tune.num_samples,
-              "steps": cfg.tune.steps, "metric": cfg.tune.metric}  # fmt: skip
+def check_same_sweep(sweep_dir: Path, combos: list[dict], cfg: Config) -> str:
+    """Record the sweep (its whole config and combinations, and a new sweep id) in its folder; on a rerun,
+    SweepError when anything changed, since the restored trials would mix old and new settings. Returns the
+    sweep id, which tags the MLflow parent: a sweep started afresh under an old name gets a parent of its own."""
+    record = {"config": to_dict(cfg), "combinations": combos}
     path = sweep_dir / SPACE_FILE
     if path.is_file():
-        if json.loads(path.read_text()) != json.loads(json.dumps(record)):
-            raise SweepError(f"sweep {cfg.tune.name} exists ({sweep_dir}) with another search space; rerun it "
-                             "unchanged to resume it, or choose another tune.name")  # fmt: skip
-        return
+        saved = json.loads(path.read_text())
+        if {k: saved.get(k) for k in record} != json.loads(json.dumps(record)):
+            changed = sorted(k for k, v in flatten_dicts(record["config"]).items()
+                             if flatten_dicts(saved.get("config", {})).get(k) != json.loads(json.dumps(v)))  # fmt: skip
+            raise SweepError(f"sweep {cfg.tune.name} exists ({sweep_dir}) with other settings "
+                             f"({', '.join(changed[:5]) or 'combinations'}); rerun it unchanged to resume it, "
+                             "or choose another tune.name")  # fmt: skip
+        return saved["sweep_id"]
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    record["sweep_id"] = uuid.uuid4().hex
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
+    return record["sweep_id"]
+
+
+def flatten_dicts(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(flatten_dicts(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def concurrency(cfg: Config, cluster: dict) -> int:
@@ -97,9 +123,9 @@ def concurrency(cfg: Config, cluster: dict) -> int:
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     s = cfg.scaling
-    if s.use_gpu:
-        return max(1, int(cluster.get("GPU", 0) // s.num_workers))
-    return max(1, int(cluster.get("CPU", 0) // (s.num_workers * s.cpus_per_worker)))
+    by_cpu = int(cluster.get("CPU", 0) // (s.num_workers * s.cpus_per_worker + DRIVER_CPU))
+    by_gpu = int(cluster.get("GPU", 0) // s.num_workers) if s.use_gpu else by_cpu
+    return max(1, min(by_cpu, by_gpu))
 
 
 # ---------------------------------------------------------------- MLflow: one parent, one child per trial
@@ -120,12 +146,13 @@ def log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def parent_run(client, experiment_id: str, cfg: Config) -> str:
+def parent_run(client, experiment_id: str, cfg: Config, sweep_id: str) -> str:
     """The sweep's parent run, made once with the search space as params and found by tag afterwards."""
-    found = find_run(client, experiment_id, **{SWEEP_TAG: cfg.tune.name, ROLE_TAG: "sweep"})
+    found = find_run(client, experiment_id, **{SWEEP_TAG: cfg.tune.name, ROLE_TAG: "sweep", SWEEP_ID_TAG: sweep_id})
     if found:
         return found
-    tags = {SWEEP_TAG: cfg.tune.name, ROLE_TAG: "sweep", "git_commit": git_commit(), "ray_job_id": ray_job_id()}
+    tags = {SWEEP_TAG: cfg.tune.name, ROLE_TAG: "sweep", SWEEP_ID_TAG: sweep_id, "git_commit": git_commit(),
+            "ray_job_id": ray_job_id()}  # fmt: skip
     run = client.create_run(experiment_id, run_name=cfg.tune.name, tags={k: v for k, v in tags.items() if v})
     space = {k: v for k, v in flatten(cfg).items() if k.startswith("tune.")}
     log_params(client, run.info.run_id, {**space, "model.resolution": cfg.model.resolution, "model.ch": cfg.model.ch,
@@ -143,7 +170,7 @@ def child_run(client, experiment_id: str, parent_id: str, sweep: str, trial_id: 
     tags = {"mlflow.parentRunId": parent_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id, ROLE_TAG: "trial",
             "git_commit": git_commit(), "checkpoint_location": f"{cfg.run.storage_path}/{cfg.run.name}"}  # fmt: skip
     run = client.create_run(experiment_id, run_name=f"{sweep}/{trial_id}", tags={k: v for k, v in tags.items() if v})
-    hyper = {"trial.lr_g": combo["lr_g"], "trial.lr_d": combo["lr_g"] * combo["ratio"], "trial.ratio": combo["ratio"],
+    hyper = {"trial.lr_g": combo["lr_g"], "trial.lr_d": lr_d_of(combo), "trial.ratio": combo["ratio"],
              "trial.g_attn": combo["g_attn"], "trial.d_attn": combo["d_attn"], "trial.seed": combo["seed"]}  # fmt: skip
     log_params(client, run.info.run_id, {**hyper, **{k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}})
     return run.info.run_id
@@ -175,15 +202,26 @@ def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sw
         raise_if_diverged(cfg)
         build_trainer(cfg, tracking_uri, run_id=run_id, callbacks=[TuneReportCallback()]).fit()
     except (NonFiniteLossError, TrainingFailedError) as e:  # not when Tune stops the trial: that is no failure
-        try:
-            raise_if_diverged(cfg)
-            reason = first_line(e)
-        except NonFiniteLossError as diverged:
-            reason = str(diverged)
+        reason = failure_reason(e)
         client.set_tag(run_id, REASON_TAG, reason)
         client.set_terminated(run_id, "FAILED")
         raise RuntimeError(reason) from None
-    client.set_tag(run_id, REASON_TAG, "completed")  # not reached when ASHA stops the trial: Tune kills this actor
+    try:  # not reached when ASHA stops the trial (Tune kills this actor); the report settles the status anyway
+        client.set_tag(run_id, REASON_TAG, "completed")
+    except Exception as e:  # noqa: BLE001 - the training succeeded; a tag must not turn it into a failure
+        print(f"warning: could not tag trial {trial_id} completed: {first_line(e)}")
+
+
+def failure_reason(error: Exception) -> str:
+    """One line naming why a trial's training failed: the first worker's own error (Ray Train's message
+    starts with a generic header line), or the controller's."""
+    for attr in ("worker_failures", "controller_failure"):
+        cause = getattr(error, attr, None)
+        if isinstance(cause, dict) and cause:
+            cause = cause[min(cause)]
+        if isinstance(cause, BaseException):
+            return first_line(cause) if type(cause).__name__ == "NonFiniteLossError" else f"{type(cause).__name__}: {first_line(cause)}"
+    return first_line(error)
 
 
 def trainable(cfg: Config, tracking_uri: str, parent_id: str, sweep_dir: Path):
@@ -192,7 +230,7 @@ def trainable(cfg: Config, tracking_uri: str, parent_id: str, sweep_dir: Path):
 
     fn = tune.with_parameters(run_trial, base=to_dict(cfg), tracking_uri=tracking_uri, parent_id=parent_id,
                               sweep_dir=str(sweep_dir))  # fmt: skip
-    return tune.with_resources(fn, {"CPU": 0.01})
+    return tune.with_resources(fn, {"CPU": DRIVER_CPU})
 
 
 def param_space(cfg: Config, combos: list[dict]) -> dict:

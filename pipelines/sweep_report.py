@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from ray.tune import Callback
 
-from pipelines.sweep import REASON_TAG, SWEEP_TAG, TRIAL_TAG, find_run, metric_mode, trial_config
+from pipelines.sweep import REASON_TAG, SWEEP_TAG, TRIAL_TAG, find_run, lr_d_of, metric_mode, trial_config
 from sagan.config import Config, dump_yaml, from_dict, to_dict
 from sagan.viz import heatmap, metric_curves
 
@@ -52,7 +52,8 @@ def trial_rows(client, experiment_id: str, cfg: Config, records: list[dict]) -> 
         reported = int(rec["last_result"].get("step", 0))  # the last step Tune (and ASHA) saw
         steps = max([s for s, _ in hist["d_loss"]] + [reported])
         values = [v for _, v in hist[metric] if math.isfinite(v)]
-        best = (min if metric_mode(cfg) == "min" else max)(values) if values else None
+        trained = [v for s, v in hist[metric] if s > 0 and math.isfinite(v)]  # step 0 scores the untrained G
+        best = (min if metric_mode(cfg) == "min" else max)(trained) if trained else None
         status, reason = rec["status"], (run.data.tags.get(REASON_TAG) if run else None)
         run_status = None  # what the child run's status must become, once the trial has ended
         if status == "ERROR":
@@ -61,8 +62,7 @@ def trial_rows(client, experiment_id: str, cfg: Config, records: list[dict]) -> 
             # Ended before its last step without a failure: ASHA stopped it at a rung.
             seen = [(s, v) for s, v in hist[metric] if s <= reported]
             status, run_status = "stopped", "KILLED"
-            reason = (f"stopped by ASHA after step {seen[-1][0]}: {metric} {seen[-1][1]:.4g} behind the trials at its rung"
-                      if seen else "stopped early")  # fmt: skip
+            reason = f"ASHA at step {seen[-1][0]} ({metric} {seen[-1][1]:.4g})" if seen else "stopped early"
         elif status == "TERMINATED":
             status, reason, run_status = "completed", "completed", "FINISHED"
         else:
@@ -72,18 +72,19 @@ def trial_rows(client, experiment_id: str, cfg: Config, records: list[dict]) -> 
             client.set_terminated(run_id, run_status)
         final = {k: (hist[k][-1][1] if hist[k] else None) for k in ("loop/fid", "loop/is", "loop/class_acc")}
         rows.append({
-            "trial": tid, "ratio": combo["ratio"], "lr_g": combo["lr_g"], "lr_d": combo["lr_g"] * combo["ratio"],
+            "trial": tid, "ratio": combo["ratio"], "lr_g": combo["lr_g"], "lr_d": lr_d_of(combo),
             "g_attn": combo["g_attn"], "d_attn": combo["d_attn"], "seed": combo["seed"], "status": status,
             "steps": steps, "stop_reason": reason, "best": best, "final_fid": final["loop/fid"],
             "final_is": final["loop/is"], "final_class_acc": final["loop/class_acc"],
             "wall_s": round(rec["last_result"].get("time_total_s", 0.0), 1),
         })  # fmt: skip
-        curves[tid] = hist[metric]
+        curves[f"{tid}: ratio {combo['ratio']:g}, attention {placement_label(combo['g_attn'], combo['d_attn'])}"] = hist[metric]
     return rows, curves
 
 
 def best_row(rows: list[dict], mode: str) -> dict | None:
-    scored = [r for r in rows if r["best"] is not None]
+    """The trial with the best score, among those that did not fail (a diverged config is no recommendation)."""
+    scored = [r for r in rows if r["best"] is not None and r["status"] != "failed"]
     if not scored:
         return None
     return (min if mode == "min" else max)(scored, key=lambda r: r["best"])
@@ -126,7 +127,7 @@ def best_heatmap(rows: list[dict], metric: str, mode: str) -> np.ndarray:
             i, j = places.index(placement_label(r["g_attn"], r["d_attn"])), ratios.index(r["ratio"])
             grid[i, j] = pick([grid[i, j], r["best"]])
     return heatmap(grid, places, [f"{x:g}" for x in ratios], f"best {metric} ({'lower' if mode == 'min' else 'higher'} is better)",
-                   "TTUR ratio lr_D / lr_G", "attention at")  # fmt: skip
+                   "TTUR ratio lr_D / lr_G", "attention at", best_low=mode == "min")  # fmt: skip
 
 
 def write_report(client, experiment_id: str, parent_id: str, cfg: Config, records: list[dict]) -> tuple[list[dict], dict | None]:
@@ -142,7 +143,7 @@ def write_report(client, experiment_id: str, parent_id: str, cfg: Config, record
         (folder / "trials.md").write_text(table_markdown(rows, metric))
         if any(r["best"] is not None for r in rows):
             Image.fromarray(best_heatmap(rows, metric, mode)).save(folder / "heatmap.png")
-            stopped = {r["trial"] for r in rows if r["status"] == "stopped"}
+            stopped = {label for label in curves if label.split(":")[0] in {r["trial"] for r in rows if r["status"] == "stopped"}}
             Image.fromarray(metric_curves(curves, metric, stopped)).save(folder / "curves.png")
         if best:
             combo = {k: best[k] for k in ("lr_g", "ratio", "g_attn", "d_attn", "seed")}

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from pipelines.common import default_tracking_uri, first_line, prepare_tracking  # noqa: E402
 from pipelines.launch import PreflightError, preflight, prepare_evaluation, resolve_paths  # noqa: E402
-from pipelines.sweep import SweepError, check_same_space, check_sweep  # noqa: E402
+from pipelines.sweep import SweepError, check_same_sweep, check_sweep  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.yaml"
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_dir: Path):
+def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_dir: str):
     """Start the sweep, or restore it from `sweep_dir`; returns Tune's ResultGrid and whether it was restored."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -46,9 +46,9 @@ def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_d
     # Rank 0 reports the in-loop metric at evaluation steps only; the other reports (losses) lack it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     fn = trainable(cfg, uri, parent_id, sweep_dir)
-    if tune.Tuner.can_restore(str(sweep_dir)):
+    if tune.Tuner.can_restore(sweep_dir):
         print(f"resuming sweep {cfg.tune.name} from {sweep_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=fn, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(sweep_dir, trainable=fn, resume_unfinished=True, resume_errored=False)
         return tuner.fit(), True
     # Rungs sit at grace_period x reduction_factor^k up to max_t. With max_t one below the trial length, no rung
     # falls on a trial's last report, and stop_last_trials=False lets a trial that reached it finish by itself
@@ -77,14 +77,14 @@ def main(argv=None) -> int:
     except (ConfigError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sweep_dir = Path(cfg.run.storage_path) / cfg.tune.name
+    sweep_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.tune.name}"  # a string: s3://... is no local Path
     import ray
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
     try:
-        if "://" not in cfg.run.storage_path:
-            check_same_space(sweep_dir, combos, cfg)
+        # On remote storage the rerun check is skipped: the sweep is named by tune.name alone there.
+        sweep_id = check_same_sweep(Path(sweep_dir), combos, cfg) if "://" not in sweep_dir else cfg.tune.name
         preflight(cfg, ray.cluster_resources())
         prepare_evaluation(cfg)
     except (PreflightError, SweepError) as e:
@@ -98,10 +98,13 @@ def main(argv=None) -> int:
 
         experiment_id = prepare_tracking(uri, cfg.tune.experiment)
         client = mlflow.MlflowClient(uri)
-        parent_id = parent_run(client, experiment_id, cfg)
+        parent_id = parent_run(client, experiment_id, cfg, sweep_id)
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
         print(f"error: MLflow tracking at {uri} is not usable: {first_line(e)}", file=sys.stderr)
         return 2
+    if uri.startswith("sqlite:") and (os.environ.get("RAY_ADDRESS") or sum(n["Alive"] for n in ray.nodes()) > 1):
+        print(f"warning: MLflow store {uri} is a file on this node, but trials may run on others; on a multi-node "
+              "cluster set mlflow.tracking_uri to a tracking server (mlflow server ...)", file=sys.stderr)  # fmt: skip
     print(f"sweep {cfg.tune.name}: {len(combos)} combination(s) x {cfg.tune.num_samples} sample(s), "
           f"{cfg.tune.steps} steps each, ASHA on {cfg.tune.metric}; trials in {sweep_dir}; "
           f"MLflow parent run {parent_id} in experiment {cfg.tune.experiment} at {uri}", flush=True)  # fmt: skip
@@ -109,7 +112,12 @@ def main(argv=None) -> int:
 
     from pipelines.sweep_report import records_from_results, table_markdown, write_report
 
-    rows, best = write_report(client, experiment_id, parent_id, cfg, records_from_results(results))
+    try:
+        rows, best = write_report(client, experiment_id, parent_id, cfg, records_from_results(results))
+    except Exception as e:  # noqa: BLE001 - the trials' results are safe in Tune and MLflow either way
+        print(f"error: the sweep ran, but its report could not be written: {first_line(e)}; rerun the same command "
+              "to write it", file=sys.stderr)  # fmt: skip
+        return 1
     interrupted = any(not r.error and not r.metrics.get("done") for r in results)
     if not interrupted:
         client.set_terminated(parent_id, "FINISHED")

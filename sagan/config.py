@@ -7,6 +7,7 @@ and rejects unknown keys and wrong types with an error naming the key.
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,9 +102,9 @@ class TuneConfig:
     experiment: str = "sagan-tune"  # MLflow experiment holding the parent run and one child run per trial
     lr_g: tuple[float, ...] = (1e-4,)  # G learning rates (one value: fixed)
     ratio: tuple[float, ...] = (1.0, 4.0)  # lr_d / lr_g values (SAGAN paper, Sec. 4: 4)
-    attn: tuple[tuple[int, ...], ...] | None = ((16,), ())  # tied placements, the same sizes in G and D; [] = none
-    g_attn: tuple[tuple[int, ...], ...] | None = None  # with attn: null, G's placements, crossed with d_attn
-    d_attn: tuple[tuple[int, ...], ...] | None = None  # with attn: null, D's placements
+    attn: tuple[tuple[int, ...], ...] | None = None  # tied placements, the same sizes in G and D, e.g. [[16], []]
+    g_attn: tuple[tuple[int, ...], ...] | None = None  # or G's placements, crossed with d_attn (not with attn)
+    d_attn: tuple[tuple[int, ...], ...] | None = None  # D's placements; all three null: the model's own placement
     seeds: tuple[int, ...] = (0,)  # train.seed values: repeats of each combination
     search: str = "grid"  # grid: every combination (x num_samples); random: num_samples random draws
     num_samples: int = 1
@@ -291,6 +292,8 @@ TUNE_METRICS = {"loop/fid": "min", "loop/is": "max", "loop/class_acc": "max"}  #
 
 def _validate_tune(u: TuneConfig) -> None:
     """The tune section's own values; the search space against the model is checked by pipelines/sweep.py."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", u.name):
+        raise ConfigError(f"tune.name: '{u.name}' must be letters, digits, '.', '_' or '-' (it names a folder and MLflow tags)")
     if u.search not in ("grid", "random"):
         raise ConfigError(f"tune.search: '{u.search}' is not one of grid, random")
     if u.metric not in TUNE_METRICS:

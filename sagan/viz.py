@@ -107,11 +107,12 @@ def metric_curve(points: list[tuple[int, float]], name: str) -> np.ndarray:
 
 
 def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], title: str,
-            xlabel: str, ylabel: str) -> np.ndarray:  # fmt: skip
-    """An annotated heatmap of `values` (rows, cols); NaN cells are blank and marked "-". (H, W, 3) uint8."""
+            xlabel: str, ylabel: str, best_low: bool = True) -> np.ndarray:  # fmt: skip
+    """An annotated heatmap of `values` (rows, cols), the best cells brightest (the lowest when `best_low`);
+    NaN cells are blank and marked "-". (H, W, 3) uint8."""
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(col_labels), 1.4 + 0.6 * len(row_labels)))
     masked = np.ma.masked_invalid(values)
-    im = ax.imshow(masked, cmap="viridis_r", aspect="auto")
+    im = ax.imshow(masked, cmap="viridis_r" if best_low else "viridis", aspect="auto")
     ax.set_xticks(range(len(col_labels)), col_labels)
     ax.set_yticks(range(len(row_labels)), row_labels)
     ax.set_xlabel(xlabel)
@@ -120,7 +121,8 @@ def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], ti
     middle = (finite.min() + finite.max()) / 2 if finite.size else 0
     for (r, c), v in np.ndenumerate(values):
         text = f"{v:.3g}" if np.isfinite(v) else "-"
-        ax.text(c, r, text, ha="center", va="center", color="white" if np.isfinite(v) and v > middle else "black")
+        dark = np.isfinite(v) and (v > middle if best_low else v < middle)
+        ax.text(c, r, text, ha="center", va="center", color="white" if dark else "black")
     if finite.size:
         fig.colorbar(im, ax=ax)
     ax.set_title(title, fontsize=10)

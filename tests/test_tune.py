@@ -40,11 +40,30 @@ def sweep_runs(tmp_path, name):
     return client, parent, [r for r in runs if r.data.tags[ROLE_TAG] == "trial"]
 
 
+def test_a_rerun_with_changed_settings_is_refused_naming_them(tmp_path):
+    from pipelines.sweep import SweepError, check_same_sweep, check_sweep
+
+    cfg = load_config(None, ["tune.attn=[[16]]"])
+    sweep_id = check_same_sweep(tmp_path, check_sweep_space(cfg), cfg)
+    assert check_same_sweep(tmp_path, check_sweep_space(cfg), cfg) == sweep_id  # unchanged: the same sweep
+    changed = load_config(None, ["tune.attn=[[16]]", "model.ch=32"])
+    with pytest.raises(SweepError, match=r"with other settings \(model.ch\); rerun it unchanged"):
+        check_same_sweep(tmp_path, check_sweep_space(changed), changed)
+
+
+def check_sweep_space(cfg):
+    from pipelines.sweep import combinations
+
+    return combinations(cfg)
+
+
 def test_placements_are_tied_or_crossed_and_every_value_makes_a_trial():
     tied = load_config(None, ["tune.attn=[[16],[]]", "tune.ratio=[1,2,4]", "tune.seeds=[0,1]"])
     combos = combinations(tied)
     assert len(combos) == 2 * 3 * 2 and {(tuple(c["g_attn"]), tuple(c["d_attn"])) for c in combos} == {((16,), (16,)), ((), ())}
-    crossed = load_config(None, ["tune.attn=null", "tune.g_attn=[[16],[8,16]]", "tune.d_attn=[[],[16]]"])
+    own = load_config(None, ["model.g_attn=[8]", "model.d_attn=[16]"])  # no placement given: the model's own
+    assert {(tuple(c["g_attn"]), tuple(c["d_attn"])) for c in combinations(own)} == {((8,), (16,))}
+    crossed = load_config(None, ["tune.g_attn=[[16],[8,16]]", "tune.d_attn=[[],[16]]"])
     pairs = {(tuple(c["g_attn"]), tuple(c["d_attn"])) for c in combinations(crossed)}
     assert pairs == {((16,), ()), ((16,), (16,)), ((8, 16), ()), ((8, 16), (16,))}
 
@@ -58,6 +77,8 @@ def test_placements_are_tied_or_crossed_and_every_value_makes_a_trial():
         ("tune.metric=loop/accuracy", "tune.metric: 'loop/accuracy' is not reported by the training loop"),
         ("train.eval_every=0", "reported only with in-loop evaluation; set train.eval_every"),
         ("tune.grace_period=20", "tune.grace_period (20) must be below tune.steps (20)"),
+        ("tune.g_attn=[[8]]", "tune.attn (tied placements) and tune.g_attn / tune.d_attn (crossed) are both set"),
+        ("tune.name=it's", "tune.name: 'it's' must be letters, digits"),
     ],
 )
 def test_bad_search_space_fails_in_one_line_before_any_trial(digits, tmp_path, capsys, override, message):
@@ -79,7 +100,7 @@ def test_sweep_stops_a_bad_trial_records_a_failed_one_and_reports_in_mlflow(ray_
         assert float(child.data.params["optim.lr_g"]) == lr and float(child.data.params["optim.lr_d"]) == lr
         assert child.data.params["trial.g_attn"] == "[16]" and child.data.params["model.ch"] == "8"
     assert by_lr[4e-4].info.status == "FINISHED" and by_lr[4e-4].data.tags["sagan.stop_reason"] == "completed"
-    assert by_lr[0.5].info.status == "KILLED" and "stopped by ASHA after step 10" in by_lr[0.5].data.tags["sagan.stop_reason"]
+    assert by_lr[0.5].info.status == "KILLED" and by_lr[0.5].data.tags["sagan.stop_reason"].startswith("ASHA at step 10 (loop/fid ")
     assert by_lr[1e30].info.status == "FAILED" and "non-finite loss at step" in by_lr[1e30].data.tags["sagan.stop_reason"]
     good = by_lr[4e-4].info.run_id
     assert [m.step for m in client.get_metric_history(good, "loop/fid")] == [0, 10, 20, 30, 40]
@@ -136,8 +157,10 @@ def test_two_concurrent_trials_write_into_one_sqlite_store(ray_session, digits, 
     args = sweep_args(digits, tmp_path, "pair", "tune.ratio=[1,2]", "tune.max_concurrent_trials=2", cache=eval_cache)
     assert main(args) == 0
     client, _, children = sweep_runs(tmp_path, "pair")
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    # ASHA may stop the worse of the two at step 10; neither may fail.
+    assert len(children) == 2 and {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     a, b = children
     assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # they overlapped
     for child in children:  # every logged step of both reached the store
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "d_loss")] == [5, 10, 15, 20]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "d_loss")]
+        assert steps[-1] >= 10 and steps == list(range(5, steps[-1] + 1, 5))
