@@ -36,10 +36,10 @@ def parse_args(argv=None):
 def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_dir: str):
     """Start the sweep, or restore it from `sweep_dir`; returns Tune's ResultGrid and whether it was restored."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     import ray
 
+    from pipelines.asha import ResumableASHA
     from pipelines.sweep import concurrency, metric_mode, param_space, trainable, trial_dirname
     from pipelines.sweep_report import ReportOnTrialEnd
 
@@ -53,7 +53,7 @@ def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_d
     # Rungs sit at grace_period x reduction_factor^k up to max_t. With max_t one below the trial length, no rung
     # falls on a trial's last report, and stop_last_trials=False lets a trial that reached it finish by itself
     # instead of Tune killing its workers while they write the last checkpoint.
-    asha = ASHAScheduler(time_attr="step", metric=cfg.tune.metric, mode=metric_mode(cfg), max_t=cfg.tune.steps - 1,
+    asha = ResumableASHA(time_attr="step", metric=cfg.tune.metric, mode=metric_mode(cfg), max_t=cfg.tune.steps - 1,
                          grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
                          stop_last_trials=False)  # fmt: skip
     tuner = tune.Tuner(

@@ -148,7 +148,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
     assert main(args) == 0
     _, parent, children = sweep_runs(tmp_path, "resume")
     assert len(children) == 2 and len({c.data.tags[TRIAL_TAG] for c in children}) == 2  # no duplicates
-    assert all(c.info.status == "FINISHED" for c in children)
+    second = next(c for c in children if c.info.run_id != first_id)
+    # Ratio 2 scores worse at step 10 than ratio 1 did before the interruption: the restored ASHA still
+    # remembers that rung (pipelines/asha.py) and stops it, as the uninterrupted sweep would have.
+    assert second.info.status == "KILLED" and second.data.tags["sagan.stop_reason"].startswith("ASHA at step 10")
     assert [m.step for m in client.get_metric_history(first_id, "d_loss")] == first_steps  # not run again
     assert parent.info.status == "FINISHED"
 
@@ -164,3 +167,33 @@ def test_two_concurrent_trials_write_into_one_sqlite_store(ray_session, digits, 
     for child in children:  # every logged step of both reached the store
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "d_loss")]
         assert steps[-1] >= 10 and steps == list(range(5, steps[-1] + 1, 5))
+
+
+def test_asha_rebuilds_its_rungs_from_saved_results_on_restore(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipelines.asha import ResumableASHA
+
+    def trial(name, results):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in results) + '{"step": 2')  # cut line
+        return SimpleNamespace(trial_id=name, path=str(folder))
+
+    def asha():
+        return ResumableASHA(time_attr="step", metric="loop/fid", mode="min", max_t=19, grace_period=10, reduction_factor=2)
+
+    finished = trial("done", [{"step": 5}, {"step": 10, "loop/fid": 100.0}, {"step": 20, "loop/fid": 50.0}])
+    worse = {"step": 10, "loop/fid": 200.0}
+    restored = asha()  # a restored sweep: Tune adds every trial again, the finished one included
+    restored.on_trial_add(None, finished)
+    restored.on_trial_add(None, finished)  # added twice: recorded once
+    newcomer = trial("new", [])
+    restored.on_trial_add(None, newcomer)
+    assert restored.on_trial_result(None, newcomer, worse) == TrialScheduler.STOP
+    forgetful = asha()  # what a plain ASHA would do after a restore: nothing to compare with
+    forgetful.on_trial_add(None, SimpleNamespace(trial_id="new", path=None))
+    assert forgetful.on_trial_result(None, SimpleNamespace(trial_id="new", path=None), worse) == TrialScheduler.CONTINUE
