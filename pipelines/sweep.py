@@ -87,20 +87,21 @@ def check_sweep(cfg: Config) -> list[dict]:
     return combos
 
 
-def check_same_sweep(sweep_dir: Path, combos: list[dict], cfg: Config) -> str:
-    """Record the sweep (its whole config and combinations, and a new sweep id) in its folder; on a rerun,
-    SweepError when anything changed, since the restored trials would mix old and new settings. Returns the
-    sweep id, which tags the MLflow parent: a sweep started afresh under an old name gets a parent of its own."""
+def check_same_sweep(sweep_dir: Path, combos: list[dict], cfg: Config, restorable: bool) -> str:
+    """Record the sweep (its whole config and combinations, and a new sweep id) in its folder. When Tune has
+    state to restore, SweepError if anything changed: the restored trials would mix old and new settings.
+    Returns the sweep id, which tags the MLflow parent: a sweep started afresh gets a parent of its own."""
     record = {"config": to_dict(cfg), "combinations": combos}
     path = sweep_dir / SPACE_FILE
-    if path.is_file():
+    if path.is_file() and restorable:
         saved = json.loads(path.read_text())
         if {k: saved.get(k) for k in record} != json.loads(json.dumps(record)):
-            changed = sorted(k for k, v in flatten_dicts(record["config"]).items()
-                             if flatten_dicts(saved.get("config", {})).get(k) != json.loads(json.dumps(v)))  # fmt: skip
-            raise SweepError(f"sweep {cfg.tune.name} exists ({sweep_dir}) with other settings "
-                             f"({', '.join(changed[:5]) or 'combinations'}); rerun it unchanged to resume it, "
-                             "or choose another tune.name")  # fmt: skip
+            old, new = flatten_dicts(saved.get("config", {})), flatten_dicts(json.loads(json.dumps(record["config"])))
+            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) or ["tune combinations"]
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            raise SweepError(f"sweep {cfg.tune.name} exists ({sweep_dir}) with other settings ({', '.join(changed[:5])}"
+                             f"{more}; relative paths count from the directory you run in); rerun it unchanged to "
+                             "resume it, or choose another tune.name")  # fmt: skip
         return saved["sweep_id"]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     record["sweep_id"] = uuid.uuid4().hex
@@ -221,7 +222,9 @@ def failure_reason(error: Exception) -> str:
             cause = cause[min(cause)]
         if isinstance(cause, BaseException):
             return first_line(cause) if type(cause).__name__ == "NonFiniteLossError" else f"{type(cause).__name__}: {first_line(cause)}"
-    return first_line(error)
+    message = str(getattr(error, "_error_message", "") or error)  # e.g. a hang, with no worker named
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__
 
 
 def trainable(cfg: Config, tracking_uri: str, parent_id: str, sweep_dir: Path):

@@ -51,7 +51,6 @@ def trial_rows(client, experiment_id: str, cfg: Config, records: list[dict]) -> 
         hist = {k: _history(client, run_id, k) for k in {metric, "loop/fid", "loop/is", "loop/class_acc", "d_loss"}}
         reported = int(rec["last_result"].get("step", 0))  # the last step Tune (and ASHA) saw
         steps = max([s for s, _ in hist["d_loss"]] + [reported])
-        values = [v for _, v in hist[metric] if math.isfinite(v)]
         trained = [v for s, v in hist[metric] if s > 0 and math.isfinite(v)]  # step 0 scores the untrained G
         best = (min if metric_mode(cfg) == "min" else max)(trained) if trained else None
         status, reason = rec["status"], (run.data.tags.get(REASON_TAG) if run else None)
@@ -123,7 +122,7 @@ def best_heatmap(rows: list[dict], metric: str, mode: str) -> np.ndarray:
     grid = np.full((len(places), len(ratios)), np.nan)
     pick = np.nanmin if mode == "min" else np.nanmax
     for r in rows:
-        if r["best"] is not None:
+        if r["best"] is not None and r["status"] != "failed":  # as best_row: a diverged trial recommends nothing
             i, j = places.index(placement_label(r["g_attn"], r["d_attn"])), ratios.index(r["ratio"])
             grid[i, j] = pick([grid[i, j], r["best"]])
     return heatmap(grid, places, [f"{x:g}" for x in ratios], f"best {metric} ({'lower' if mode == 'min' else 'higher'} is better)",

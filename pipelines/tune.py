@@ -84,7 +84,12 @@ def main(argv=None) -> int:
         ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
     try:
         # On remote storage the rerun check is skipped: the sweep is named by tune.name alone there.
-        sweep_id = check_same_sweep(Path(sweep_dir), combos, cfg) if "://" not in sweep_dir else cfg.tune.name
+        if "://" in sweep_dir:
+            sweep_id = cfg.tune.name
+        else:
+            from ray import tune
+
+            sweep_id = check_same_sweep(Path(sweep_dir), combos, cfg, restorable=tune.Tuner.can_restore(sweep_dir))
         preflight(cfg, ray.cluster_resources())
         prepare_evaluation(cfg)
     except (PreflightError, SweepError) as e:
