@@ -16,6 +16,33 @@ def default_tracking_uri(configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be reached; the message says which and the fix."""
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError within `timeout` seconds when the MLflow store at `uri` is out of reach: MLflow's
+    own client retries an unreachable server for minutes before it fails, with nothing printed."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            return  # it answered (an auth proxy, an older server without /health): it is there
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(f"MLflow tracking server {uri} did not answer within {timeout:g}s ({reason}); start it "
+                                "(mlflow server --host 0.0.0.0 --port 5000 ...) or set mlflow.tracking_uri to a "
+                                "reachable server or a sqlite:///ABSOLUTE/PATH.db file") from None  # fmt: skip
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise TrackingError(f"MLflow store {uri}: the folder {folder} does not exist; create it or set "
+                                "mlflow.tracking_uri to another sqlite:/// file or a tracking server")  # fmt: skip
+
+
 def prepare_tracking(uri: str, experiment: str) -> str:
     """Create the MLflow store and experiment from the driver, so workers never race on a schema migration.
     Returns the experiment id. A new experiment in a sqlite store keeps its artifacts next to the database

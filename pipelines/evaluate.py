@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
-from pipelines.common import absolute, default_tracking_uri, first_line, git_commit, prepare_tracking, ray_job_id  # noqa: E402
+from pipelines.common import TrackingError, absolute, check_tracking, default_tracking_uri, first_line, git_commit, prepare_tracking, ray_job_id  # noqa: E402
 from sagan.checkpoint import CheckpointError, generator_from_state, load_checkpoint  # noqa: E402
 from sagan.config import ConfigError, from_dict, with_overrides  # noqa: E402
 
@@ -85,6 +85,10 @@ def mlflow_target(args, cfg, extra: dict) -> tuple[str, str | None]:
     fix = "pass mlflow.tracking_uri=URI of the training store, or --run-id"
     if run_id and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UsageError(f"MLflow run {run_id} is not in {uri}: that store does not exist; {fix}")
+    try:
+        check_tracking(uri)  # seconds; MLflow's client would retry an unreachable server for minutes
+    except TrackingError as e:
+        raise UsageError(str(e)) from None
     client = mlflow.MlflowClient(uri)
     try:
         if run_id:

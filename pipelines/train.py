@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import default_tracking_uri, first_line, prepare_tracking  # noqa: E402
+from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
 from pipelines.launch import PreflightError, build_trainer, preflight, prepare_evaluation, resolve_paths  # noqa: E402, F401
 from sagan.config import ConfigError, load_config  # noqa: E402
 
@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
-    except ConfigError as e:
+        check_tracking(default_tracking_uri(cfg.mlflow.tracking_uri))  # seconds, before Ray starts
+    except (ConfigError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import ray

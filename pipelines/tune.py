@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import default_tracking_uri, first_line, prepare_tracking  # noqa: E402
+from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
 from pipelines.launch import PreflightError, preflight, prepare_evaluation, resolve_paths  # noqa: E402
 from pipelines.sweep import SweepError, check_same_sweep, check_sweep  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     try:
         cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
         combos = check_sweep(cfg)
-    except (ConfigError, SweepError) as e:
+        check_tracking(default_tracking_uri(cfg.mlflow.tracking_uri))  # seconds, before Ray starts
+    except (ConfigError, SweepError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sweep_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.tune.name}"  # a string: s3://... is no local Path

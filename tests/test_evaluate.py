@@ -113,6 +113,7 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
         (["--checkpoint", "{ckpt}", "eval.real_split=train", "data.train_shards={shards64}"], "but the model makes 10 at 32px"),
         (["--checkpoint", "{ckpt}", "--run-id", "0123456789abcdef"], "MLflow run 0123456789abcdef is not in"),
         (["--checkpoint", "{ckpt}", "--device", "tpu"], "--device tpu is not one of"),
+        (["--checkpoint", "{ckpt}", "mlflow.tracking_uri=http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 did not answer within 5s"),
     ],
 )
 def test_bad_input_is_one_line_before_any_sample(digits, eval_cache, tmp_path, capsys, monkeypatch, args, message):

@@ -159,3 +159,22 @@ def test_non_finite_loss_stops_the_run_naming_the_step(ray_session, digits, tmp_
     assert (good / "checkpoint.pt").read_bytes() == before
     latest = checkpoint_dirs(Path(cfg.run.storage_path) / "nan")[-1]
     assert load_checkpoint(latest / "checkpoint.pt")["step"] == step - 1  # nothing saved at or after it
+
+
+@pytest.mark.parametrize("entry", ["train", "tune"])
+def test_unreachable_tracking_server_is_one_line_within_seconds_before_ray(entry, tmp_path, capsys):
+    import importlib
+
+    main_of = importlib.import_module(f"pipelines.{entry}").main
+    start = time.perf_counter()
+    assert main_of([f"run.storage_path={tmp_path / 'runs'}", "mlflow.tracking_uri=http://127.0.0.1:9"]) == 2
+    assert time.perf_counter() - start < 15  # MLflow's own retries take minutes
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: MLflow tracking server http://127.0.0.1:9 did not answer within 5s") and len(err.splitlines()) == 1
+    assert "mlflow.tracking_uri" in err and not (tmp_path / "runs").exists()
+
+
+def test_sqlite_store_in_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert main([f"mlflow.tracking_uri=sqlite:///{tmp_path / 'nope' / 'mlflow.db'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"the folder {tmp_path / 'nope'} does not exist" in err and len(err.splitlines()) == 1
