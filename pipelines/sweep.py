@@ -96,7 +96,7 @@ def check_same_sweep(sweep_dir: Path, combos: list[dict], cfg: Config, restorabl
     if path.is_file() and restorable:
         saved = json.loads(path.read_text())
         if {k: saved.get(k) for k in record} != json.loads(json.dumps(record)):
-            old, new = flatten_dicts(saved.get("config", {})), flatten_dicts(json.loads(json.dumps(record["config"])))
+            old, new = flatten(saved.get("config", {})), flatten(json.loads(json.dumps(record["config"])))
             changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) or ["tune combinations"]
             more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
             raise SweepError(f"sweep {cfg.tune.name} exists ({sweep_dir}) with other settings ({', '.join(changed[:5])}"
@@ -109,13 +109,6 @@ def check_same_sweep(sweep_dir: Path, combos: list[dict], cfg: Config, restorabl
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
     return record["sweep_id"]
-
-
-def flatten_dicts(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(flatten_dicts(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def concurrency(cfg: Config, cluster: dict) -> int:

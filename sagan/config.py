@@ -349,9 +349,10 @@ def from_dict(data: dict) -> Config:
     return validate(_build(Config, data, ""))
 
 
-def flatten(cfg: Config) -> dict[str, object]:
-    """{"model.ch": 16, ...}: one entry per leaf key, as MLflow params want them."""
-    return {f"{section}.{k}": v for section, keys in to_dict(cfg).items() for k, v in keys.items()}
+def flatten(cfg: Config | dict) -> dict[str, object]:
+    """{"model.ch": 16, ...}: one entry per leaf key, as MLflow params want them (of a Config or of to_dict's output)."""
+    tree = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return {f"{section}.{k}": v for section, keys in tree.items() for k, v in keys.items()}
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -41,22 +41,16 @@ def sweep_runs(tmp_path, name):
 
 
 def test_a_rerun_with_changed_settings_is_refused_naming_them(tmp_path):
-    from pipelines.sweep import SweepError, check_same_sweep, check_sweep
+    from pipelines.sweep import SweepError, check_same_sweep
 
     cfg = load_config(None, ["tune.attn=[[16]]"])
-    sweep_id = check_same_sweep(tmp_path, check_sweep_space(cfg), cfg, restorable=False)
-    assert check_same_sweep(tmp_path, check_sweep_space(cfg), cfg, restorable=True) == sweep_id  # the same sweep
+    sweep_id = check_same_sweep(tmp_path, combinations(cfg), cfg, restorable=False)
+    assert check_same_sweep(tmp_path, combinations(cfg), cfg, restorable=True) == sweep_id  # the same sweep
     changed = load_config(None, ["tune.attn=[[16]]", "model.ch=32"])
     with pytest.raises(SweepError, match=r"with other settings \(model.ch; relative paths .*\); rerun it unchanged"):
-        check_same_sweep(tmp_path, check_sweep_space(changed), changed, restorable=True)
+        check_same_sweep(tmp_path, combinations(changed), changed, restorable=True)
     # Nothing to restore (the first run stopped at a pre-flight error): the corrected settings start afresh.
-    assert check_same_sweep(tmp_path, check_sweep_space(changed), changed, restorable=False) != sweep_id
-
-
-def check_sweep_space(cfg):
-    from pipelines.sweep import combinations
-
-    return combinations(cfg)
+    assert check_same_sweep(tmp_path, combinations(changed), changed, restorable=False) != sweep_id
 
 
 def test_placements_are_tied_or_crossed_and_every_value_makes_a_trial():
