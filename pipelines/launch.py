@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from pipelines.common import absolute, git_commit, ray_job_id
-from sagan.config import Config, to_dict
+from sagan.config import Config, flatten, to_dict
 from sagan.data import DataError, batches_per_epoch, find_shards
 
 
@@ -91,25 +91,30 @@ def prepare_evaluation(cfg: Config) -> None:
         cfg.eval.inception_weights = weights  # the copy in the shared cache, for rank 0 wherever it runs
 
 
-def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, tags: dict | None = None,
-                  callbacks: list | None = None):  # fmt: skip
-    """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name). `run_id`: an MLflow run
-    made already (a Tune trial's child run) that rank 0 logs into; `callbacks`: Ray Train callbacks."""
+def open_tracking_run(cfg: Config, tracking_uri: str, tags: dict | None = None) -> str:
+    """The MLflow run this training run logs into (made or continued by the driver); its id."""
+    from pipelines.common import prepare_tracking
+    from pipelines.tracking import open_run
+
+    experiment_id = prepare_tracking(tracking_uri, cfg.mlflow.experiment)
+    tags = {"git_commit": git_commit(), "ray_job_id": ray_job_id(), **(tags or {})}
+    return open_run(tracking_uri, experiment_id, cfg.run.name, f"{cfg.run.storage_path}/{cfg.run.name}",
+                    flatten(cfg), tags)  # fmt: skip
+
+
+def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, callbacks: list | None = None):
+    """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name). `run_id`: the MLflow run
+    rank 0 logs into (a Tune trial's child run, or train.py's), else one is opened; `callbacks`: Ray Train's."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.train_loop import train_loop_per_worker
 
-    tags = {
-        "git_commit": git_commit(),
-        "ray_job_id": ray_job_id(),
-        "checkpoint_location": f"{cfg.run.storage_path}/{cfg.run.name}",
-        **(tags or {}),
-    }
+    run_id = run_id or open_tracking_run(cfg, tracking_uri)
     s = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "tags": tags, "mlflow_run_id": run_id},
+        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": run_id},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),  # fmt: skip
@@ -122,5 +127,3 @@ def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, tag
             callbacks=callbacks,
         ),
     )
-
-

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from pipelines.common import first_line, git_commit, ray_job_id
+from pipelines.tracking import find_run, log_params
 from sagan.config import TUNE_METRICS, Config, ConfigError, flatten, from_dict, to_dict, with_overrides
 
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG, REASON_TAG = "sagan.sweep", "sagan.trial_id", "sagan.role", "sagan.stop_reason"
@@ -125,21 +126,6 @@ def concurrency(cfg: Config, cluster: dict) -> int:
 # ---------------------------------------------------------------- MLflow: one parent, one child per trial
 
 
-def find_run(client, experiment_id: str, **tags) -> str | None:
-    """The id of the run in the experiment carrying all of `tags` (oldest first), or None."""
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
-def log_params(client, run_id: str, params: dict) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=items[i : i + 100])
-
-
 def parent_run(client, experiment_id: str, cfg: Config, sweep_id: str) -> str:
     """The sweep's parent run, made once with the search space as params and found by tag afterwards."""
     found = find_run(client, experiment_id, **{SWEEP_TAG: cfg.tune.name, ROLE_TAG: "sweep", SWEEP_ID_TAG: sweep_id})
@@ -182,7 +168,7 @@ def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sw
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.launch import build_trainer
-    from pipelines.train_loop import NonFiniteLossError, raise_if_diverged
+    from pipelines.train_loop import RunStopped, raise_if_stopped
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(base), params["trial"])
@@ -193,9 +179,9 @@ def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sw
     experiment_id = client.get_experiment_by_name(cfg.tune.experiment).experiment_id
     run_id = child_run(client, experiment_id, parent_id, cfg.tune.name, trial_id, params["trial"], cfg)
     try:
-        raise_if_diverged(cfg)
+        raise_if_stopped(cfg)
         build_trainer(cfg, tracking_uri, run_id=run_id, callbacks=[TuneReportCallback()]).fit()
-    except (NonFiniteLossError, TrainingFailedError) as e:  # not when Tune stops the trial: that is no failure
+    except (RunStopped, TrainingFailedError) as e:  # not when Tune stops the trial: that is no failure
         reason = failure_reason(e)
         client.set_tag(run_id, REASON_TAG, reason)
         client.set_terminated(run_id, "FAILED")
@@ -214,7 +200,7 @@ def failure_reason(error: Exception) -> str:
         if isinstance(cause, dict) and cause:
             cause = cause[min(cause)]
         if isinstance(cause, BaseException):
-            return first_line(cause) if type(cause).__name__ == "NonFiniteLossError" else f"{type(cause).__name__}: {first_line(cause)}"
+            return first_line(cause) if type(cause).__name__ == "RunStopped" else f"{type(cause).__name__}: {first_line(cause)}"
     message = str(getattr(error, "_error_message", "") or error)  # e.g. a hang, with no worker named
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(error).__name__

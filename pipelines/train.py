@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
-from pipelines.launch import PreflightError, build_trainer, preflight, prepare_evaluation, resolve_paths  # noqa: E402, F401
+from pipelines.launch import PreflightError, build_trainer, open_tracking_run, preflight, prepare_evaluation, resolve_paths  # noqa: E402, F401
 from sagan.config import ConfigError, load_config  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -60,18 +60,42 @@ def main(argv=None) -> int:
     print(f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
           f"{cfg.train.batch_size * cfg.scaling.num_workers}, {cfg.train.steps} steps; "
           f"checkpoints in {cfg.run.storage_path}/{cfg.run.name}; MLflow at {uri}", flush=True)  # fmt: skip
-    from pipelines.train_loop import NonFiniteLossError, raise_if_diverged
+    from pipelines.tracking import end_run, pending_dir, replay
+    from pipelines.train_loop import RunStopped, raise_if_stopped
 
+    pending = pending_dir(cfg.run.storage_path, cfg.run.name)
+    if pending.is_dir():  # what the store did not take from the last launch goes first
+        delivered, left = replay(pending)
+        print(f"MLflow: delivered {delivered} item(s) the last launch of this run had kept in {pending}"
+              + (f"; {left} still wait there" if left else ""), flush=True)  # fmt: skip
     try:
-        raise_if_diverged(cfg)
-        try:
-            result = build_trainer(cfg, uri).fit()
-        except Exception:
-            raise_if_diverged(cfg)  # a diverged run: one line naming the step, not the workers' traceback
-            raise
-    except NonFiniteLossError as e:
+        raise_if_stopped(cfg)
+    except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    run_id = open_tracking_run(cfg, uri)
+    status = "FAILED"  # unless fit() returns; rank 0 ends a finished run itself, after its last metrics
+    try:
+        result = build_trainer(cfg, uri, run_id).fit()
+        status = None
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception:
+        try:
+            raise_if_stopped(cfg)  # a stopped run: one line naming the step or the file, not the workers' traceback
+        except RunStopped as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        if status:
+            end_run(uri, run_id, status, pending)
+    if pending.is_dir():
+        delivered, left = replay(pending)
+        if left:
+            print(f"warning: MLflow at {uri} has not taken {left} item(s) of this run; they wait in {pending}: "
+                  f"`python pipelines/replay_tracking.py {pending.parent}` delivers them", file=sys.stderr)  # fmt: skip
     ckpt = result.checkpoint.path if result.checkpoint else None
     print(f"done: last checkpoint {ckpt}\nbrowse the run: mlflow ui --backend-store-uri {uri}")
     return 0

@@ -19,36 +19,47 @@ import torch
 from PIL import Image
 
 from sagan.checkpoint import load_checkpoint, save_checkpoint
-from sagan.config import Config, flatten, from_dict
-from sagan.data import batches_per_epoch, find_shards, rank_batches
+from sagan.config import Config, from_dict
+from sagan.data import DataError, batches_per_epoch, find_shards, rank_batches
 from sagan.metrics import build_evaluator, feature_weights
 from sagan.models import build_models
 from sagan.speed import Speed, prepare_models
-from sagan.step import LossMonitor, Trainer, unwrap
-from sagan.viz import attention_figures, grid_inputs, metric_curve, sample_grid
+from sagan.step import DivergenceGuard, LossMonitor, Trainer, unwrap
+from sagan.viz import attention_figures, grid_inputs, sample_grid
 
 # Console lines go through logging: Ray Train's patched print() would show each of them twice.
 log = logging.getLogger("sagan.train")
 CHECKPOINT_FILE = "checkpoint.pt"
-NONFINITE_FILE = "NONFINITE.json"  # in the run directory: FailureConfig retries must not replay a diverged run
+STOPPED_FILE = "STOPPED.json"  # in the run directory: FailureConfig retries must not replay a stopped run
+BEST_DIR = "best"  # in the run directory: the checkpoint with the lowest in-loop FID so far, beside Ray's latest N
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; the message names the step."""
+class RunStopped(RuntimeError):
+    """The run cannot go on and a retry would not help (a non-finite loss, a divergence, a damaged shard); the
+    message is one line naming the step or the file."""
 
 
-def nonfinite_marker(cfg: Config) -> Path | None:
-    """Where a diverged run records its step (local storage only), or None for remote storage."""
-    return None if "://" in cfg.run.storage_path else Path(cfg.run.storage_path) / cfg.run.name / NONFINITE_FILE
+def stop_marker(cfg: Config) -> Path | None:
+    """Where a stopped run records why (local storage only), or None for remote storage."""
+    return None if "://" in cfg.run.storage_path else Path(cfg.run.storage_path) / cfg.run.name / STOPPED_FILE
 
 
-def raise_if_diverged(cfg: Config) -> None:
-    """Raise NonFiniteLossError when this run already diverged, so a retry stops instead of replaying it."""
-    marker = nonfinite_marker(cfg)
+def stop_run(cfg: Config, message: str, rank: int) -> RunStopped:
+    """Record `message` for the retries and the driver (rank 0 writes it), and return the error to raise."""
+    marker = stop_marker(cfg)
+    if marker is not None:
+        message += f". Fix the cause and start a new run.name (or delete {marker} to resume this one)"
+        if rank == 0:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"message": message}))
+    return RunStopped(message)
+
+
+def raise_if_stopped(cfg: Config) -> None:
+    """Raise RunStopped when this run was stopped already, so a retry ends at once instead of replaying it."""
+    marker = stop_marker(cfg)
     if marker and marker.is_file():
-        info = json.loads(marker.read_text())
-        raise NonFiniteLossError(f"non-finite loss at step {info['step']} ({info['losses']}); the last good checkpoint "
-                                 f"is kept. Lower the learning rates and start a new run.name (or delete {marker})")  # fmt: skip
+        raise RunStopped(json.loads(marker.read_text())["message"])
 
 
 def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
@@ -64,54 +75,43 @@ def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
 
 
 class Tracker:
-    """MLflow logging from rank 0 only; a no-op elsewhere."""
+    """Rank 0's MLflow logging into the run the driver made, through an Outbox: never blocks the loop, and
+    what the store cannot take now is delivered later. A no-op on the other ranks."""
 
-    def __init__(self, enabled: bool, cfg: Config, loop_config: dict, run_id: str | None):
-        self.enabled = enabled
-        self.run_id = run_id
+    def __init__(self, enabled: bool, cfg: Config, loop_config: dict):
+        self.run_id = loop_config["mlflow_run_id"]
         self.tracking_uri = loop_config["tracking_uri"]
-        if not enabled:
-            return
-        import mlflow
+        self.outbox = None
+        if enabled:
+            from pipelines.tracking import Outbox, pending_dir
 
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(loop_config["tracking_uri"])
-        mlflow.set_experiment(cfg.mlflow.experiment)
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run.name)
-        self.run_id = run.info.run_id
-        if run_id is None:  # a run given to us was set up (params, tags) by whoever made it
-            mlflow.log_params(flatten(cfg))
-            mlflow.set_tags({k: v for k, v in loop_config.get("tags", {}).items() if v})
-
-    def tags(self, values: dict):
-        if self.enabled:
-            self.mlflow.set_tags(values)
+            self.outbox = Outbox(self.tracking_uri, self.run_id, pending_dir(cfg.run.storage_path, cfg.run.name))
 
     def checkpoint_extra(self) -> dict:
         """What a checkpoint records of the MLflow run, so evaluation can log into it."""
         return {"mlflow_run_id": self.run_id, "mlflow_tracking_uri": self.tracking_uri}
 
-    def metrics(self, values: dict, step: int):
-        if self.enabled:
-            self.mlflow.log_metrics(values, step=step)
+    def tags(self, values: dict) -> None:
+        if self.outbox:
+            self.outbox.tags(values)
 
-    def image(self, array: np.ndarray, key: str, step: int):
-        if self.enabled:
-            self.mlflow.log_image(array, key=key, step=step)
+    def metrics(self, values: dict, step: int) -> None:
+        if self.outbox:
+            self.outbox.metrics(values, step)
 
-    def curve(self, metric: str, artifact: str):
-        """Plot the run's whole history of `metric` (every launch of it) as an image artifact."""
-        if not self.enabled:
-            return
-        history = self.mlflow.MlflowClient().get_metric_history(self.run_id, metric)
-        # A resumed run replays the steps after its last checkpoint: the latest value of each step counts.
-        latest = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
-        if latest:
-            self.mlflow.log_image(metric_curve(sorted(latest.items()), metric), artifact_file=artifact)
+    def image(self, array: np.ndarray, key: str, step: int) -> None:
+        if self.outbox:
+            self.outbox.image(array, key, step)
 
-    def close(self):
-        if self.enabled:
-            self.mlflow.end_run()
+    def curve(self, metric: str, artifact_file: str) -> None:
+        if self.outbox:
+            self.outbox.curve(metric, artifact_file)
+
+    def close(self, finished: bool) -> None:
+        if self.outbox is not None:
+            if finished:
+                self.outbox.terminate("FINISHED")
+            self.outbox.close()
 
 
 def _gammas(G, D) -> dict[str, float]:
@@ -155,10 +155,11 @@ def prepare_eval_cache(config: dict) -> str:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Train SAGAN on this rank: `loop_config` = {"config": to_dict(cfg), "tracking_uri": ..., "tags": {...}}."""
+    """Train SAGAN on this rank. `loop_config`: {"config": to_dict(cfg), "tracking_uri": ..., "mlflow_run_id":
+    the run the driver made}."""
     _quiet_ray_reports()
     cfg = from_dict(loop_config["config"])
-    raise_if_diverged(cfg)
+    raise_if_stopped(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -167,111 +168,175 @@ def train_loop_per_worker(loop_config: dict) -> None:
     prepare_models(speed, G, D)  # memory layout before DDP lays out its gradient buckets
     G, D = ray.train.torch.prepare_model(G), ray.train.torch.prepare_model(D)
     trainer = Trainer(G, D, cfg, speed)
-
-    run_id = loop_config.get("mlflow_run_id")  # a run made for us (a Tune trial's child run), else our own
+    extra = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
         trainer.load_state_dict(state)
-        run_id = state["extra"].get("mlflow_run_id") or run_id
+        extra = state["extra"]
         if rank == 0:
             log.info(f"resumed from step {trainer.step} ({checkpoint.path})")
     if rank == 0:
         log.info(f"step settings on {device.type}: {speed}")
         if speed.compile:
             log.info("torch.compile: the first steps compile G and D (about 2.5 minutes for SAGAN-128 on an H200)")
-    t = cfg.train
     # In-loop FID on rank 0, while the others wait in the next collective. The driver filled the eval cache
-    # (weights, real statistics), so this loads them; built before the MLflow run starts, so a failure here
-    # leaves no run behind.
-    evaluator = build_evaluator(cfg, device, log=log.info) if t.eval_every and rank == 0 else None
-    tracker = Tracker(rank == 0, cfg, loop_config, run_id)
+    # (weights, real statistics), so this loads them.
+    evaluator = build_evaluator(cfg, device, log=log.info) if cfg.train.eval_every and rank == 0 else None
+    tracker = Tracker(rank == 0, cfg, loop_config)
     tracker.tags({f"speed.{k}": str(v) for k, v in dataclasses.asdict(speed).items()})  # what "auto" resolved to
-    torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # different latents per rank
-    fixed_z, fixed_y = (v.to(device) for v in grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.train.seed))
+    loop = Loop(cfg, trainer, rank, world, device, tracker, evaluator, extra)
+    finished = False
+    try:
+        loop.run()
+        finished = True
+    finally:
+        tracker.close(finished)  # what MLflow has not taken yet goes to the run's pending file
+    if rank == 0:
+        log.info(f"finished {cfg.train.steps} steps; MLflow run {tracker.run_id}")
 
-    stream = batch_stream(cfg, rank, world, trainer.step * cfg.optim.n_dis, device)
 
-    def evaluate(step: int) -> dict:
-        if evaluator is None:
+class Loop:
+    """One rank's training schedule: steps, and at their intervals logging, samples, in-loop FID and
+    checkpoints. Every rank reports at log, checkpoint and eval steps (Ray's report is a barrier)."""
+
+    def __init__(self, cfg: Config, trainer: Trainer, rank: int, world: int, device, tracker: Tracker, evaluator,
+                 extra: dict):  # fmt: skip
+        """`extra`: what the checkpoint resumed from recorded besides the weights ({} for a new run)."""
+        self.cfg, self.trainer, self.rank, self.world = cfg, trainer, rank, world
+        self.tracker, self.evaluator = tracker, evaluator
+        self.best = extra.get("best")  # {"step": ..., "loop/fid": ...} of the best checkpoint so far
+        self.monitor = LossMonitor()
+        self.guard = DivergenceGuard(cfg.train.diverge_factor, cfg.train.diverge_patience)
+        self.guard.largest = dict(extra.get("guard", {}))  # the ranges seen before a resume
+        torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # different latents per rank
+        self.fixed = [v.to(device) for v in grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.train.seed)]
+        self.stream = batch_stream(cfg, rank, world, trainer.step * cfg.optim.n_dis, device)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def run(self) -> None:
+        t, trainer = self.cfg.train, self.trainer
+        if trainer.step == 0:
+            self.evaluate(0)  # the baseline every FID curve starts from
+        start_step, run_start = trainer.step, time.perf_counter()
+        while trainer.step < t.steps:
+            self.monitor.update(trainer.step + 1, trainer.train_step(self.next_batches()))
+            step = trainer.step
+            self.window_steps += 1
+            due = {name: bool(every) and (step % every == 0 or step == t.steps)
+                   for name, every in (("log", t.log_every), ("ckpt", t.ckpt_every), ("sample", t.sample_every),
+                                       ("eval", t.eval_every))}  # fmt: skip
+            if not any(due.values()):
+                continue  # the losses stay on the device: no wait on the GPU between log steps
+            values = self.read_losses(step)
+            if due["log"]:
+                self.log(step, values, (time.perf_counter() - run_start) / (step - start_step) * (t.steps - step))
+            if due["sample"] and self.rank == 0:
+                self.sample(step)
+            eval_start = time.perf_counter()
+            scores = self.evaluate(step) if due["eval"] else {}
+            self.window_start += time.perf_counter() - eval_start  # images/s measures training, not evaluation
+            if due["log"] or due["ckpt"] or due["eval"]:
+                self.report(step, values, scores, checkpoint=due["ckpt"])
+        if t.eval_every:
+            self.tracker.curve("loop/fid", "plots/loop_fid.png")
+
+    def next_batches(self) -> list:
+        """optim.n_dis real batches; a damaged shard stops the run naming the file (no retry replays it)."""
+        try:
+            return [next(self.stream) for _ in range(self.cfg.optim.n_dis)]
+        except DataError as e:
+            raise stop_run(self.cfg, f"data error at step {self.trainer.step + 1}: {e}", self.rank) from None
+
+    def read_losses(self, step: int) -> dict[str, float]:
+        """The latest losses (one host sync); stops the run at a non-finite loss or a divergence, before
+        anything is logged, sampled or saved from the bad weights."""
+        values, bad_step = self.monitor.read()
+        if bad_step is not None:
+            raise stop_run(self.cfg, f"non-finite loss at step {bad_step} (at step {step}: {values}); the last good "
+                           "checkpoint is kept", self.rank)  # fmt: skip
+        diverged = self.guard.check(step, values)
+        if diverged:
+            raise stop_run(self.cfg, f"{diverged}; the checkpoints from before it are kept", self.rank)
+        return values
+
+    def log(self, step: int, values: dict, eta_s: float) -> None:
+        t, trainer = self.cfg.train, self.trainer
+        step_time = (time.perf_counter() - self.window_start) / self.window_steps
+        values = {**values, "images_per_s": t.batch_size * self.world * self.cfg.optim.n_dis / step_time,
+                  "step_time_s": step_time, "lr_g": trainer.opt_g.param_groups[0]["lr"],
+                  "lr_d": trainer.opt_d.param_groups[0]["lr"], **_gammas(trainer.G, trainer.D)}  # fmt: skip
+        self.tracker.metrics(values, step)
+        if self.rank == 0:
+            log.info(f"step {step}/{t.steps}  d_loss {values['d_loss']:.3f}  g_loss {values['g_loss']:.3f}  "
+                     f"{values['images_per_s']:.0f} img/s  eta {eta_s / 60:.1f} min")  # fmt: skip
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def sample(self, step: int) -> None:
+        """The fixed-latent grid and attention maps of the EMA generator, to MLflow and next to the checkpoints."""
+        G_ema = self.trainer.ema.model
+        with torch.no_grad():
+            grid = sample_grid(G_ema(*self.fixed), nrow=8)
+        self.tracker.image(grid, "samples", step)
+        if "://" not in self.cfg.run.storage_path:  # also as files a person can open
+            folder = Path(self.cfg.run.storage_path) / self.cfg.run.name / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid).save(folder / f"samples_{step:06d}.png")
+        for size, fig in attention_figures(G_ema, *self.fixed).items():
+            self.tracker.image(fig, f"attention_{size}", step)
+
+    def evaluate(self, step: int) -> dict:
+        """In-loop FID (and IS, class accuracy) of the EMA generator on rank 0; {} elsewhere."""
+        if self.evaluator is None:
             return {}
-        scores = evaluator(trainer.ema.model, cfg.eval.loop_samples)
+        scores = self.evaluator(self.trainer.ema.model, self.cfg.eval.loop_samples)
         scores = {f"loop/{k}": v for k, v in scores.items() if k != "is_std"}
-        tracker.metrics(scores, step)
-        log.info(f"step {step}: in-loop FID {scores['loop/fid']:.2f} ({cfg.eval.loop_samples} samples)"
+        self.tracker.metrics(scores, step)
+        log.info(f"step {step}: in-loop FID {scores['loop/fid']:.2f} ({self.cfg.eval.loop_samples} samples)"
                  + "".join(f"  {k[5:]} {v:.3f}" for k, v in scores.items() if k != "loop/fid"))  # fmt: skip
+        if step and not self.guard.suspect and (self.best is None or scores["loop/fid"] < self.best["loop/fid"]):
+            self.best = {"step": step, "loop/fid": scores["loop/fid"]}
+            save_best(self.cfg, self.trainer, {**self.tracker.checkpoint_extra(), "best": self.best})
+            log.info(f"step {step}: best in-loop FID so far, saved to {self.cfg.run.storage_path}/{self.cfg.run.name}/{BEST_DIR}")
         return scores
 
-    if trainer.step == 0:
-        evaluate(0)  # the baseline every FID curve starts from
-    global_batch = t.batch_size * world
-    start_step, window_start, window_steps = trainer.step, time.perf_counter(), 0
-    run_start = window_start
-    monitor = LossMonitor()
-    while trainer.step < t.steps:
-        monitor.update(trainer.step + 1, trainer.train_step([next(stream) for _ in range(cfg.optim.n_dis)]))
-        step = trainer.step
-        window_steps += 1
-        log_now = step % t.log_every == 0 or step == t.steps
-        ckpt_now = step % t.ckpt_every == 0 or step == t.steps
-        eval_now = bool(t.eval_every) and (step % t.eval_every == 0 or step == t.steps)
-        sample_now = rank == 0 and (step % t.sample_every == 0 or step == t.steps)
-        if not (log_now or ckpt_now or eval_now or sample_now):
-            continue  # the losses stay on the device: no wait on the GPU between log steps
-        values, bad_step = monitor.read()
-        if bad_step is not None:  # checked before anything is logged, sampled or saved from bad weights
-            marker = nonfinite_marker(cfg)
-            if marker and rank == 0:
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(json.dumps({"step": bad_step, "losses": {k: str(v) for k, v in values.items()}}))
-            raise NonFiniteLossError(f"non-finite loss at step {bad_step} (at step {step}: {values}); "
-                                     "the last good checkpoint is kept")  # fmt: skip
-        if log_now:
-            elapsed = time.perf_counter() - window_start
-            step_time = elapsed / window_steps
-            values.update(
-                images_per_s=global_batch * cfg.optim.n_dis / step_time,
-                step_time_s=step_time,
-                lr_g=trainer.opt_g.param_groups[0]["lr"],
-                lr_d=trainer.opt_d.param_groups[0]["lr"],
-                **_gammas(G, D),
-            )
-            tracker.metrics(values, step)
-            if rank == 0:
-                done = step - start_step
-                eta = (time.perf_counter() - run_start) / done * (t.steps - step)
-                log.info(f"step {step}/{t.steps}  d_loss {values['d_loss']:.3f}  g_loss {values['g_loss']:.3f}  "
-                         f"{values['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min")  # fmt: skip
-            window_start, window_steps = time.perf_counter(), 0
-        if sample_now:
-            G_ema = trainer.ema.model
-            with torch.no_grad():
-                grid = sample_grid(G_ema(fixed_z, fixed_y), nrow=8)
-            tracker.image(grid, "samples", step)
-            if "://" not in cfg.run.storage_path:  # also as files a person can open next to the checkpoints
-                folder = Path(cfg.run.storage_path) / cfg.run.name / "samples"
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(grid).save(folder / f"samples_{step:06d}.png")
-            for size, fig in attention_figures(G_ema, fixed_z, fixed_y).items():
-                tracker.image(fig, f"attention_{size}", step)
-        eval_start = time.perf_counter()
-        scores = evaluate(step) if eval_now else {}
-        window_start += time.perf_counter() - eval_start  # images/s measures training, not evaluation
-        if log_now or ckpt_now or eval_now:
-            report = {"step": step, **{k: values[k] for k in ("d_loss", "g_loss", "d_real", "d_fake")},
-                      "rank_param_spread": param_spread(G, D), **scores}  # fmt: skip
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if ckpt_now and rank == 0:
-                    save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer, cfg, extra=tracker.checkpoint_extra())
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(report, checkpoint=ckpt)  # every rank, every time: it is a barrier
-            if ckpt is not None:
-                saved = ray.train.get_checkpoint()  # where Ray persisted it
-                log.info(f"step {step}: checkpoint {saved.path if saved else 'saved'}")
-    if t.eval_every:
-        tracker.curve("loop/fid", "plots/loop_fid.png")
-    tracker.close()
-    if rank == 0:
-        log.info(f"finished {t.steps} steps; MLflow run {tracker.run_id}")
+    def report(self, step: int, values: dict, scores: dict, checkpoint: bool) -> None:
+        """Ray's report from every rank, with rank 0's checkpoint when one is due and the run is not suspect."""
+        if checkpoint and self.guard.suspect:
+            checkpoint = False  # the kept checkpoints stay from before a divergence that may be starting
+            if self.rank == 0:
+                log.warning(f"step {step}: checkpoint skipped, the losses are out of their range since step "
+                            f"{self.guard.streak[0]}")  # fmt: skip
+        report = {"step": step, **{k: values[k] for k in ("d_loss", "g_loss", "d_real", "d_fake")},
+                  "rank_param_spread": param_spread(self.trainer.G, self.trainer.D), **scores}  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if checkpoint and self.rank == 0:
+                extra = {**self.tracker.checkpoint_extra(), "guard": self.guard.largest,
+                         **({"best": self.best} if self.best else {})}  # fmt: skip
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, self.trainer, self.cfg, extra=extra)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(report, checkpoint=ckpt)  # every rank, every time: it is a barrier
+        if ckpt is not None:
+            saved = ray.train.get_checkpoint()  # where Ray persisted it
+            log.info(f"step {step}: checkpoint {saved.path if saved else 'saved'}")
+
+
+def save_best(cfg: Config, trainer: Trainer, extra: dict) -> None:
+    """Write the best checkpoint so far to <run dir>/best/ (checkpoint.pt, best.json), replacing the last one.
+    Ray's retention keeps the latest run.keep_checkpoints; this one is kept beside them whatever its age."""
+    target = f"{cfg.run.storage_path}/{cfg.run.name}/{BEST_DIR}"
+    info = json.dumps(extra["best"])
+    if "://" not in target:
+        save_checkpoint(Path(target) / CHECKPOINT_FILE, trainer, cfg, extra=extra)  # atomic: temp file + rename
+        tmp = Path(target) / ".best.json.tmp"
+        tmp.write_text(info)
+        os.replace(tmp, Path(target) / "best.json")
+        return
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer, cfg, extra=extra)
+        (Path(tmp) / "best.json").write_text(info)
+        pyarrow.fs.copy_files(tmp, target)

@@ -53,6 +53,10 @@ class TrainConfig:
     sample_every: int = 250  # steps between sample grids and attention maps
     ckpt_every: int = 250  # steps between checkpoints
     eval_every: int = 0  # steps between in-loop FID evaluations; 0 turns them off
+    # Divergence guard: stop when a loss or D's mean score exceeds diverge_factor x its largest earlier |value|
+    # (at least 1) in diverge_patience readings in a row (log, sample, checkpoint and eval steps); 0: off.
+    diverge_factor: float = 100.0
+    diverge_patience: int = 3
 
 
 @dataclass
@@ -263,7 +267,7 @@ def validate(cfg: Config) -> Config:
         "optim.n_dis": cfg.optim.n_dis, "train.steps": t.steps, "train.batch_size": t.batch_size,
         "train.log_every": t.log_every, "train.sample_every": t.sample_every, "train.ckpt_every": t.ckpt_every,
         "eval.batch_size": cfg.eval.batch_size, "scaling.num_workers": cfg.scaling.num_workers,
-        "run.keep_checkpoints": cfg.run.keep_checkpoints,
+        "run.keep_checkpoints": cfg.run.keep_checkpoints, "train.diverge_patience": t.diverge_patience,
     }  # fmt: skip
     for key, value in positive.items():
         if value <= 0:
@@ -272,13 +276,15 @@ def validate(cfg: Config) -> Config:
                        "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker}.items():  # fmt: skip
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{key}: must be a finite number above 0, got {value}")
-    for key, value in {"train.eval_every": t.eval_every, "train.ema_start": t.ema_start,
+    for key, value in {"train.eval_every": t.eval_every, "train.ema_start": t.ema_start, "train.diverge_factor": t.diverge_factor,
                        "run.max_failures": cfg.run.max_failures}.items():  # fmt: skip
         if value < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {value}")
     for key, value in {"eval.num_samples": cfg.eval.num_samples, "eval.loop_samples": cfg.eval.loop_samples}.items():
         if value < 10:  # the Inception Score's 10 splits
             raise ConfigError(f"{key}: must be at least 10 (IS uses 10 splits), got {value}")
+    if 0 < t.diverge_factor <= 1 or not math.isfinite(t.diverge_factor):
+        raise ConfigError(f"train.diverge_factor: must be 0 (off) or above 1, got {t.diverge_factor}")
     _validate_tune(cfg.tune)
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")

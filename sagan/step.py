@@ -96,6 +96,42 @@ class LossMonitor:
         return dict(zip(self.latest, values)), (first_bad if first_bad >= 0 else None)
 
 
+class DivergenceGuard:
+    """Finite divergence: losses or D's scores far beyond the range they have kept so far.
+
+    A reading is out of range when some |value| exceeds `factor` x the largest |value| of that quantity in
+    earlier in-range readings (at least 1, so the first readings are judged too). `patience` readings out
+    of range in a row are a divergence; while any are, the run is `suspect` and takes no checkpoint, so the
+    checkpoints kept are from before it. factor 0 turns the guard off.
+    """
+
+    def __init__(self, factor: float, patience: int):
+        self.factor, self.patience = factor, patience
+        self.largest: dict[str, float] = {}
+        self.streak: list[int] = []  # steps of the readings out of range in a row
+
+    @property
+    def suspect(self) -> bool:
+        return bool(self.streak)
+
+    def check(self, step: int, values: dict[str, float]) -> str | None:
+        """Record the readings at `step`; a one-line description of the divergence once it is one, else None."""
+        if not self.factor:
+            return None
+        beyond = {k: v for k, v in values.items() if abs(v) > self.factor * max(1.0, self.largest.get(k, 1.0))}
+        if not beyond:
+            self.streak = []
+            for k, v in values.items():
+                self.largest[k] = max(self.largest.get(k, 1.0), abs(v))
+            return None
+        self.streak.append(step)
+        if len(self.streak) < self.patience:
+            return None
+        k, v = max(beyond.items(), key=lambda kv: abs(kv[1]) / max(1.0, self.largest.get(kv[0], 1.0)))
+        return (f"diverged at step {self.streak[0]}: {k} = {v:.3g}, beyond {self.factor:g}x its largest earlier "
+                f"|value| {max(1.0, self.largest.get(k, 1.0)):.3g}, for {len(self.streak)} readings to step {step}")  # fmt: skip
+
+
 class Trainer:
     """Optimizers, EMA and loss scalers around G and D; `train_step` runs one SAGAN iteration.
 

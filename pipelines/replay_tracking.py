@@ -1,0 +1,46 @@
+"""Deliver the MLflow metrics, tags, images and statuses a training run kept while its tracking store was
+out of reach (`<run dir>/mlflow-pending/`). The next launch of the same run.name does this by itself.
+
+    python pipelines/replay_tracking.py runs/sagan-demo
+    python pipelines/replay_tracking.py runs/sagan-demo --tracking-uri http://mlflow.internal:5000
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.common import TrackingError, check_tracking  # noqa: E402
+from pipelines.tracking import PENDING_DIR, replay  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="replay_tracking.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help=f"the run directory (run.storage_path/run.name) or its {PENDING_DIR}/ folder")
+    p.add_argument("--tracking-uri", default=None, help="deliver to this store instead of the one the run logged to")
+    args = p.parse_args(argv)
+    folder = Path(args.run_dir).expanduser().resolve()
+    folder = folder if folder.name == PENDING_DIR else folder / PENDING_DIR
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        print(f"nothing to deliver: no pending MLflow items in {folder}")
+        return 0
+    if args.tracking_uri:
+        try:
+            check_tracking(args.tracking_uri)
+        except TrackingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    delivered, left = replay(folder, args.tracking_uri)
+    print(f"delivered {delivered} item(s) from {len(files)} file(s) in {folder}")
+    if left:
+        print(f"error: {left} item(s) not delivered (the store is still out of reach?); they stay in {folder}: run this "
+              "again when it is back", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""MLflow never stops training: an unreachable or killed tracking server costs no step and loses no point."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from pipelines.common import prepare_tracking
+from pipelines.replay_tracking import main as replay_main
+from pipelines.tracking import Outbox, replay
+
+UNREACHABLE = "http://127.0.0.1:9"
+
+
+def new_run(tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = prepare_tracking(store, "sagan-train")
+    return store, mlflow.MlflowClient(store).create_run(experiment).info.run_id
+
+
+def test_outbox_calls_return_at_once_while_the_store_is_unreachable(tmp_path):
+    store, run_id = new_run(tmp_path)
+    outbox = Outbox(UNREACHABLE, run_id, tmp_path / "pending")
+    start = time.perf_counter()
+    for step in range(1, 51):
+        outbox.metrics({"d_loss": step / 10}, step)
+    outbox.image(np.zeros((8, 8, 3), np.uint8), "samples", 50)
+    outbox.terminate("FINISHED")
+    assert time.perf_counter() - start < 0.5  # queued, not sent: the loop never waits on MLflow
+    assert outbox.close(timeout=1) == 52
+    assert (tmp_path / "pending" / f"{run_id}.jsonl").is_file()
+
+
+def test_kept_items_replay_into_the_run_in_order_then_disappear(tmp_path, capsys):
+    store, run_id = new_run(tmp_path)
+    outbox = Outbox(UNREACHABLE, run_id, tmp_path / "run" / "mlflow-pending")
+    for step in (2, 4, 6):
+        outbox.metrics({"d_loss": step / 10, "g_loss": -step}, step)
+    outbox.tags({"speed.compile": "False"})
+    outbox.image(np.full((8, 8, 3), 200, np.uint8), "samples", 6)
+    outbox.terminate("FINISHED")
+    assert outbox.close(timeout=1) == 6
+    assert replay_main([str(tmp_path / "run"), "--tracking-uri", UNREACHABLE]) == 2  # checked first: one line
+    assert "did not answer" in capsys.readouterr().err
+    assert replay(tmp_path / "run" / "mlflow-pending", tracking_uri=store) == (6, 0)
+    assert not (tmp_path / "run" / "mlflow-pending").exists()
+    client = mlflow.MlflowClient(store)
+    history = client.get_metric_history(run_id, "d_loss")
+    assert [(m.step, m.value) for m in history] == [(2, 0.2), (4, 0.4), (6, 0.6)]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["speed.compile"] == "False"
+    assert any("samples" in a.path for a in client.list_artifacts(run_id, "images"))
+    assert replay_main([str(tmp_path / "run")]) == 0  # nothing left: says so
+    assert "nothing to deliver" in capsys.readouterr().out
+
+
+def test_replay_keeps_what_it_could_not_deliver(tmp_path):
+    _, run_id = new_run(tmp_path)
+    outbox = Outbox(UNREACHABLE, run_id, tmp_path / "pending")
+    outbox.metrics({"d_loss": 1.0}, 1)
+    outbox.close(timeout=0.5)
+    assert replay(tmp_path / "pending") == (0, 1)  # the store it names is still down
+    assert (tmp_path / "pending" / f"{run_id}.jsonl").is_file()
+
+
+# ---------------------------------------------------------------- a real tracking server, killed mid-run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrackingServer:
+    """`mlflow server` on 127.0.0.1 over a sqlite file in `folder`, startable again on the same port."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port, self.proc = folder, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> None:
+        mlflow_cli = Path(sys.executable).parent / "mlflow"
+        cmd = [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+               "--artifacts-destination", str(self.folder / "artifacts")]  # fmt: skip
+        log = open(self.folder / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"mlflow server did not start; see {self.folder / 'server.log'}")
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def test_a_tracking_server_killed_and_restarted_mid_run_costs_no_step_and_no_point(ray_session, digits, tmp_path, capsys):
+    from pipelines.train import main
+
+    server = TrackingServer(tmp_path)
+    server.start()
+    run_dir = tmp_path / "runs" / "outage"
+    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}", "run.name=outage",
+            f"mlflow.tracking_uri={server.uri}", "model.ch=8", "train.batch_size=4", "train.steps=40",
+            "train.log_every=2", "train.ckpt_every=10", "train.sample_every=10", "train.eval_every=0",
+            "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]  # fmt: skip
+    outage = {}
+
+    def outage_during_training():
+        deadline = time.time() + 300
+        while not list(run_dir.glob("checkpoint_*")) and time.time() < deadline:
+            time.sleep(0.2)
+        server.kill()  # after the first checkpoint: rank 0 is logging
+        outage["killed_at"] = len(list(run_dir.glob("checkpoint_*")))
+        time.sleep(8)
+        server.start()
+
+    thread = threading.Thread(target=outage_during_training)
+    thread.start()
+    try:
+        assert main(args) == 0
+    finally:
+        thread.join()
+        server.kill()
+    server.start()  # a run that outlasted the outage delivered everything; read what the server holds
+    try:
+        client = mlflow.MlflowClient(server.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("sagan-train").experiment_id])
+        assert run.info.status == "FINISHED"
+        steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "d_loss")})
+        assert steps == list(range(2, 41, 2))  # every logged step, the ones during the outage too
+        grids = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
+        assert sum("samples" in a for a in grids) >= 4  # steps 10, 20, 30 and 40
+    finally:
+        server.kill()
+    assert not (run_dir / "mlflow-pending").exists()
