@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
 from pipelines.launch import PreflightError, build_trainer, preflight, prepare_evaluation, resolve_paths  # noqa: E402, F401
+from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -38,6 +39,16 @@ def main(argv=None) -> int:
     except (ConfigError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        with run_lock(cfg.run.storage_path, cfg.run.name):  # before Ray starts: a refused launch costs nothing
+            return launch(cfg)
+    except RunLockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def launch(cfg) -> int:
+    """Check the cluster and the inputs, train, report; the exit status."""
     import ray
 
     if not ray.is_initialized():
