@@ -92,9 +92,10 @@ def prepare_evaluation(cfg: Config) -> None:
 
 
 def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, tags: dict | None = None,
-                  callbacks: list | None = None):  # fmt: skip
+                  callbacks: list | None = None, resume=None):  # fmt: skip
     """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name). `run_id`: an MLflow run
-    made already (a Tune trial's child run) that rank 0 logs into; `callbacks`: Ray Train callbacks."""
+    made already (a Tune trial's child run) that rank 0 logs into; `callbacks`: Ray Train callbacks; `resume`:
+    the driver's ResumePlan (pipelines/resume.py), whose fallback the workers load instead of a damaged latest."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -109,7 +110,8 @@ def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, tag
     s = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "tags": tags, "mlflow_run_id": run_id},
+        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "tags": tags, "mlflow_run_id": run_id,
+                           **(resume.loop_config() if resume else {})},  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),  # fmt: skip

@@ -53,12 +53,17 @@ def launch(cfg) -> int:
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
+    from pipelines.resume import check_resume
+
     try:
         preflight(cfg, ray.cluster_resources())
+        resume = check_resume(cfg)  # the checkpoint the workers will load, read once here
         prepare_evaluation(cfg)
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if resume.warning:
+        print(f"warning: {resume.warning}", file=sys.stderr)
     uri = default_tracking_uri(cfg.mlflow.tracking_uri)
     try:
         prepare_tracking(uri, cfg.mlflow.experiment)
@@ -76,7 +81,7 @@ def launch(cfg) -> int:
     try:
         raise_if_diverged(cfg)
         try:
-            result = build_trainer(cfg, uri).fit()
+            result = build_trainer(cfg, uri, resume=resume).fit()
         except Exception:
             raise_if_diverged(cfg)  # a diverged run: one line naming the step, not the workers' traceback
             raise
