@@ -102,9 +102,10 @@ def open_tracking_run(cfg: Config, tracking_uri: str, tags: dict | None = None) 
                     flatten(cfg), tags)  # fmt: skip
 
 
-def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, callbacks: list | None = None):
+def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, callbacks: list | None = None, resume=None):
     """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name). `run_id`: the MLflow run
-    rank 0 logs into (a Tune trial's child run, or train.py's), else one is opened; `callbacks`: Ray Train's."""
+    rank 0 logs into (a Tune trial's child run, or train.py's), else one is opened; `callbacks`: Ray Train's;
+    `resume`: the driver's ResumePlan (pipelines/resume.py), whose fallback the workers load instead of a damaged latest."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -114,7 +115,8 @@ def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, cal
     s = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": run_id},
+        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
+                           **(resume.loop_config() if resume else {})},  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),  # fmt: skip

@@ -7,6 +7,7 @@ checkpoint, and forwards rank 0's reports to Tune (TuneReportCallback) for ASHA.
 """
 
 import itertools
+import sys
 import json
 import uuid
 from pathlib import Path
@@ -167,7 +168,8 @@ def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sw
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.launch import build_trainer
+    from pipelines.launch import PreflightError, build_trainer
+    from pipelines.resume import check_resume
     from pipelines.train_loop import RunStopped, raise_if_stopped
 
     trial_id = tune.get_context().get_trial_id()
@@ -180,8 +182,11 @@ def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sw
     run_id = child_run(client, experiment_id, parent_id, cfg.tune.name, trial_id, params["trial"], cfg)
     try:
         raise_if_stopped(cfg)
-        build_trainer(cfg, tracking_uri, run_id=run_id, callbacks=[TuneReportCallback()]).fit()
-    except (RunStopped, TrainingFailedError) as e:  # not when Tune stops the trial: that is no failure
+        resume = check_resume(cfg)  # a restored trial resumes its Train run: a damaged latest falls back here too
+        if resume.warning:
+            print(f"warning: trial {trial_id}: {resume.warning}", file=sys.stderr)
+        build_trainer(cfg, tracking_uri, run_id=run_id, callbacks=[TuneReportCallback()], resume=resume).fit()
+    except (RunStopped, TrainingFailedError, PreflightError) as e:  # not when Tune stops the trial: no failure
         reason = failure_reason(e)
         client.set_tag(run_id, REASON_TAG, reason)
         client.set_terminated(run_id, "FAILED")

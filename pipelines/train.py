@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
 from pipelines.launch import PreflightError, build_trainer, open_tracking_run, preflight, prepare_evaluation, resolve_paths  # noqa: E402, F401
+from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -38,16 +39,31 @@ def main(argv=None) -> int:
     except (ConfigError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        with run_lock(cfg.run.storage_path, cfg.run.name):  # before Ray starts: a refused launch costs nothing
+            return launch(cfg)
+    except RunLockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def launch(cfg) -> int:
+    """Check the cluster and the inputs, train, report; the exit status."""
     import ray
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
+    from pipelines.resume import check_resume
+
     try:
         preflight(cfg, ray.cluster_resources())
+        resume = check_resume(cfg)  # the checkpoint the workers will load, read once here
         prepare_evaluation(cfg)
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if resume.warning:
+        print(f"warning: {resume.warning}", file=sys.stderr)
     uri = default_tracking_uri(cfg.mlflow.tracking_uri)
     try:
         prepare_tracking(uri, cfg.mlflow.experiment)
@@ -60,6 +76,11 @@ def main(argv=None) -> int:
     print(f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
           f"{cfg.train.batch_size * cfg.scaling.num_workers}, {cfg.train.steps} steps; "
           f"checkpoints in {cfg.run.storage_path}/{cfg.run.name}; MLflow at {uri}", flush=True)  # fmt: skip
+    return train(cfg, uri, resume)
+
+
+def train(cfg, uri: str, resume) -> int:
+    """Fit, with the MLflow run opened here before any worker starts and closed here when the run fails."""
     from pipelines.tracking import end_run, pending_dir, replay
     from pipelines.train_loop import RunStopped, raise_if_stopped
 
@@ -76,7 +97,7 @@ def main(argv=None) -> int:
     run_id = open_tracking_run(cfg, uri)
     status = "FAILED"  # unless fit() returns; rank 0 ends a finished run itself, after its last metrics
     try:
-        result = build_trainer(cfg, uri, run_id).fit()
+        result = build_trainer(cfg, uri, run_id, resume=resume).fit()
         status = None
     except KeyboardInterrupt:
         status = "KILLED"

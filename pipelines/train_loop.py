@@ -170,6 +170,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trainer = Trainer(G, D, cfg, speed)
     extra = {}
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint and Path(checkpoint.path).name in loop_config.get("damaged", ()):  # found so by the driver
+        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])  # a retry's newer one from Ray is used as is
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)

@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
 from pipelines.launch import PreflightError, preflight, prepare_evaluation, resolve_paths  # noqa: E402
+from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
 from pipelines.sweep import SweepError, check_same_sweep, check_sweep  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
 
@@ -78,6 +79,16 @@ def main(argv=None) -> int:
     except (ConfigError, SweepError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        with run_lock(cfg.run.storage_path, cfg.tune.name):  # before Ray starts: a refused launch costs nothing
+            return sweep(cfg, combos)
+    except RunLockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def sweep(cfg, combos) -> int:
+    """Check the cluster and the inputs, run or resume the sweep, report; the exit status."""
     sweep_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.tune.name}"  # a string: s3://... is no local Path
     import ray
 

@@ -86,6 +86,23 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+def check_fits(model: torch.nn.Module, saved: dict, name: str) -> None:
+    """Raise CheckpointError naming the first key of the state dict `saved` that `model` lacks, does not have, or
+    holds in another shape (torch's own error lists every key over many lines)."""
+    own = model.state_dict()
+    for key, tensor in saved.items():
+        if key not in own:
+            raise CheckpointError(f"the checkpoint's {name}.{key} has no place in the model: it was written by another "
+                                  "architecture (model.* settings)")  # fmt: skip
+        if own[key].shape != tensor.shape:
+            raise CheckpointError(f"the checkpoint's {name}.{key} has shape {tuple(tensor.shape)} but the model's has "
+                                  f"{tuple(own[key].shape)}: it was written with other model.* settings")  # fmt: skip
+    missing = [k for k in own if k not in saved]
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {name}.{missing[0]} ({len(missing)} key(s) in all): it was written "
+                              "by another architecture (model.* settings)")  # fmt: skip
+
+
 def trainer_from_checkpoint(path: str | Path, device="cpu") -> tuple[Trainer, Config]:
     """A Trainer rebuilt from the checkpoint's own config with every state restored, and that config."""
     state = load_checkpoint(path, map_location=device)
@@ -106,5 +123,6 @@ def generator_from_state(state: dict, ema: bool = True, device="cpu") -> tuple[G
     `device`, and its config; only G travels to the device, not D or the optimizer states."""
     cfg = from_dict(state["config"])
     G, _ = build_models(cfg.model)
+    check_fits(G, state["G_ema" if ema else "G"], "G_ema" if ema else "G")
     G.load_state_dict(state["G_ema" if ema else "G"])
     return G.to(device).eval(), cfg

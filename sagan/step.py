@@ -246,7 +246,12 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned (tensors are moved to the trainer's device)."""
+        """Restore what `state_dict` returned (tensors are moved to the trainer's device); CheckpointError, one
+        line, when its tensors do not fit these models."""
+        from .checkpoint import check_fits  # checkpoint.py builds Trainers: imported here, not at the top
+
+        for name, model in (("G", unwrap(self.G)), ("D", unwrap(self.D)), ("G_ema", self.ema.model)):
+            check_fits(model, state[name], name)
         unwrap(self.G).load_state_dict(state["G"])
         unwrap(self.D).load_state_dict(state["D"])
         self.ema.model.load_state_dict(state["G_ema"])

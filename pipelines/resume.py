@@ -1,0 +1,87 @@
+"""Resume checked on the driver before any worker starts: the checkpoint Ray would hand the workers is read
+once here, so a changed model or a damaged file is one line, and a damaged latest falls back to an older one."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.launch import PreflightError
+from pipelines.train_loop import CHECKPOINT_FILE
+from sagan.checkpoint import CheckpointError, load_checkpoint
+from sagan.config import Config, to_dict
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
+
+
+@dataclass
+class ResumePlan:
+    """Where a run resumes: `checkpoint` (a folder) at `step`, or nowhere (a fresh run). `damaged` names the
+    folders Ray may hand the workers that must not be loaded; `warning` is one line for the user, or None."""
+
+    checkpoint: str | None = None
+    step: int | None = None
+    damaged: list[str] = field(default_factory=list)
+    warning: str | None = None
+
+    def loop_config(self) -> dict:
+        """The train loop's keys: the fallback to load when Ray hands a damaged checkpoint."""
+        return {"resume_from": self.checkpoint if self.damaged else None, "damaged": list(self.damaged)}
+
+
+def ray_latest(run_dir: Path) -> str | None:
+    """The folder name of the run's latest checkpoint in Ray's snapshot, or None when Ray would start afresh."""
+    try:
+        latest = json.loads((run_dir / RAY_SNAPSHOT).read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+
+
+def _value(v) -> str:
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+
+
+def model_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every model.* setting that differs between a checkpoint's config and `cfg`."""
+    old, new = saved.get("model", {}), to_dict(cfg)["model"]
+    return [(k, old[k], new[k]) for k in new if k in old and old[k] != new[k]]
+
+
+def check_resume(cfg: Config) -> ResumePlan:
+    """The checkpoint a relaunch of `cfg.run.name` resumes from, read and checked on this machine (CPU).
+
+    PreflightError when it was trained with other model.* settings, or when no checkpoint of the run is intact.
+    Remote storage (scheme://) is not checked here: the workers load Ray's latest as they always did.
+    """
+    if "://" in cfg.run.storage_path:
+        return ResumePlan()
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    latest = ray_latest(run_dir)
+    if latest is None:
+        return ResumePlan()
+    # Newest first: Ray names the folders checkpoint_<date>_<time>.<microseconds>, which sort in time order.
+    older = sorted((p.name for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name < latest), reverse=True)
+    damaged, first_error = [], None
+    for name in [latest, *older]:
+        try:
+            state = load_checkpoint(run_dir / name / CHECKPOINT_FILE, map_location="cpu")
+            break
+        except CheckpointError as e:
+            damaged.append(name)
+            first_error = first_error or e
+    else:
+        raise PreflightError(f"run {cfg.run.name} cannot resume: its latest checkpoint is damaged ({first_error}) and "
+                             f"no older one in {run_dir} is intact; choose a new run.name, or delete {run_dir} "
+                             "to start this one afresh")  # fmt: skip
+    changes = model_changes(state["config"], cfg)
+    if changes:
+        diff = ", ".join(f"model.{k} ({_value(a)} -> {_value(b)})" for k, a, b in changes)
+        keep = " ".join(f"model.{k}={_value(a)}" for k, a, _ in changes)
+        raise PreflightError(f"run {cfg.run.name} was trained with other model settings: {diff}; its checkpoints "
+                             f"cannot be loaded into this model. Choose a new run.name, or set the old values "
+                             f"({keep})")  # fmt: skip
+    warning = None
+    if damaged:
+        warning = (f"the latest checkpoint of run {cfg.run.name} ({run_dir / latest}) is damaged ({first_error}); "
+                   f"resuming from the newest intact one, {run_dir / name} (step {state['step']})")  # fmt: skip
+    return ResumePlan(str(run_dir / name), int(state["step"]), damaged, warning)
