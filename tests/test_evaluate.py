@@ -13,7 +13,7 @@ import sagan.metrics as metrics
 from pipelines.common import prepare_tracking
 from pipelines.evaluate import main
 from pipelines.train import build_trainer, prepare_evaluation, resolve_paths
-from sagan.checkpoint import save_checkpoint
+from sagan.checkpoint import load_checkpoint, save_checkpoint
 from sagan.config import load_config
 from sagan.models import build_models
 from sagan.step import Trainer
@@ -51,6 +51,11 @@ def test_in_loop_fid_and_the_eval_job_land_in_the_training_run(ray_session, digi
     run_id = run.info.run_id
     assert [m.step for m in client.get_metric_history(run_id, "loop/fid")] == [0, 2, 4]
     assert "loop_fid.png" in [Path(a.path).name for a in client.list_artifacts(run_id, "plots")]
+    best = Path(cfg.run.storage_path) / "evaluated" / "best"  # kept beside Ray's latest N, by in-loop FID
+    fids = {m.step: m.value for m in client.get_metric_history(run_id, "loop/fid") if m.step}
+    info = json.loads((best / "best.json").read_text())
+    assert info["step"] == min(fids, key=fids.get) and info["loop/fid"] == pytest.approx(fids[info["step"]])
+    assert load_checkpoint(best / "checkpoint.pt")["step"] == info["step"]
 
     args = ["--checkpoint", str(Path(cfg.run.storage_path) / "evaluated"), "eval.num_samples=60"]
     assert main(args) == 0

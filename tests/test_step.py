@@ -7,7 +7,7 @@ from torch import nn
 from sagan.config import load_config
 from sagan.losses import hinge_d_loss, hinge_g_loss
 from sagan.models import build_models
-from sagan.step import EMA, Trainer
+from sagan.step import EMA, DivergenceGuard, Trainer
 
 
 def tiny_config(*overrides):
@@ -283,3 +283,23 @@ def test_compile_and_channels_last_accept_auto_and_reject_other_words():
         tiny_config("train.compile=sometimes")
     with pytest.raises(ConfigError, match="train.compile_backend: 'warp' is not a torch.compile backend"):
         tiny_config("train.compile_backend=warp")
+
+
+def test_divergence_guard_names_the_first_step_after_patience_readings_out_of_range():
+    guard = DivergenceGuard(factor=100, patience=3)
+    assert guard.check(2, {"d_loss": 2.0, "d_real": 5.0}) is None
+    assert guard.check(4, {"d_loss": 1.5, "d_real": 40.0}) is None  # growing within range raises the range
+    assert guard.check(6, {"d_loss": 6e13, "d_real": 1.0}) is None and guard.suspect
+    assert guard.check(8, {"d_loss": 5e13, "d_real": 1.0}) is None
+    message = guard.check(10, {"d_loss": 7e13, "d_real": 1.0})
+    assert message.startswith("diverged at step 6: d_loss = 7e+13, beyond 100x its largest earlier |value| 2")
+
+
+def test_divergence_guard_forgives_a_spike_and_can_be_off():
+    guard = DivergenceGuard(factor=100, patience=2)
+    assert guard.check(2, {"g_loss": 3.0}) is None
+    assert guard.check(4, {"g_loss": 1e6}) is None and guard.suspect
+    assert guard.check(6, {"g_loss": 3.0}) is None and not guard.suspect
+    assert guard.largest == {"g_loss": 3.0}  # the spike did not widen the range
+    off = DivergenceGuard(factor=0, patience=1)
+    assert off.check(2, {"g_loss": 1e30}) is None

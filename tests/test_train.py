@@ -93,6 +93,8 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, digits, tmp_pa
     result = out["result"]
     assert result.metrics["step"] == 30
     assert load_checkpoint(Path(result.checkpoint.path) / "checkpoint.pt")["step"] == 30
+    _, run = mlflow_run(cfg)  # the retry logged into the same MLflow run, which ended FINISHED
+    assert run.info.status == "FINISHED"
 
 
 def test_every_rank_gets_the_same_number_of_batches_with_true_labels(digits):
@@ -159,6 +161,24 @@ def test_non_finite_loss_stops_the_run_naming_the_step(ray_session, digits, tmp_
     assert (good / "checkpoint.pt").read_bytes() == before
     latest = checkpoint_dirs(Path(cfg.run.storage_path) / "nan")[-1]
     assert load_checkpoint(latest / "checkpoint.pt")["step"] == step - 1  # nothing saved at or after it
+    _, run = mlflow_run(cfg)  # one MLflow run for both launches and the retry, marked failed
+    assert run.info.status == "FAILED"
+
+
+def test_finite_divergence_stops_the_run_and_keeps_the_checkpoints_from_before_it(ray_session, digits, tmp_path, capsys):
+    cfg = tiny_cfg(digits, tmp_path, "run.name=diverge", "train.steps=4")
+    fit(cfg)  # healthy: checkpoints at steps 2 and 4
+    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "model.ch=8", "train.batch_size=4", "run.name=diverge",
+            "train.steps=40", "train.log_every=2", "train.ckpt_every=2", "train.sample_every=100", "optim.lr_d=1e6",
+            "optim.lr_g=1e6", "train.eval_every=0", "train.diverge_patience=3"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: diverged at step 6: ") and "for 3 readings to step 10" in err
+    steps = [load_checkpoint(d / "checkpoint.pt")["step"] for d in checkpoint_dirs(Path(cfg.run.storage_path) / "diverge")]
+    assert steps == [2, 4]  # keep_checkpoints=2: nothing from the diverging steps pushed them out
+    assert main(args) == 1  # a relaunch does not replay it
+    assert "diverged at step 6" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("entry", ["train", "tune"])
