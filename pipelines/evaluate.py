@@ -1,6 +1,7 @@
 """Score a SAGAN checkpoint with FID and IS (torch-fidelity) and log them into its training run in MLflow.
 
     python pipelines/evaluate.py --checkpoint runs/sagan-demo             # the run's latest checkpoint
+    python pipelines/evaluate.py --checkpoint runs/sagan-demo/best        # its best by in-loop FID
     python pipelines/evaluate.py --checkpoint runs/sagan-demo/checkpoint_.../checkpoint.pt eval.num_samples=10000
     ray job submit --working-dir . --entrypoint-num-gpus 1 -- \\
         python pipelines/evaluate.py --checkpoint /mnt/shared/sagan-runs/sagan-imagenet128
