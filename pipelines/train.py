@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
-from pipelines.launch import PreflightError, build_trainer, preflight, prepare_evaluation, resolve_paths  # noqa: E402, F401
+from pipelines.launch import PreflightError, build_trainer, preflight, prepare_evaluation, resolve_paths, verify_shards  # noqa: E402, F401
 from sagan.config import ConfigError, load_config  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
         ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
     try:
         preflight(cfg, ray.cluster_resources())
+        verify_shards(cfg)  # sha256 of every shard (data.verify=full), before any worker starts
         prepare_evaluation(cfg)
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
