@@ -2,11 +2,12 @@
 eval cache filled before workers start, and the TorchTrainer that runs `train_loop_per_worker`."""
 
 import os
+import time
 from pathlib import Path
 
 from pipelines.common import absolute, git_commit, ray_job_id
 from sagan.config import Config, flatten, to_dict
-from sagan.data import DataError, batches_per_epoch, find_shards
+from sagan.data import DataError, ShardSet, batches_per_epoch, find_shards, sha256_mismatch, size_mismatch
 
 
 class PreflightError(Exception):
@@ -24,7 +25,8 @@ def resolve_paths(cfg: Config) -> Config:
 
 
 def preflight(cfg: Config, cluster: dict) -> None:
-    """Raise PreflightError for too few resources, bad data, mismatched classes or unwritable storage."""
+    """Raise PreflightError for too few resources, bad data (a shard off its manifest's size too, unless
+    data.verify=off), mismatched classes or unwritable storage."""
     s = cfg.scaling
     if s.use_gpu and cluster.get("GPU", 0) < s.num_workers:
         raise PreflightError(f"scaling.num_workers={s.num_workers} GPU workers but the cluster has "
@@ -45,13 +47,10 @@ def preflight(cfg: Config, cluster: dict) -> None:
     if shards.image_size != cfg.model.resolution:
         raise PreflightError(f"the shards hold {shards.image_size}px images but model.resolution is "
                              f"{cfg.model.resolution}; reshard with --size {cfg.model.resolution} or change it")  # fmt: skip
-    if cfg.train.eval_every:  # in-loop FID compares against these
-        from sagan.metrics import MetricsError, real_shards
-
-        try:
-            real_shards(cfg)
-        except MetricsError as e:
-            raise PreflightError(str(e)) from None
+    for key, shard_set in planned_shards(cfg, shards).items():
+        problem = size_mismatch(shard_set) if cfg.data.verify != "off" else None
+        if problem:
+            raise PreflightError(f"{key}: {problem}")
     storage = cfg.run.storage_path
     if "://" not in storage:
         try:
@@ -61,6 +60,53 @@ def preflight(cfg: Config, cluster: dict) -> None:
             probe.unlink()
         except OSError as e:
             raise PreflightError(f"run.storage_path {storage} is not writable ({e.strerror}); choose another") from None
+
+
+def planned_shards(cfg: Config, train: ShardSet | None = None) -> dict[str, ShardSet]:
+    """The shards the run reads, by config key: the train shards, and the real images for in-loop FID when it is
+    on; PreflightError when they cannot be found or do not match the model."""
+    try:
+        planned = {"data.train_shards": train or find_shards(cfg.data.train_shards)}
+    except DataError as e:
+        raise PreflightError(f"data.train_shards: {e}") from None
+    if cfg.train.eval_every:  # in-loop FID compares against these
+        from sagan.metrics import MetricsError, real_shards
+
+        try:
+            real = real_shards(cfg)
+        except MetricsError as e:
+            raise PreflightError(str(e)) from None
+        planned.setdefault(f"data.{cfg.eval.real_split}_shards", real)
+    return planned
+
+
+def verify_shards(cfg: Config) -> None:
+    """With data.verify=full, compare every planned shard's sha256 with its manifest's in scaling.num_workers Ray
+    tasks (a worker's CPUs, no GPU), before the workers start; PreflightError naming the first damaged shard.
+
+    The shards are dealt round-robin, so each task reads about what a rank reads in an epoch and the check costs
+    about one pass over a worker's share. On a cluster the tasks run where Ray puts them: the shards must be on
+    storage every node sees, as the workers need anyway.
+    """
+    if cfg.data.verify != "full":
+        return
+    import ray
+
+    urls, sha256s, total = [], [], 0
+    for shard_set in planned_shards(cfg).values():
+        urls += shard_set.urls
+        sha256s += shard_set.sha256s
+        total += sum(shard_set.sizes)
+    k = min(cfg.scaling.num_workers, len(urls))
+    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=0)(sha256_mismatch)
+    print(f"verifying {len(urls)} shards ({total / 1e9:.2f} GB) with sha256 on {k} tasks ...", end=" ", flush=True)
+    start = time.perf_counter()
+    problems = [p for p in ray.get([task.remote(urls[i::k], sha256s[i::k]) for i in range(k)]) if p]
+    seconds = time.perf_counter() - start
+    print(f"damaged shard found in {seconds:.1f} s" if problems else
+        f"ok in {seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)", flush=True)  # fmt: skip
+    if problems:
+        raise PreflightError(problems[0])
 
 
 def prepare_evaluation(cfg: Config) -> None:
@@ -84,7 +130,7 @@ def prepare_evaluation(cfg: Config) -> None:
     try:
         weights = ray.get(task.remote(to_dict(cfg)))
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, MetricsError):
+        if isinstance(e.cause, (MetricsError, DataError)):  # DataError: a real-image shard that does not read
             raise PreflightError(str(e.cause)) from None
         raise
     if cfg.eval.feature_extractor == INCEPTION:

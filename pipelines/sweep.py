@@ -97,6 +97,8 @@ def check_same_sweep(sweep_dir: Path, combos: list[dict], cfg: Config, restorabl
     path = sweep_dir / SPACE_FILE
     if path.is_file() and restorable:
         saved = json.loads(path.read_text())
+        # How the data is checked changes no trial's result (and sweeps recorded before the key lack it).
+        saved.get("config", {}).get("data", {})["verify"] = cfg.data.verify
         if {k: saved.get(k) for k in record} != json.loads(json.dumps(record)):
             old, new = flatten(saved.get("config", {})), flatten(json.loads(json.dumps(record["config"])))
             changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) or ["tune combinations"]

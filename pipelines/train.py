@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
-from pipelines.launch import PreflightError, build_trainer, open_tracking_run, preflight, prepare_evaluation, resolve_paths  # noqa: E402, F401
+from pipelines.launch import PreflightError, build_trainer, open_tracking_run, preflight, prepare_evaluation, resolve_paths, verify_shards  # noqa: E402, F401
 from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
 
@@ -57,6 +57,7 @@ def launch(cfg) -> int:
 
     try:
         preflight(cfg, ray.cluster_resources())
+        verify_shards(cfg)  # sha256 of every shard (data.verify=full), before any worker starts
         resume = check_resume(cfg)  # the checkpoint the workers will load, read once here
         prepare_evaluation(cfg)
     except PreflightError as e:

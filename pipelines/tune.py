@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
-from pipelines.launch import PreflightError, preflight, prepare_evaluation, resolve_paths  # noqa: E402
+from pipelines.launch import PreflightError, preflight, prepare_evaluation, resolve_paths, verify_shards  # noqa: E402
 from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
 from pipelines.sweep import SweepError, check_same_sweep, check_sweep  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
@@ -103,6 +103,7 @@ def sweep(cfg, combos) -> int:
 
             sweep_id = check_same_sweep(Path(sweep_dir), combos, cfg, restorable=tune.Tuner.can_restore(sweep_dir))
         preflight(cfg, ray.cluster_resources())
+        verify_shards(cfg)  # once per sweep, not per trial
         prepare_evaluation(cfg)
     except (PreflightError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -63,6 +63,7 @@ class TrainConfig:
 class DataConfig:
     train_shards: str = "data/sample/shards/train"  # shard directory, brace pattern or manifest.json
     val_shards: str = "data/sample/shards/val"  # the same, for the real statistics of FID
+    verify: str = "full"  # before training: full (sizes, then sha256 in Ray tasks), size (stat only) or off
 
 
 @dataclass
@@ -137,6 +138,8 @@ class ConfigError(ValueError):
 
 
 _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DATA_VERIFY = ("full", "size", "off")
+_OFF_KEYS = {"data.verify"}  # string keys for which "off" is a value
 
 
 def _type_name(tp) -> str:
@@ -176,6 +179,8 @@ def _coerce(value, tp, key: str):
     elif tp is str:
         if isinstance(value, str):
             return value
+        if value is False and key in _OFF_KEYS:  # YAML 1.1 reads an unquoted `off` as false
+            return "off"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -254,6 +259,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"eval.feature_extractor: '{cfg.eval.feature_extractor}' is not one of {INCEPTION}, {SAMPLE_CLASSIFIER}")
     if cfg.eval.real_split not in ("val", "train"):
         raise ConfigError(f"eval.real_split: '{cfg.eval.real_split}' is not one of val, train")
+    if cfg.data.verify not in DATA_VERIFY:
+        raise ConfigError(f"data.verify: '{cfg.data.verify}' is not one of {', '.join(DATA_VERIFY)}")
     if t.precision not in _PRECISIONS:
         raise ConfigError(f"train.precision: '{t.precision}' is not one of {', '.join(_PRECISIONS)}")
     if t.compile is not False and t.compile_backend != "inductor":

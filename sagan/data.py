@@ -3,12 +3,15 @@
 `find_shards` resolves a shard location (a directory, a brace pattern or a manifest.json) to its tar
 files, per-shard sample counts and class count. `rank_batches` streams one rank's share of an epoch as
 (images (B, 3, R, R) in [-1, 1], labels (B,)) batches; every rank gets the same number of batches, which
-DDP needs (a rank that runs out first leaves the others hanging in an all-reduce).
+DDP needs (a rank that runs out first leaves the others hanging in an all-reduce). `size_mismatch` and
+`sha256_mismatch` check the tars against the manifest before training; a tar or a sample that fails to read
+while training raises DataError naming the tar file and the sample key.
 """
 
 import hashlib
 import io
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,8 @@ from PIL import Image
 
 
 class DataError(ValueError):
-    """A shard location that holds no usable shards; the message says what was looked for."""
+    """Shards that cannot be used (none found, a size or hash off the manifest, a sample that does not read);
+    the message names the location or the shard file and says what to do."""
 
 
 @dataclass
@@ -32,6 +36,8 @@ class ShardSet:
     image_size: int
     manifest: Path
     key: str  # sha256 of the preprocessing options and these shards' sha256s: names the content, not the path
+    sizes: list[int]  # bytes per tar, as the manifest recorded them
+    sha256s: list[str]  # sha256 per tar, as the manifest recorded them
 
     @property
     def num_samples(self) -> int:
@@ -93,11 +99,81 @@ def find_shards(location: str, split: str = "train") -> ShardSet:
         image_size=int(manifest["options"]["size"]),
         manifest=manifest_path,
         key=hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(),
+        sizes=[int(r["bytes"]) for r in records],
+        sha256s=[r["sha256"] for r in records],
     )
 
 
-def _all_shards(urls):
-    yield from urls
+def _fix(url: str) -> str:
+    root = Path(url).parent.parent  # OUT/<split>/<name>.tar
+    return (f"delete it and re-run preprocessing/shard_imagenet.py with the same --src and --out (missing shards are "
+            f"rebuilt); check every shard with preprocessing/shard_imagenet.py --out {root} --verify")  # fmt: skip
+
+
+def size_mismatch(shards: ShardSet) -> str | None:
+    """The first shard whose file is missing or not the manifest's size, as a one-line message; None if all match.
+    Costs one stat per shard."""
+    for url, expected in zip(shards.urls, shards.sizes):
+        try:
+            found = f"{os.stat(url).st_size} bytes"
+        except FileNotFoundError:
+            found = "no file"
+        if found != f"{expected} bytes":
+            return f"shard {url} is damaged: the manifest says {expected} bytes, found {found}; {_fix(url)}"
+    return None
+
+
+def sha256_mismatch(urls: list[str], sha256s: list[str], chunk_bytes: int = 4 << 20) -> str | None:
+    """The first of `urls` whose sha256 is not its entry in `sha256s`, as a one-line message; None if all match."""
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    for url, expected in zip(urls, sha256s):
+        h = hashlib.sha256()
+        with open(url, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+        if h.hexdigest() != expected:
+            return (f"shard {url} is damaged: its sha256 is {h.hexdigest()[:12]}..., the manifest says "
+                    f"{expected[:12]}...; {_fix(url)}")  # fmt: skip
+    return None
+
+
+def _reason(err: Exception) -> str:
+    # webdataset appends " @ <stream>" to the message and the stream and url to the args; the caller names the shard.
+    text = str(err.args[0]).split(" @ <")[0] if err.args else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _samples(urls: list[str], counts: list[int]):
+    """Every sample dict ({"__key__", "__url__", "jpg", "cls", ...}) of the tars `urls`, in order; DataError naming
+    the tar (and the last sample read from it) when a tar cannot be read or holds fewer samples than `counts`."""
+    for url, count in zip(urls, counts):
+        key, n = None, 0
+        try:
+            with open(url, "rb") as stream:
+                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
+                for sample in wds.tariterators.group_by_keys(files):
+                    key, n = sample["__key__"], n + 1
+                    yield sample
+        except Exception as err:  # noqa: BLE001 - whatever stops a tar from reading, the message names it
+            where = f"after sample {key}" if key else "before its first sample"
+            raise DataError(f"shard {url}: {where}: {_reason(err)}; {_fix(url)}") from err
+        if n < count:  # a tar cut at a header boundary reads as a shorter tar, without an error from tarfile
+            raise DataError(f"shard {url}: ends after sample {key} ({n} samples, the manifest says {count}); {_fix(url)}")
+
+
+def _decoded(samples, decode):
+    """(decode(jpg), int label) per sample; DataError naming the shard and the sample when either does not read."""
+    for sample in samples:
+        url, key = sample["__url__"], sample["__key__"]
+        missing = [m for m in ("jpg", "cls") if m not in sample]
+        if missing:  # a tar cut short between a sample's members
+            has = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
+            raise DataError(f"shard {url}: sample {key}: no .{missing[0]} member (it has {has}); {_fix(url)}")
+        try:
+            yield decode(sample["jpg"]), int(sample["cls"])
+        except Exception as err:  # noqa: BLE001 - a member that does not decode is the shard's fault
+            raise DataError(f"shard {url}: sample {key}: {_reason(err)}; {_fix(url)}") from err
 
 
 def decode_uint8(jpg: bytes) -> torch.Tensor:
@@ -113,11 +189,10 @@ def decode_image(jpg: bytes) -> torch.Tensor:
 
 def iter_uint8(shards: ShardSet, batch_size: int):
     """Every sample of `shards` once, in shard order: (images (B, 3, R, R) uint8, labels (B,)) batches."""
-    dataset = wds.WebDataset(shards.urls, shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
     images, labels = [], []
-    for jpg, cls in dataset.to_tuple("jpg", "cls"):
-        images.append(decode_uint8(jpg))
-        labels.append(int(cls))
+    for image, label in _decoded(_samples(shards.urls, shards.counts), decode_uint8):
+        images.append(image)
+        labels.append(label)
         if len(images) == batch_size:
             yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
             images, labels = [], []
@@ -149,17 +224,13 @@ def rank_batches(shards: ShardSet, rank: int, world_size: int, batch_size: int, 
     n_batches = batches_per_epoch(shards, world_size, batch_size)
     order = list(range(len(shards.urls)))
     random.Random(seed * 100003 + epoch).shuffle(order)
-    mine = [shards.urls[i] for i in order[: len(order) // world_size * world_size][rank::world_size]]
-    dataset = (
-        # The split by rank is done above, so webdataset's own node splitter is told to pass shards through.
-        wds.WebDataset(mine, shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
-        .shuffle(shuffle_buffer, rng=random.Random(seed * 7919 + epoch * 31 + rank))
-        .to_tuple("jpg", "cls")
-    )
+    mine = order[: len(order) // world_size * world_size][rank::world_size]
+    samples = _samples([shards.urls[i] for i in mine], [shards.counts[i] for i in mine])
+    shuffled = wds.filters.shuffle(shuffle_buffer, rng=random.Random(seed * 7919 + epoch * 31 + rank))(samples)
     images, labels, done = [], [], 0
-    for jpg, cls in dataset:
-        images.append(decode_image(jpg))
-        labels.append(int(cls))
+    for image, label in _decoded(shuffled, decode_image):
+        images.append(image)
+        labels.append(label)
         if len(images) == batch_size:
             yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
             images, labels, done = [], [], done + 1

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import eval_speed, train_step
+from benchmarks import eval_speed, train_step, verify_shards
 
 
 def test_train_step_benchmark_measures_variants_and_compares_learning(tmp_path):
@@ -42,3 +42,14 @@ def test_eval_speed_benchmark_times_a_fid_and_is_pass(tmp_path):
                               "--batch", "10", "--device", "cpu", "--out", str(tmp_path / "eval.json")])  # fmt: skip
     assert result["num_samples"] == 20 and result["finite"] and result["seconds"] > 0
     assert json.loads((tmp_path / "eval.json").read_text())["images_per_s"] == result["images_per_s"]
+
+
+def test_verify_shards_benchmark_reports_sha256_speed_and_size_check_time(digits, tmp_path):
+    out = tmp_path / "verify.json"
+    result = verify_shards.main(["--shards", str(digits / "train"), "--min-gb", "0.02", "--cold-mb", "2",
+                                 "--photos", "4", "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == result
+    warm = result["repeated_passes"]
+    assert warm["bytes"] >= 0.02e9 and warm["mb_per_s_median"] > 0 and result["num_shards"] == 8
+    assert result["cold_file"]["bytes"] == 2 << 20 and result["size_check_s_per_1000_shards"] > 0
+    assert result["imagenet_train_estimate"]["gb"] > 0

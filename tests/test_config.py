@@ -46,6 +46,7 @@ def test_override_beats_file(tmp_path):
         ("optim.betas=[0.1]", "optim.betas: expected 2 values"),
         ("model.g_attn=[4]", r"model.g_attn has no \[4\]"),
         ("train.precision=fp8", "train.precision: 'fp8' is not one of"),
+        ("data.verify=md5", "data.verify: 'md5' is not one of full, size, off"),
         ("train.steps=0", "train.steps: must be positive"),
         ("steps", "not of the form section.key=value"),
     ],
@@ -53,6 +54,12 @@ def test_override_beats_file(tmp_path):
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_data_verify_takes_off_unquoted_as_yaml_reads_it():
+    assert load_config(None, ["data.verify=off"]).data.verify == "off"
+    assert load_config(None, ["data.verify=size"]).data.verify == "size"
+    assert load_config(None).data.verify == "full"
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

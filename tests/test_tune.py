@@ -53,6 +53,15 @@ def test_a_rerun_with_changed_settings_is_refused_naming_them(tmp_path):
     assert check_same_sweep(tmp_path, combinations(changed), changed, restorable=False) != sweep_id
 
 
+def test_a_rerun_may_change_how_the_data_is_verified(tmp_path):
+    from pipelines.sweep import check_same_sweep
+
+    cfg = load_config(None, ["tune.attn=[[16]]"])
+    sweep_id = check_same_sweep(tmp_path, combinations(cfg), cfg, restorable=False)
+    off = load_config(None, ["tune.attn=[[16]]", "data.verify=off"])
+    assert check_same_sweep(tmp_path, combinations(off), off, restorable=True) == sweep_id
+
+
 def test_placements_are_tied_or_crossed_and_every_value_makes_a_trial():
     tied = load_config(None, ["tune.attn=[[16],[]]", "tune.ratio=[1,2,4]", "tune.seeds=[0,1]"])
     combos = combinations(tied)
