@@ -25,8 +25,13 @@ def resolve_paths(cfg: Config) -> Config:
 
 
 def preflight(cfg: Config, cluster: dict) -> None:
-    """Raise PreflightError for too few resources, bad data (a shard off its manifest's size too, unless
-    data.verify=off), mismatched classes or unwritable storage."""
+    """Both checks below: the inputs, then the cluster's resources."""
+    check_inputs(cfg)
+    check_cluster(cfg, cluster)
+
+
+def check_cluster(cfg: Config, cluster: dict) -> None:
+    """Raise PreflightError when the cluster (ray.cluster_resources()) lacks the workers' GPUs or CPUs."""
     s = cfg.scaling
     if s.use_gpu and cluster.get("GPU", 0) < s.num_workers:
         raise PreflightError(f"scaling.num_workers={s.num_workers} GPU workers but the cluster has "
@@ -36,6 +41,11 @@ def preflight(cfg: Config, cluster: dict) -> None:
     if cluster.get("CPU", 0) < need:
         raise PreflightError(f"{s.num_workers} workers x {s.cpus_per_worker} CPUs = {need} CPUs but the cluster has "
                              f"{cluster.get('CPU', 0)}; lower scaling.num_workers or scaling.cpus_per_worker")  # fmt: skip
+
+
+def check_inputs(cfg: Config) -> None:
+    """Raise PreflightError for bad data (a shard off its manifest's size too, unless data.verify=off),
+    mismatched classes or unwritable storage. Needs no Ray: run it before ray.init, which takes seconds."""
     try:
         shards = find_shards(cfg.data.train_shards)
         batches_per_epoch(shards, cfg.scaling.num_workers, cfg.train.batch_size)

@@ -17,7 +17,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
-from pipelines.launch import PreflightError, build_trainer, open_tracking_run, preflight, prepare_evaluation, resolve_paths, verify_shards  # noqa: E402, F401
+from pipelines.launch import (  # noqa: E402, F401
+    PreflightError, build_trainer, check_cluster, check_inputs, open_tracking_run, preflight, prepare_evaluation, resolve_paths,
+    verify_shards,
+)  # fmt: skip
 from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
 
@@ -36,7 +39,8 @@ def main(argv=None) -> int:
     try:
         cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
         check_tracking(default_tracking_uri(cfg.mlflow.tracking_uri))  # seconds, before Ray starts
-    except (ConfigError, TrackingError) as e:
+        check_inputs(cfg)  # the data against its manifest, the storage: no Ray needed
+    except (ConfigError, TrackingError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -48,28 +52,33 @@ def main(argv=None) -> int:
 
 
 def launch(cfg) -> int:
-    """Check the cluster and the inputs, train, report; the exit status."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
+    """Check the resume and the tracking store, start (or join) Ray, check the cluster, verify the data, fill
+    the eval cache, train; the exit status."""
     from pipelines.resume import check_resume
 
+    uri = default_tracking_uri(cfg.mlflow.tracking_uri)
     try:
-        preflight(cfg, ray.cluster_resources())
-        verify_shards(cfg)  # sha256 of every shard (data.verify=full), before any worker starts
         resume = check_resume(cfg)  # the checkpoint the workers will load, read once here
-        prepare_evaluation(cfg)
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if resume.warning:
         print(f"warning: {resume.warning}", file=sys.stderr)
-    uri = default_tracking_uri(cfg.mlflow.tracking_uri)
     try:
         prepare_tracking(uri, cfg.mlflow.experiment)
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
         print(f"error: MLflow tracking at {uri} is not usable: {first_line(e)}", file=sys.stderr)
+        return 2
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
+    try:
+        check_cluster(cfg, ray.cluster_resources())
+        verify_shards(cfg)  # sha256 of every shard (data.verify=full), before any worker starts
+        prepare_evaluation(cfg)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if uri.startswith("sqlite:") and (os.environ.get("RAY_ADDRESS") or sum(n["Alive"] for n in ray.nodes()) > 1):
         print(f"warning: MLflow store {uri} is a file on this node, but rank 0 may run on another; on a "

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
-from pipelines.launch import PreflightError, preflight, prepare_evaluation, resolve_paths, verify_shards  # noqa: E402
+from pipelines.launch import PreflightError, check_cluster, check_inputs, prepare_evaluation, resolve_paths, verify_shards  # noqa: E402
 from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
 from pipelines.sweep import SweepError, check_same_sweep, check_sweep  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
         combos = check_sweep(cfg)
         check_tracking(default_tracking_uri(cfg.mlflow.tracking_uri))  # seconds, before Ray starts
-    except (ConfigError, SweepError, TrackingError) as e:
+        check_inputs(cfg)  # the data against its manifest, the storage: no Ray needed
+    except (ConfigError, SweepError, TrackingError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -102,7 +103,7 @@ def sweep(cfg, combos) -> int:
             from ray import tune
 
             sweep_id = check_same_sweep(Path(sweep_dir), combos, cfg, restorable=tune.Tuner.can_restore(sweep_dir))
-        preflight(cfg, ray.cluster_resources())
+        check_cluster(cfg, ray.cluster_resources())
         verify_shards(cfg)  # once per sweep, not per trial
         prepare_evaluation(cfg)
     except (PreflightError, SweepError) as e:

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def parse_args(argv=None):
         raise UsageError(f"--max-failures must be 0 or more, got {args.max_failures}")
     if args.src is None and not args.verify:
         raise UsageError("--src is required (or use --verify alone to check an existing --out)")
+    if Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder (it will hold train/, val/ and manifest.json)")
     args.prefix = args.prefix or f"imagenet{args.size}"
     return args
 
@@ -122,13 +125,25 @@ def run_tasks(tasks: list[tuple[str, list, ImageOptions]], backend: str, workers
         return
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(write_shard, *t) for t in tasks]
         try:
             for future in as_completed(futures):
                 yield future.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # after an error: stop queued shards at once
+
+
+def exit_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker soon after its parent dies. A killed parent (kill -9, OOM) cannot
+    stop its pool, whose workers would otherwise write shards nobody records and then wait forever."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def shard_pattern(prefix: str, split: str, n: int) -> str:

@@ -334,7 +334,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            context = f" ({e.context})" if getattr(e, "context", None) else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {what}{context}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections (model:, optim:, ...), got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))

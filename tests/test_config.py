@@ -126,3 +126,11 @@ def test_empty_section_and_non_mapping_yaml(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(path)
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  ch: 8\n   z_dim: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"config file {path} is not valid YAML at line 3, column 9: mapping values are not allowed here"

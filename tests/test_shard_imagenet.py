@@ -260,3 +260,59 @@ def test_run_over_the_failure_budget_is_not_complete(folder_tree, tmp_path):
     assert main(["--out", str(out), "--verify"]) == 1
     assert shard(folder_tree[0], out) == 0  # a higher budget completes it
     assert find_shards(str(out / "train")).num_samples == 25
+
+
+def test_out_that_is_a_file_is_one_line(folder_tree, tmp_path, capsys):
+    (tmp_path / "o").write_text("not a folder")
+    assert main(["--src", str(folder_tree[0]), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out {tmp_path / 'o'} is a file; give a folder" in err and len(err.splitlines()) == 1
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def test_pool_workers_exit_when_the_parent_is_killed(folder_tree, tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    slow = (  # each image takes 0.3 s, so the run is still going when the parent dies
+        "import time, preprocessing.shards as s\n"
+        "orig = s.load_square\n"
+        "def load(*a, **k):\n"
+        "    time.sleep(0.3)\n"
+        "    return orig(*a, **k)\n"
+        "s.load_square = load\n"
+        "from preprocessing.shard_imagenet import main\n"
+        f"main(['--src', {str(folder_tree[0])!r}, '--out', {str(out)!r}, '--shard-size', '2', '--workers', '2', '--max-failures', '3'])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", slow], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(out.glob("train/*.tar")) and time.time() < deadline:
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, "the pool did not start"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "pool workers outlived their parent"

@@ -198,3 +198,22 @@ def test_sqlite_store_in_a_missing_folder_is_one_line(tmp_path, capsys):
     assert main([f"mlflow.tracking_uri=sqlite:///{tmp_path / 'nope' / 'mlflow.db'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"the folder {tmp_path / 'nope'} does not exist" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.train_shards={tmp}/none", "does not exist"),
+        ("model.num_classes=7", "the shards hold 10 classes"),
+        ("run.storage_path=/proc/nope", "is not writable"),
+    ],
+)
+def test_input_checks_come_before_ray_starts(digits, tmp_path, capsys, monkeypatch, override, message):
+    import pipelines.train as train
+
+    monkeypatch.setattr(train, "launch", lambda cfg: pytest.fail("Ray was started before the inputs were checked"))
+    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "train.eval_every=0", override.format(tmp=tmp_path)]  # fmt: skip
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
