@@ -147,15 +147,19 @@ def prepare_evaluation(cfg: Config) -> None:
         cfg.eval.inception_weights = weights  # the copy in the shared cache, for rank 0 wherever it runs
 
 
-def open_tracking_run(cfg: Config, tracking_uri: str, tags: dict | None = None) -> str:
-    """The MLflow run this training run logs into (made or continued by the driver); its id."""
+def open_tracking_run(cfg: Config, tracking_uri: str, continuing: bool | None = None) -> str:
+    """The MLflow run this training run logs into, made or, when the run resumes from a checkpoint
+    (`continuing`; default: Ray has a checkpoint of it), continued by the driver; its id."""
     from pipelines.common import prepare_tracking
+    from pipelines.resume import ray_latest
     from pipelines.tracking import open_run
 
+    if continuing is None:
+        continuing = "://" in cfg.run.storage_path or ray_latest(Path(cfg.run.storage_path) / cfg.run.name) is not None
     experiment_id = prepare_tracking(tracking_uri, cfg.mlflow.experiment)
-    tags = {"git_commit": git_commit(), "ray_job_id": ray_job_id(), **(tags or {})}
+    tags = {"git_commit": git_commit(), "ray_job_id": ray_job_id()}
     return open_run(tracking_uri, experiment_id, cfg.run.name, f"{cfg.run.storage_path}/{cfg.run.name}",
-                    flatten(cfg), tags)  # fmt: skip
+                    flatten(cfg), tags, continuing)  # fmt: skip
 
 
 def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, callbacks: list | None = None, resume=None):

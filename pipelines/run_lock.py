@@ -6,6 +6,7 @@ place, which fails when the lock exists), so it works on local disks and shared 
 storage (s3://...) has no such primitive and is not locked.
 """
 
+import errno
 import json
 import os
 import socket
@@ -108,8 +109,24 @@ class RunLock:
             return True
         except FileExistsError:
             return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            return self._create_exclusive()  # no hard links (s3fs, gcsfuse, some SMB mounts)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _create_exclusive(self) -> bool:
+        """O_CREAT | O_EXCL where hard links are not supported: atomic on local file systems and NFSv3+."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._record(self.start), f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
 
     def _take_over(self, stale: dict) -> bool:
         """Remove the abandoned lock `stale`; False when another launch replaced it in the meantime."""

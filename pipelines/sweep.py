@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from pipelines.common import first_line, git_commit, ray_job_id
-from pipelines.tracking import find_run, log_params
+from pipelines.tracking import bound_requests, deliver_pending, find_run, log_params, pending_dir
 from sagan.config import TUNE_METRICS, Config, ConfigError, flatten, from_dict, to_dict, with_overrides
 
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG, REASON_TAG = "sagan.sweep", "sagan.trial_id", "sagan.role", "sagan.stop_reason"
@@ -174,6 +174,7 @@ def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sw
     from pipelines.resume import check_resume
     from pipelines.train_loop import RunStopped, raise_if_stopped
 
+    bound_requests()  # a store that went away fails a request in seconds, not minutes
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(base), params["trial"])
     cfg.run.name = f"trial-{trial_id}"  # from the trial id, never a timestamp: a restored trial resumes this run
@@ -193,6 +194,8 @@ def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sw
         client.set_tag(run_id, REASON_TAG, reason)
         client.set_terminated(run_id, "FAILED")
         raise RuntimeError(reason) from None
+    finally:  # what rank 0 kept during an outage of the store
+        deliver_pending(pending_dir(cfg.run.storage_path, cfg.run.name), tracking_uri, f"trial {trial_id}'s rank 0 had kept")
     try:  # not reached when ASHA stops the trial (Tune kills this actor); the report settles the status anyway
         client.set_tag(run_id, REASON_TAG, "completed")
     except Exception as e:  # noqa: BLE001 - the training succeeded; a tag must not turn it into a failure

@@ -10,6 +10,8 @@ run, or `python pipelines/replay_tracking.py RUN_DIR`, delivers. Metrics keep th
 import json
 import logging
 import os
+import re
+import sys
 import threading
 import time
 from collections import deque
@@ -20,15 +22,16 @@ from PIL import Image
 
 log = logging.getLogger("sagan.tracking")
 PENDING_DIR = "mlflow-pending"
-MAX_QUEUED = 20_000  # items held in memory during an outage; beyond, they go to the pending file at once
+MAX_QUEUED = 20_000  # items held in memory during an outage; beyond, the oldest half goes to the pending file
+MAX_QUEUED_BYTES = 512 * 2**20  # the same for the images' bytes
 # Bounded requests: MLflow's defaults (7 retries, 120 s timeout) would hold a flush for many minutes.
-REQUEST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # fmt: skip
+REQUEST_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
-def bound_requests() -> None:
-    """Give MLflow's HTTP client short timeouts and few retries in this process, unless the user set them."""
-    for k, v in REQUEST_ENV.items():
+def bound_requests(max_retries: int = 1) -> None:
+    """Give MLflow's HTTP client a short timeout and `max_retries` retries in this process, unless the user
+    set them. The Outbox's process takes 0: the Outbox retries by itself, with its own backoff."""
+    for k, v in {**REQUEST_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(max_retries)}.items():
         os.environ.setdefault(k, v)
 
 
@@ -72,21 +75,26 @@ def deliver(client, run_id: str, item: dict) -> None:
 class Outbox:
     """Queue MLflow items for run `run_id` and deliver them from a background thread, in order.
 
-    No call blocks the caller. A failed delivery is retried with backoff (1 s doubling to `max_backoff`);
-    one warning says the store went away, one says it came back.
+    No call blocks the caller. A delivery that fails for want of the store is retried with backoff (1 s,
+    doubling to `max_backoff`); one warning says the store went away, one says it came back. An item the
+    store refuses for good (a deleted run, a value over MLflow's limits) is set aside in the pending folder's
+    rejected file with one warning, so it cannot hold up the ones behind it.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, spill_to: Path, max_backoff: float = 30.0):
         import mlflow
 
-        bound_requests()
+        bound_requests(max_retries=0)
         self.client = mlflow.MlflowClient(tracking_uri)
         self.uri, self.run_id, self.spill_to = tracking_uri, run_id, Path(spill_to)
         self.max_backoff = max_backoff
         self.items: deque = deque()
+        self.queued_bytes = 0  # of the images waiting: a long outage must not fill rank 0's memory
         self.cond = threading.Condition()
         self.closing = False
+        self.inflight: dict | None = None  # the item being sent: never spilled while a request may still land
         self.down_since: float | None = None
+        self.retry_at = 0.0  # no delivery before this time (monotonic): the backoff after a failure
         self.spilled = 0
         self.thread = threading.Thread(target=self._run, name="mlflow-outbox", daemon=True)
         self.thread.start()
@@ -103,9 +111,6 @@ class Outbox:
     def image(self, array: np.ndarray, key: str, step: int) -> None:
         self._put({"kind": "image", "array": array, "key": key, "step": int(step), "timestamp": int(time.time() * 1000)})
 
-    def artifact_image(self, array: np.ndarray, artifact_file: str) -> None:
-        self._put({"kind": "artifact_image", "array": array, "artifact_file": artifact_file})
-
     def curve(self, metric: str, artifact_file: str) -> None:
         """A plot of the run's whole history of `metric`, made when the store has every point before it."""
         self._put({"kind": "curve", "metric": metric, "artifact_file": artifact_file})
@@ -114,69 +119,127 @@ class Outbox:
         """End the run with `status` (FINISHED, FAILED, KILLED) once everything before it is delivered."""
         self._put({"kind": "terminate", "status": status})
 
+    def persist(self) -> int:
+        """During an outage, write what waits (but the item in flight) to the pending file now; the number
+        written. Called at checkpoints: Ray may kill this process (a failed rank) before close() runs."""
+        with self.cond:
+            if self.down_since is None:
+                return 0
+            waiting = [i for i in self.items if i is not self.inflight]
+            self._forget(waiting)
+        if waiting:
+            spill(self.spill_to, self.uri, self.run_id, waiting)
+            self.spilled += len(waiting)
+        return len(waiting)
+
     def close(self, timeout: float = 30.0) -> int:
         """Deliver what is queued for up to `timeout` seconds, then write the rest to the pending file;
-        returns how many items are pending (0: the store has everything)."""
+        returns how many items went there in all (0: the store has everything)."""
         deadline = time.monotonic() + timeout
         with self.cond:
             self.closing = True
+            self.retry_at = min(self.retry_at, time.monotonic() + 0.5)  # the last chances come quickly
             self.cond.notify_all()
             while self.items and time.monotonic() < deadline:
                 self.cond.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            while self.inflight is not None and time.monotonic() < deadline + 15:  # a request's own timeout
+                self.cond.wait(timeout=1.0)
             left = list(self.items)
-            self.items.clear()
+            self._forget(left)
         if left:
             spill(self.spill_to, self.uri, self.run_id, left)
         pending = self.spilled + len(left)
         if pending:
+            where = f"{self.spill_to}" + (" on this node" if self.spill_to.is_relative_to(Path.home()) else "")
             log.warning(f"MLflow at {self.uri} did not take {pending} item(s) of run {self.run_id}; they are kept "
-                        f"in {self.spill_to} and delivered by the next launch of this run or by "
-                        f"`python pipelines/replay_tracking.py {self.spill_to.parent}`")  # fmt: skip
+                        f"in {where} and delivered by the next launch of this run or by "
+                        f"`python pipelines/replay_tracking.py {self.spill_to}`")  # fmt: skip
         return pending
 
     # ------------------------------------------------------------- the delivery thread
 
     def _put(self, item: dict) -> None:
         with self.cond:
-            if len(self.items) >= MAX_QUEUED:  # a long outage: the oldest go to disk, memory stays bounded
-                spill(self.spill_to, self.uri, self.run_id, [self.items.popleft() for _ in range(MAX_QUEUED // 2)])
-                self.spilled += MAX_QUEUED // 2
             self.items.append(item)
+            self.queued_bytes += _nbytes(item)
             self.cond.notify_all()
+
+    def _forget(self, items: list[dict]) -> None:
+        """Take `items` off the queue (the caller holds the lock)."""
+        gone = {id(i) for i in items}
+        self.items = deque(i for i in self.items if id(i) not in gone)
+        self.queued_bytes -= sum(_nbytes(i) for i in items)
 
     def _run(self) -> None:
         backoff = 1.0
         while True:
             with self.cond:
-                while not self.items:
-                    self.cond.wait()
-                item = self.items[0]
+                while not self.items or time.monotonic() < self.retry_at:
+                    self.cond.wait(timeout=max(0.0, self.retry_at - time.monotonic()) if self.items else None)
+                item = self.inflight = self.items[0]
             try:
                 deliver(self.client, self.run_id, item)
-            except Exception as e:  # noqa: BLE001 - any failure of the store: keep the item, retry later
-                if item["kind"] == "curve" and "RESOURCE_DOES_NOT_EXIST" in str(e):
-                    self._pop(item)  # nothing logged under that metric: no plot to make
-                    continue
+                failure = None
+            except Exception as e:  # noqa: BLE001 - sorted below: the store is away, or refuses this item
+                failure = e
+            with self.cond:
+                self.inflight = None
+                if failure is None or permanent(failure):
+                    if item in self.items:
+                        self._forget([item])
+                    self.cond.notify_all()
+            if failure is not None and permanent(failure):
+                reject(self.spill_to, self.uri, self.run_id, item, failure)
+                continue
+            if failure is not None:
                 if self.down_since is None:
                     self.down_since = time.monotonic()
-                    log.warning(f"MLflow at {self.uri} is not reachable ({_first_line(e)}); training goes on and "
-                                "the metrics, tags and images wait until it is back")  # fmt: skip
-                with self.cond:  # wake early on close; close then gives up on what is left
-                    self.cond.wait(timeout=backoff if not self.closing else 0.5)
+                    log.warning(f"MLflow at {self.uri} is not reachable ({_first_line(failure)}); training goes on "
+                                "and the metrics, tags and images wait until it is back")  # fmt: skip
+                self.retry_at = time.monotonic() + (backoff if not self.closing else 0.5)
                 backoff = min(backoff * 2, self.max_backoff)
+                self._spill_overflow()
                 continue
-            self._pop(item)
             backoff = 1.0
             if self.down_since is not None:
                 log.warning(f"MLflow at {self.uri} is back after {time.monotonic() - self.down_since:.0f} s; "
                             f"delivering the {len(self.items)} waiting item(s)")  # fmt: skip
                 self.down_since = None
 
-    def _pop(self, item: dict) -> None:
+    def _spill_overflow(self) -> None:
+        """A long outage: the oldest half of the queue goes to the pending file, so memory stays bounded."""
         with self.cond:
-            if self.items and self.items[0] is item:
-                self.items.popleft()
-            self.cond.notify_all()
+            if len(self.items) <= MAX_QUEUED and self.queued_bytes <= MAX_QUEUED_BYTES:
+                return
+            oldest = list(self.items)[: max(1, len(self.items) // 2)]
+            self._forget(oldest)
+        spill(self.spill_to, self.uri, self.run_id, oldest)
+        self.spilled += len(oldest)
+
+
+def _nbytes(item: dict) -> int:
+    return int(getattr(item.get("array"), "nbytes", 0))
+
+
+def permanent(error: BaseException) -> bool:
+    """Whether the store refused an item for good (a 4xx answer, a value MLflow cannot take) rather than
+    being out of reach (no answer, a 5xx, a rate limit): refused items are set aside, not retried."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        transient = ("REQUEST_LIMIT_EXCEEDED", "UNAUTHENTICATED", "PERMISSION_DENIED", "TEMPORARILY_UNAVAILABLE")
+        return 400 <= error.get_http_status_code() < 500 and error.error_code not in transient
+    return isinstance(error, (ValueError, TypeError))
+
+
+def reject(folder: Path, uri: str, run_id: str, item: dict, error: BaseException) -> None:
+    """Set aside an item the store refused: one warning, and a line in <folder>/rejected-<run_id>.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {k: v for k, v in item.items() if k not in ("array", "png")}
+    with open(folder / f"rejected-{run_id}.txt", "a") as f:
+        f.write(json.dumps({"error": _first_line(error), **record}) + "\n")
+    log.warning(f"MLflow at {uri} refused a {item.get('kind')} item of run {run_id} ({_first_line(error)}); set "
+                f"aside in {folder / f'rejected-{run_id}.txt'}")  # fmt: skip
 
 
 def _first_line(error: BaseException) -> str:
@@ -189,7 +252,8 @@ def _first_line(error: BaseException) -> str:
 
 def find_run(client, experiment_id: str, newest: bool = False, **tags) -> str | None:
     """The id of the run in the experiment carrying all of `tags` (the oldest, or the newest), or None."""
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    quoted = {k: str(v).replace("\\", "\\\\").replace("'", "\\'") for k, v in tags.items()}
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in quoted.items())
     order = "DESC" if newest else "ASC"
     runs = client.search_runs([experiment_id], query, order_by=[f"attributes.start_time {order}"], max_results=1)
     return runs[0].info.run_id if runs else None
@@ -204,16 +268,17 @@ def log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def open_run(tracking_uri: str, experiment_id: str, run_name: str, location: str, params: dict, tags: dict) -> str:
+def open_run(tracking_uri: str, experiment_id: str, run_name: str, location: str, params: dict, tags: dict,
+             continuing: bool) -> str:  # fmt: skip
     """The MLflow run of the training run at `location` (storage/run.name), made by the driver before any
-    worker starts, so a retry after a worker failure logs into the same run. A relaunch of an existing run
-    directory continues its run (status RUNNING again); otherwise a new run with `params` and `tags`."""
+    worker starts, so a retry after a worker failure logs into the same run. A run that resumes from a
+    checkpoint (`continuing`) continues the newest MLflow run of that location (status RUNNING again);
+    otherwise a new run with `params` and `tags`."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     tags = {"checkpoint_location": location, **{k: str(v) for k, v in tags.items() if v}}
-    resuming = "://" in location or (Path(location).is_dir() and any(Path(location).glob("checkpoint_*")))
-    found = find_run(client, experiment_id, newest=True, checkpoint_location=location) if resuming else None
+    found = find_run(client, experiment_id, newest=True, checkpoint_location=location) if continuing else None
     if found:
         client.update_run(found, status="RUNNING")
         for k in ("ray_job_id", "git_commit"):  # this launch's
@@ -223,6 +288,21 @@ def open_run(tracking_uri: str, experiment_id: str, run_name: str, location: str
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def deliver_pending(pending: Path, uri: str, whose: str) -> None:
+    """Deliver the MLflow items waiting in `pending` (a spill of an outage); a warning, never an error."""
+    if not pending.is_dir():
+        return
+    try:
+        delivered, left = replay(pending)
+    except Exception as e:  # noqa: BLE001 - tracking must not stop a launch
+        delivered, left = 0, f"some ({type(e).__name__}: {_first_line(e)})"
+    if delivered:
+        print(f"MLflow: delivered {delivered} item(s) {whose} in {pending}", flush=True)
+    if left:
+        print(f"warning: MLflow at {uri} has not taken {left} item(s) kept in {pending}; the next launch of this "
+              f"run or `python pipelines/replay_tracking.py {pending}` delivers them", file=sys.stderr)  # fmt: skip
 
 
 def end_run(tracking_uri: str, run_id: str, status: str, spill_to: Path) -> None:
@@ -262,40 +342,42 @@ def spill(folder: Path, uri: str, run_id: str, items: list[dict]) -> Path:
 
 def replay(folder: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     """Deliver every pending file in `folder` in order; returns (delivered, still pending). A file is
-    removed once all its items are in the store; on a failure the undelivered rest is kept for next time."""
+    removed once all its items are in the store; when the store is out of reach the undelivered rest is kept
+    for next time. Lines that cannot be read (a spill cut short) and items the store refuses are set aside."""
     import mlflow
 
     bound_requests()
-    delivered = left = 0
-    for path in sorted(Path(folder).glob("*.jsonl")):
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    folder, delivered, left = Path(folder), 0, 0
+    for path in sorted(folder.glob("*.jsonl")):
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
         done = 0
-        for item in lines:
-            client = mlflow.MlflowClient(tracking_uri or item["tracking_uri"])
-            if "png" in item:
-                item["array"] = np.asarray(Image.open(path.parent / item["png"]).convert("RGB"))
+        for line in lines:
             try:
-                deliver(client, item["run_id"], item)
-            except Exception as e:  # noqa: BLE001
-                if item["kind"] == "curve" and "RESOURCE_DOES_NOT_EXIST" in str(e):
-                    done += 1
-                    continue
-                log.warning(f"replay of {path} stopped at item {done + 1} of {len(lines)}: {_first_line(e)}")
-                break
+                item = json.loads(line)
+                if "png" in item:
+                    item["array"] = np.asarray(Image.open(folder / item["png"]).convert("RGB"))
+                deliver(mlflow.MlflowClient(tracking_uri or item["tracking_uri"]), item["run_id"], item)
+            except Exception as e:  # noqa: BLE001 - sorted below: the store is away, or this item is unusable
+                if not (permanent(e) or isinstance(e, (FileNotFoundError, KeyError))):  # the store is away
+                    log.warning(f"replay of {path} stopped at item {done + 1} of {len(lines)}: {_first_line(e)}")
+                    break
+                reject(folder, tracking_uri or "?", path.stem, {"line": line[:2000]}, e)
             done += 1
         rest = lines[done:]
-        for item in lines[:done]:
-            if "png" in item:
-                (path.parent / item["png"]).unlink(missing_ok=True)
+        for line in lines[:done]:
+            png = re.search(r'"png": "([^"]+)"', line)
+            if png:
+                (folder / png.group(1)).unlink(missing_ok=True)
         if rest:
             tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps({k: v for k, v in i.items() if k != "array"}) + "\n" for i in rest))
+            tmp.write_text("".join(line + "\n" for line in rest))
             os.replace(tmp, path)
         else:
             path.unlink()
         delivered, left = delivered + done, left + len(rest)
-    if not left and Path(folder).is_dir() and not any(Path(folder).glob("*.jsonl")):
-        for png in Path(folder).glob("*.png"):  # left by a spill cut short
-            png.unlink()
-        Path(folder).rmdir()
+    if not left and folder.is_dir() and not any(folder.glob("*.jsonl")):
+        for leftover in [*folder.glob("*.png"), *folder.glob("*.tmp")]:  # from a spill cut short
+            leftover.unlink()
+        if not any(folder.iterdir()):  # a rejected-*.txt stays for the user to read
+            folder.rmdir()
     return delivered, left

@@ -52,8 +52,8 @@ def main(argv=None) -> int:
 
 
 def launch(cfg) -> int:
-    """Check the resume and the tracking store, start (or join) Ray, check the cluster, verify the data, fill
-    the eval cache, train; the exit status."""
+    """Check the resume, start (or join) Ray, check the cluster, verify the data, fill the eval cache, make the
+    MLflow experiment, train; the exit status."""
     from pipelines.resume import check_resume
 
     uri = default_tracking_uri(cfg.mlflow.tracking_uri)
@@ -64,11 +64,6 @@ def launch(cfg) -> int:
         return 2
     if resume.warning:
         print(f"warning: {resume.warning}", file=sys.stderr)
-    try:
-        prepare_tracking(uri, cfg.mlflow.experiment)
-    except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
-        print(f"error: MLflow tracking at {uri} is not usable: {first_line(e)}", file=sys.stderr)
-        return 2
     import ray
 
     if not ray.is_initialized():
@@ -79,6 +74,11 @@ def launch(cfg) -> int:
         prepare_evaluation(cfg)
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        prepare_tracking(uri, cfg.mlflow.experiment)
+    except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
+        print(f"error: MLflow tracking at {uri} is not usable: {first_line(e)}", file=sys.stderr)
         return 2
     if uri.startswith("sqlite:") and (os.environ.get("RAY_ADDRESS") or sum(n["Alive"] for n in ray.nodes()) > 1):
         print(f"warning: MLflow store {uri} is a file on this node, but rank 0 may run on another; on a "
@@ -91,20 +91,17 @@ def launch(cfg) -> int:
 
 def train(cfg, uri: str, resume) -> int:
     """Fit, with the MLflow run opened here before any worker starts and closed here when the run fails."""
-    from pipelines.tracking import end_run, pending_dir, replay
+    from pipelines.tracking import deliver_pending, end_run, pending_dir
     from pipelines.train_loop import RunStopped, raise_if_stopped
 
     pending = pending_dir(cfg.run.storage_path, cfg.run.name)
-    if pending.is_dir():  # what the store did not take from the last launch goes first
-        delivered, left = replay(pending)
-        print(f"MLflow: delivered {delivered} item(s) the last launch of this run had kept in {pending}"
-              + (f"; {left} still wait there" if left else ""), flush=True)  # fmt: skip
+    deliver_pending(pending, uri, "the last launch of this run had kept")  # before this launch's points
     try:
         raise_if_stopped(cfg)
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    run_id = open_tracking_run(cfg, uri)
+    run_id = open_tracking_run(cfg, uri, continuing=resume.checkpoint is not None or "://" in cfg.run.storage_path)
     status = "FAILED"  # unless fit() returns; rank 0 ends a finished run itself, after its last metrics
     try:
         result = build_trainer(cfg, uri, run_id, resume=resume).fit()
@@ -120,13 +117,9 @@ def train(cfg, uri: str, resume) -> int:
             return 1
         raise
     finally:
+        deliver_pending(pending, uri, "rank 0 had kept")
         if status:
             end_run(uri, run_id, status, pending)
-    if pending.is_dir():
-        delivered, left = replay(pending)
-        if left:
-            print(f"warning: MLflow at {uri} has not taken {left} item(s) of this run; they wait in {pending}: "
-                  f"`python pipelines/replay_tracking.py {pending.parent}` delivers them", file=sys.stderr)  # fmt: skip
     ckpt = result.checkpoint.path if result.checkpoint else None
     print(f"done: last checkpoint {ckpt}\nbrowse the run: mlflow ui --backend-store-uri {uri}")
     return 0

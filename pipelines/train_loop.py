@@ -44,14 +44,17 @@ def stop_marker(cfg: Config) -> Path | None:
     return None if "://" in cfg.run.storage_path else Path(cfg.run.storage_path) / cfg.run.name / STOPPED_FILE
 
 
-def stop_run(cfg: Config, message: str, rank: int) -> RunStopped:
-    """Record `message` for the retries and the driver (rank 0 writes it), and return the error to raise."""
+def stop_run(cfg: Config, message: str, write: bool) -> RunStopped:
+    """Record `message` for the retries and the driver when `write` (one rank writes what all ranks agreed on;
+    a rank that alone hit a damaged shard writes its own), and return the error to raise."""
     marker = stop_marker(cfg)
     if marker is not None:
         message += f". Fix the cause and start a new run.name (or delete {marker} to resume this one)"
-        if rank == 0:
+        if write:
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"message": message}))
+            tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"message": message}))
+            os.replace(tmp, marker)  # a reader never sees half a file
     return RunStopped(message)
 
 
@@ -106,6 +109,10 @@ class Tracker:
     def curve(self, metric: str, artifact_file: str) -> None:
         if self.outbox:
             self.outbox.curve(metric, artifact_file)
+
+    def persist(self) -> None:
+        if self.outbox:
+            self.outbox.persist()
 
     def close(self, finished: bool) -> None:
         if self.outbox is not None:
@@ -206,9 +213,9 @@ class Loop:
     def __init__(self, cfg: Config, trainer: Trainer, rank: int, world: int, device, tracker: Tracker, evaluator,
                  extra: dict):  # fmt: skip
         """`extra`: what the checkpoint resumed from recorded besides the weights ({} for a new run)."""
-        self.cfg, self.trainer, self.rank, self.world = cfg, trainer, rank, world
+        self.cfg, self.trainer, self.rank, self.world, self.device = cfg, trainer, rank, world, device
         self.tracker, self.evaluator = tracker, evaluator
-        self.best = extra.get("best")  # {"step": ..., "loop/fid": ...} of the best checkpoint so far
+        self.best = best_so_far(cfg, extra.get("best"))  # {"step": ..., "loop/fid": ...} of the best checkpoint
         self.monitor = LossMonitor()
         self.guard = DivergenceGuard(cfg.train.diverge_factor, cfg.train.diverge_patience)
         self.guard.largest = dict(extra.get("guard", {}))  # the ranges seen before a resume
@@ -249,18 +256,18 @@ class Loop:
         try:
             return [next(self.stream) for _ in range(self.cfg.optim.n_dis)]
         except DataError as e:
-            raise stop_run(self.cfg, f"data error at step {self.trainer.step + 1}: {e}", self.rank) from None
+            raise stop_run(self.cfg, f"data error at step {self.trainer.step + 1}: {e}", write=True) from None
 
     def read_losses(self, step: int) -> dict[str, float]:
         """The latest losses (one host sync); stops the run at a non-finite loss or a divergence, before
         anything is logged, sampled or saved from the bad weights."""
-        values, bad_step = self.monitor.read()
+        values, bad_step = agree(*self.monitor.read(), self.device)
         if bad_step is not None:
             raise stop_run(self.cfg, f"non-finite loss at step {bad_step} (at step {step}: {values}); the last good "
-                           "checkpoint is kept", self.rank)  # fmt: skip
+                           "checkpoint is kept", write=self.rank == 0)  # fmt: skip
         diverged = self.guard.check(step, values)
         if diverged:
-            raise stop_run(self.cfg, f"{diverged}; the checkpoints from before it are kept", self.rank)
+            raise stop_run(self.cfg, f"{diverged}; the checkpoints from before it are kept", write=self.rank == 0)
         return values
 
     def log(self, step: int, values: dict, eta_s: float) -> None:
@@ -299,8 +306,12 @@ class Loop:
                  + "".join(f"  {k[5:]} {v:.3f}" for k, v in scores.items() if k != "loop/fid"))  # fmt: skip
         if step and not self.guard.suspect and (self.best is None or scores["loop/fid"] < self.best["loop/fid"]):
             self.best = {"step": step, "loop/fid": scores["loop/fid"]}
-            save_best(self.cfg, self.trainer, {**self.tracker.checkpoint_extra(), "best": self.best})
-            log.info(f"step {step}: best in-loop FID so far, saved to {self.cfg.run.storage_path}/{self.cfg.run.name}/{BEST_DIR}")
+            target = f"{self.cfg.run.storage_path}/{self.cfg.run.name}/{BEST_DIR}"
+            try:
+                save_best(target, self.cfg, self.trainer, {**self.tracker.checkpoint_extra(), "best": self.best})
+                log.info(f"step {step}: best in-loop FID so far, saved to {target}")
+            except Exception as e:  # noqa: BLE001 - a full disk or a storage error must not end the training
+                log.warning(f"step {step}: best checkpoint not saved to {target}: {type(e).__name__}: {e}")
         return scores
 
     def report(self, step: int, values: dict, scores: dict, checkpoint: bool) -> None:
@@ -315,6 +326,7 @@ class Loop:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if checkpoint and self.rank == 0:
+                self.tracker.persist()  # during an outage: to disk now, in case Ray kills this process later
                 extra = {**self.tracker.checkpoint_extra(), "guard": self.guard.largest,
                          **({"best": self.best} if self.best else {})}  # fmt: skip
                 save_checkpoint(Path(tmp) / CHECKPOINT_FILE, self.trainer, self.cfg, extra=extra)
@@ -325,10 +337,36 @@ class Loop:
             log.info(f"step {step}: checkpoint {saved.path if saved else 'saved'}")
 
 
-def save_best(cfg: Config, trainer: Trainer, extra: dict) -> None:
-    """Write the best checkpoint so far to <run dir>/best/ (checkpoint.pt, best.json), replacing the last one.
+def best_so_far(cfg: Config, from_checkpoint: dict | None) -> dict | None:
+    """The better of the best recorded in the checkpoint resumed from and <run dir>/best/best.json, which may be
+    newer (an evaluation after that checkpoint): a resumed run must not replace a better best with a worse."""
+    found = [from_checkpoint] if from_checkpoint else []
+    marker = None if "://" in cfg.run.storage_path else Path(cfg.run.storage_path) / cfg.run.name / BEST_DIR / "best.json"
+    if marker is not None and marker.is_file():
+        try:
+            found.append(json.loads(marker.read_text()))
+        except ValueError:
+            pass
+    return min(found, key=lambda b: b["loop/fid"]) if found else None
+
+
+def agree(values: dict[str, float], bad_step: int | None, device) -> tuple[dict[str, float], int | None]:
+    """The losses averaged over ranks, and the first non-finite step on any rank: every rank then takes the
+    same decision (go on, or stop), and none is left waiting in a collective for a rank that stopped."""
+    if not torch.distributed.is_initialized() or not values:
+        return values, bad_step
+    mean = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    first_bad = torch.tensor([float("inf") if bad_step is None else bad_step], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(mean)
+    torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+    mean = (mean / torch.distributed.get_world_size()).tolist()
+    first = first_bad.item()
+    return dict(zip(values, mean)), (None if first == float("inf") else int(first))
+
+
+def save_best(target: str, cfg: Config, trainer: Trainer, extra: dict) -> None:
+    """Write the best checkpoint so far to `target` (checkpoint.pt, then best.json), replacing the last one.
     Ray's retention keeps the latest run.keep_checkpoints; this one is kept beside them whatever its age."""
-    target = f"{cfg.run.storage_path}/{cfg.run.name}/{BEST_DIR}"
     info = json.dumps(extra["best"])
     if "://" not in target:
         save_checkpoint(Path(target) / CHECKPOINT_FILE, trainer, cfg, extra=extra)  # atomic: temp file + rename

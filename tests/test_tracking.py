@@ -115,7 +115,7 @@ def test_a_tracking_server_killed_and_restarted_mid_run_costs_no_step_and_no_poi
     server.start()
     run_dir = tmp_path / "runs" / "outage"
     args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}", "run.name=outage",
-            f"mlflow.tracking_uri={server.uri}", "model.ch=8", "train.batch_size=4", "train.steps=40",
+            f"mlflow.tracking_uri={server.uri}", "model.ch=8", "train.batch_size=4", "train.steps=30",
             "train.log_every=2", "train.ckpt_every=10", "train.sample_every=10", "train.eval_every=0",
             "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]  # fmt: skip
     outage = {}
@@ -142,9 +142,38 @@ def test_a_tracking_server_killed_and_restarted_mid_run_costs_no_step_and_no_poi
         (run,) = client.search_runs([client.get_experiment_by_name("sagan-train").experiment_id])
         assert run.info.status == "FINISHED"
         steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "d_loss")})
-        assert steps == list(range(2, 41, 2))  # every logged step, the ones during the outage too
+        assert steps == list(range(2, 31, 2))  # every logged step, the ones during the outage too
         grids = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
-        assert sum("samples" in a for a in grids) >= 4  # steps 10, 20, 30 and 40
+        assert sum("samples" in a for a in grids) >= 3  # steps 10, 20 and 30
     finally:
         server.kill()
     assert not (run_dir / "mlflow-pending").exists()
+
+
+def test_an_item_the_store_refuses_is_set_aside_and_the_rest_go_on(tmp_path):
+    store, run_id = new_run(tmp_path)
+    outbox = Outbox(store, run_id, tmp_path / "pending")
+    outbox.tags({"x" * 300: "a key longer than MLflow's 250 characters"})  # refused for good, not an outage
+    for step in (1, 2):
+        outbox.metrics({"d_loss": float(step)}, step)
+    assert outbox.close(timeout=20) == 0
+    client = mlflow.MlflowClient(store)
+    assert [m.step for m in client.get_metric_history(run_id, "d_loss")] == [1, 2]
+    (rejected,) = (tmp_path / "pending").glob("rejected-*.txt")
+    assert "tags" in rejected.read_text()
+
+
+def test_damaged_pending_files_do_not_stop_a_replay(tmp_path):
+    store, run_id = new_run(tmp_path)
+    outbox = Outbox(UNREACHABLE, run_id, tmp_path / "pending")
+    outbox.metrics({"d_loss": 1.0}, 1)
+    outbox.image(np.zeros((8, 8, 3), np.uint8), "samples", 1)
+    outbox.metrics({"d_loss": 2.0}, 2)
+    outbox.close(timeout=0.5)
+    pending = tmp_path / "pending" / f"{run_id}.jsonl"
+    next(pending.parent.glob("*.png")).unlink()  # an image lost
+    pending.write_text(pending.read_text() + '{"kind": "metrics", "values": {"d_lo')  # a spill cut short
+    (pending.parent / "x.png.tmp").write_bytes(b"")
+    assert replay(pending.parent, tracking_uri=store) == (4, 0)  # 2 delivered, 2 set aside
+    assert [m.value for m in mlflow.MlflowClient(store).get_metric_history(run_id, "d_loss")] == [1.0, 2.0]
+    assert [p.name for p in pending.parent.iterdir()] == [f"rejected-{run_id}.txt"]

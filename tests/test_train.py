@@ -124,7 +124,7 @@ def test_every_rank_gets_the_same_number_of_batches_with_true_labels(digits):
         ("data.train_shards={digits}/train/imagenet32-train-{{000100..000101}}.tar", "matches no file"),
         ("model.num_classes=1000", "the shards hold 10 classes but model.num_classes is 1000"),
         ("model.resolution=64", "the shards hold 32px images"),
-        ("scaling.num_workers=64", "the cluster has"),
+        ("scaling.cpus_per_worker=16", "the cluster has"),
         ("scaling.use_gpu=true", "GPU(s)"),
         ("model.g_attn=[4]", r"model.g_attn has no [4]"),
         ("run.storage_path=/proc/nope", "is not writable"),
