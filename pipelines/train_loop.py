@@ -20,7 +20,8 @@ from PIL import Image
 
 from sagan.checkpoint import load_checkpoint, save_checkpoint
 from sagan.config import Config, from_dict
-from sagan.data import DataError, batches_per_epoch, find_shards, rank_batches
+from sagan.data import DataError, find_shards
+from sagan.loader import loader_workers, rank_loader
 from sagan.metrics import build_evaluator, feature_weights
 from sagan.models import build_models
 from sagan.speed import Speed, prepare_models
@@ -66,15 +67,14 @@ def raise_if_stopped(cfg: Config) -> None:
 
 
 def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
-    """Endless (images, labels) batches on `device`, starting `start_batch` batches into the schedule."""
+    """Endless (images (B, 3, R, R) in [-1, 1], labels (B,)) batches on `device`, from batch `start_batch` of
+    this rank's schedule on: decoded ahead by the loader's processes, sent as uint8 (pinned on a GPU) and made
+    floats on the device."""
     shards = find_shards(cfg.data.train_shards)
-    per_epoch = batches_per_epoch(shards, world, cfg.train.batch_size)
-    epoch, skip = divmod(start_batch, per_epoch)
-    while True:
-        for i, (x, y) in enumerate(rank_batches(shards, rank, world, cfg.train.batch_size, epoch, cfg.train.seed)):
-            if i >= skip:
-                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        epoch, skip = epoch + 1, 0
+    batches = rank_loader(shards, rank, world, cfg.train.batch_size, cfg.train.seed, start_batch,
+                          loader_workers(cfg), cfg.data.prefetch, pin=device.type == "cuda")  # fmt: skip
+    for x, y in batches:
+        yield x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0), y.to(device, non_blocking=True)
 
 
 class Tracker:
@@ -201,6 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loop.run()
         finished = True
     finally:
+        loop.stream.close()  # the loader's processes end with the loop
         tracker.close(finished)  # what MLflow has not taken yet goes to the run's pending file
     if rank == 0:
         log.info(f"finished {cfg.train.steps} steps; MLflow run {tracker.run_id}")
@@ -222,7 +223,7 @@ class Loop:
         torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # different latents per rank
         self.fixed = [v.to(device) for v in grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.train.seed)]
         self.stream = batch_stream(cfg, rank, world, trainer.step * cfg.optim.n_dis, device)
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
 
     def run(self) -> None:
         t, trainer = self.cfg.train, self.trainer
@@ -253,8 +254,11 @@ class Loop:
 
     def next_batches(self) -> list:
         """optim.n_dis real batches; a damaged shard stops the run naming the file (no retry replays it)."""
+        start = time.perf_counter()
         try:
-            return [next(self.stream) for _ in range(self.cfg.optim.n_dis)]
+            batches = [next(self.stream) for _ in range(self.cfg.optim.n_dis)]
+            self.data_wait += time.perf_counter() - start  # the step waited this long for its data
+            return batches
         except DataError as e:
             raise stop_run(self.cfg, f"data error at step {self.trainer.step + 1}: {e}", write=True) from None
 
@@ -272,15 +276,18 @@ class Loop:
 
     def log(self, step: int, values: dict, eta_s: float) -> None:
         t, trainer = self.cfg.train, self.trainer
-        step_time = (time.perf_counter() - self.window_start) / self.window_steps
+        elapsed = time.perf_counter() - self.window_start
+        step_time = elapsed / self.window_steps
         values = {**values, "images_per_s": t.batch_size * self.world * self.cfg.optim.n_dis / step_time,
-                  "step_time_s": step_time, "lr_g": trainer.opt_g.param_groups[0]["lr"],
+                  "step_time_s": step_time, "data_wait_s": self.data_wait / self.window_steps,
+                  "data_wait_share": self.data_wait / elapsed, "lr_g": trainer.opt_g.param_groups[0]["lr"],
                   "lr_d": trainer.opt_d.param_groups[0]["lr"], **_gammas(trainer.G, trainer.D)}  # fmt: skip
         self.tracker.metrics(values, step)
         if self.rank == 0:
             log.info(f"step {step}/{t.steps}  d_loss {values['d_loss']:.3f}  g_loss {values['g_loss']:.3f}  "
-                     f"{values['images_per_s']:.0f} img/s  eta {eta_s / 60:.1f} min")  # fmt: skip
-        self.window_start, self.window_steps = time.perf_counter(), 0
+                     f"{values['images_per_s']:.0f} img/s  data wait {values['data_wait_share']:.0%}  "
+                     f"eta {eta_s / 60:.1f} min")  # fmt: skip
+        self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
 
     def sample(self, step: int) -> None:
         """The fixed-latent grid and attention maps of the EMA generator, to MLflow and next to the checkpoints."""

@@ -64,6 +64,8 @@ class DataConfig:
     train_shards: str = "data/sample/shards/train"  # shard directory, brace pattern or manifest.json
     val_shards: str = "data/sample/shards/val"  # the same, for the real statistics of FID
     verify: str = "full"  # before training: full (sizes, then sha256 in Ray tasks), size (stat only) or off
+    loader_workers: int | None = None  # decoding processes per rank; null: the rank's CPUs (scaling.cpus_per_worker, at least 1); 0: in the training process
+    prefetch: int = 4  # batches each loader process decodes ahead
 
 
 @dataclass
@@ -259,6 +261,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"eval.feature_extractor: '{cfg.eval.feature_extractor}' is not one of {INCEPTION}, {SAMPLE_CLASSIFIER}")
     if cfg.eval.real_split not in ("val", "train"):
         raise ConfigError(f"eval.real_split: '{cfg.eval.real_split}' is not one of val, train")
+    if cfg.data.loader_workers is not None and cfg.data.loader_workers < 0:
+        raise ConfigError(f"data.loader_workers: must be 0 or more (or null for the rank's CPUs), got {cfg.data.loader_workers}")
+    if cfg.data.prefetch < 1:
+        raise ConfigError(f"data.prefetch: must be at least 1, got {cfg.data.prefetch}")
     if cfg.data.verify not in DATA_VERIFY:
         raise ConfigError(f"data.verify: '{cfg.data.verify}' is not one of {', '.join(DATA_VERIFY)}")
     if t.precision not in _PRECISIONS:

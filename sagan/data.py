@@ -1,25 +1,21 @@
-"""Reading the preprocessing stage's WebDataset shards as training batches.
+"""The preprocessing stage's WebDataset shards: found, checked, counted.
 
 `find_shards` resolves a shard location (a directory, a brace pattern or a manifest.json) to its tar
-files, per-shard sample counts and class count. `rank_batches` streams one rank's share of an epoch as
-(images (B, 3, R, R) in [-1, 1], labels (B,)) batches; every rank gets the same number of batches, which
-DDP needs (a rank that runs out first leaves the others hanging in an all-reduce). `size_mismatch` and
-`sha256_mismatch` check the tars against the manifest before training; a tar or a sample that fails to read
-while training raises DataError naming the tar file and the sample key.
+files, per-shard sample counts and class count. `size_mismatch` and `sha256_mismatch` check the tars against
+the manifest before training. `batches_per_epoch` is what every rank gets, the same for all, which DDP needs
+(a rank that runs out first leaves the others hanging in an all-reduce). Reading batches: sagan/loader.py.
 """
 
 import hashlib
 import io
 import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 
@@ -138,66 +134,10 @@ def sha256_mismatch(urls: list[str], sha256s: list[str], chunk_bytes: int = 4 <<
     return None
 
 
-def _reason(err: Exception) -> str:
-    # webdataset appends " @ <stream>" to the message and the stream and url to the args; the caller names the shard.
-    text = str(err.args[0]).split(" @ <")[0] if err.args else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _samples(urls: list[str], counts: list[int]):
-    """Every sample dict ({"__key__", "__url__", "jpg", "cls", ...}) of the tars `urls`, in order; DataError naming
-    the tar (and the last sample read from it) when a tar cannot be read or holds fewer samples than `counts`."""
-    for url, count in zip(urls, counts):
-        key, n = None, 0
-        try:
-            with open(url, "rb") as stream:
-                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-                for sample in wds.tariterators.group_by_keys(files):
-                    key, n = sample["__key__"], n + 1
-                    yield sample
-        except Exception as err:  # noqa: BLE001 - whatever stops a tar from reading, the message names it
-            where = f"after sample {key}" if key else "before its first sample"
-            raise DataError(f"shard {url}: {where}: {_reason(err)}; {_fix(url)}") from err
-        if n < count:  # a tar cut at a header boundary reads as a shorter tar, without an error from tarfile
-            raise DataError(f"shard {url}: ends after sample {key} ({n} samples, the manifest says {count}); {_fix(url)}")
-
-
-def _decoded(samples, decode):
-    """(decode(jpg), int label) per sample; DataError naming the shard and the sample when either does not read."""
-    for sample in samples:
-        url, key = sample["__url__"], sample["__key__"]
-        missing = [m for m in ("jpg", "cls") if m not in sample]
-        if missing:  # a tar cut short between a sample's members
-            has = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
-            raise DataError(f"shard {url}: sample {key}: no .{missing[0]} member (it has {has}); {_fix(url)}")
-        try:
-            yield decode(sample["jpg"]), int(sample["cls"])
-        except Exception as err:  # noqa: BLE001 - a member that does not decode is the shard's fault
-            raise DataError(f"shard {url}: sample {key}: {_reason(err)}; {_fix(url)}") from err
-
-
 def decode_uint8(jpg: bytes) -> torch.Tensor:
     """JPEG bytes -> (3, H, W) uint8 tensor."""
     arr = np.array(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr).permute(2, 0, 1)
-
-
-def decode_image(jpg: bytes) -> torch.Tensor:
-    """JPEG bytes -> (3, H, W) float tensor in [-1, 1]."""
-    return decode_uint8(jpg).float().div_(127.5).sub_(1.0)
-
-
-def iter_uint8(shards: ShardSet, batch_size: int):
-    """Every sample of `shards` once, in shard order: (images (B, 3, R, R) uint8, labels (B,)) batches."""
-    images, labels = [], []
-    for image, label in _decoded(_samples(shards.urls, shards.counts), decode_uint8):
-        images.append(image)
-        labels.append(label)
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
-            images, labels = [], []
-    if images:
-        yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
 def batches_per_epoch(shards: ShardSet, world_size: int, batch_size: int) -> int:
@@ -212,27 +152,3 @@ def batches_per_epoch(shards: ShardSet, world_size: int, batch_size: int) -> int
     if n == 0:
         raise DataError(f"each worker's share ({smallest} samples) is smaller than one batch of {batch_size}")
     return n
-
-
-def rank_batches(shards: ShardSet, rank: int, world_size: int, batch_size: int, epoch: int, seed: int = 0,
-                 shuffle_buffer: int = 1000):  # fmt: skip
-    """Yield exactly `batches_per_epoch(...)` (images, labels) batches: this rank's share of epoch `epoch`.
-
-    Shards are shuffled per epoch with the same seed on every rank, then dealt round-robin (rank k takes
-    shards k, k + world, ...); samples are shuffled within a buffer.
-    """
-    n_batches = batches_per_epoch(shards, world_size, batch_size)
-    order = list(range(len(shards.urls)))
-    random.Random(seed * 100003 + epoch).shuffle(order)
-    mine = order[: len(order) // world_size * world_size][rank::world_size]
-    samples = _samples([shards.urls[i] for i in mine], [shards.counts[i] for i in mine])
-    shuffled = wds.filters.shuffle(shuffle_buffer, rng=random.Random(seed * 7919 + epoch * 31 + rank))(samples)
-    images, labels, done = [], [], 0
-    for image, label in _decoded(shuffled, decode_image):
-        images.append(image)
-        labels.append(label)
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
-            images, labels, done = [], [], done + 1
-            if done == n_batches:
-                return

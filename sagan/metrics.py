@@ -35,7 +35,8 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from .checkpoint import atomic_save
 from .config import INCEPTION, SAMPLE_CLASSIFIER, Config
-from .data import DataError, ShardSet, find_shards, iter_uint8
+from .data import DataError, ShardSet, find_shards
+from .loader import iter_uint8
 
 ISC_SPLITS = 10  # the standard Inception Score protocol (Salimans et al. 2016)
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -301,13 +302,15 @@ def default_cache_dir(shards: ShardSet) -> Path:
 
 @torch.no_grad()
 def extract_features(extractor: FeatureExtractorBase, shards: ShardSet, batch_size: int, device,
-                     progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
-    """{layer: (N, D)} features of every real image in `shards`."""
+                     progress: bool = True, workers: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """{layer: (N, D)} features of every real image in `shards`, decoded by `workers` processes (default: up
+    to 4, one per core) while the extractor runs."""
     from tqdm import tqdm
 
     out: dict[str, list] = {name: [] for name in extractor.get_requested_features_list()}
     with tqdm(total=shards.num_samples, unit="img", desc="real features", disable=not progress, leave=False) as bar:
-        for images, _ in iter_uint8(shards, batch_size):
+        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        for images, _ in iter_uint8(shards, batch_size, workers):
             features = extractor.convert_features_tuple_to_dict(extractor(images.to(device)))
             for name, value in features.items():
                 out[name].append(value.cpu())

@@ -53,3 +53,16 @@ def test_verify_shards_benchmark_reports_sha256_speed_and_size_check_time(digits
     assert warm["bytes"] >= 0.02e9 and warm["mb_per_s_median"] > 0 and result["num_shards"] == 8
     assert result["cold_file"]["bytes"] == 2 << 20 and result["size_check_s_per_1000_shards"] > 0
     assert result["imagenet_train_estimate"]["gb"] > 0
+
+
+def test_loader_speed_benchmark_times_decode_and_both_worker_counts_on_equal_samples(tmp_path):
+    from benchmarks import loader_speed
+
+    out = tmp_path / "loader_speed.json"
+    result = loader_speed.main(["--tiny", "--no-ray", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["shards"]["num_shards"] == 2 and result["pinned"] is False
+    assert all(d["images_per_s"] > 0 for d in result["decode_one_core"].values())
+    runs = [result["ours"]["workers_1"], result["ours"]["workers_2"]]
+    assert all(r["images_per_s"] > 0 for r in runs) and {r["samples"] for r in runs} == {3 * 32}
+    assert result["ours"]["same_order_with_1_and_2_workers"] and "ray_data" not in result

@@ -15,7 +15,8 @@ from pipelines.common import prepare_tracking
 from pipelines.train import build_trainer, main, resolve_paths
 from sagan.checkpoint import load_checkpoint
 from sagan.config import load_config
-from sagan.data import batches_per_epoch, find_shards, rank_batches
+from sagan.data import batches_per_epoch, find_shards
+from sagan.loader import rank_batches
 
 
 def tiny_cfg(digits, tmp_path, *overrides):

@@ -1,0 +1,200 @@
+"""Batches from the shards, decoded in background processes, in an order that is a pure function of
+(seed, epoch, rank, world size).
+
+A *plan* says which samples make each batch: (shard index, sample index) pairs. The shards are shuffled per
+epoch with the same seed on every rank and dealt round-robin (rank k takes shards k, k + world, ...); a rank's
+samples are shuffled within groups of SHUFFLE_SHARDS shards. Batches are read by seeking into the tars
+(an index of their members is built from the tar headers alone) and decoded by `torch.utils.data.DataLoader`
+workers, so the order does not depend on how many workers there are, and a resumed run starts at any batch
+without reading, let alone decoding, the ones before it.
+"""
+
+import random
+import re
+import tarfile
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_jpeg as _tv_decode
+
+from .config import Config
+from .data import DataError, ShardSet, _fix, batches_per_epoch
+
+SHUFFLE_SHARDS = 4  # a rank's samples are shuffled within groups of this many shards (~4,000 ImageNet samples)
+OPEN_FILES = 64  # tar files a worker keeps open
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.(.+)$")  # webdataset's rule: the key is the name up to its first dot
+
+
+def epoch_plan(shards: ShardSet, rank: int, world_size: int, batch_size: int, epoch: int, seed: int) -> np.ndarray:
+    """This rank's batches in epoch `epoch`: (batches_per_epoch, B, 2) int64 of (shard index, sample index)."""
+    counts, n_batches = shards.counts, batches_per_epoch(shards, world_size, batch_size)
+    order = list(range(len(counts)))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    mine = order[: len(order) // world_size * world_size][rank::world_size]
+    rng = np.random.default_rng([seed, epoch, rank])
+    refs = []
+    for g in range(0, len(mine), SHUFFLE_SHARDS):
+        group = [np.stack([np.full(counts[s], s), np.arange(counts[s])], axis=1) for s in mine[g : g + SHUFFLE_SHARDS]]
+        pairs = np.concatenate(group)
+        refs.append(pairs[rng.permutation(len(pairs))])
+    return np.concatenate(refs)[: n_batches * batch_size].reshape(n_batches, batch_size, 2)
+
+
+def tar_index(url: str, expected: int | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """The samples of the tar at `url` in order: (key, {extension: (data offset, size)}), from its headers only.
+    DataError naming the tar when it cannot be read or holds another number of samples than `expected`."""
+    samples: list[tuple[str, dict]] = []
+    try:
+        with tarfile.open(url, "r:") as tar:
+            for member in tar:
+                match = _KEY.match(member.name)
+                if not member.isfile() or not match:
+                    continue
+                key, ext = match.groups()
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][ext] = (member.offset_data, member.size)
+    except (OSError, tarfile.TarError) as e:
+        after = f"after sample {samples[-1][0]}" if samples else "before its first sample"
+        raise DataError(f"shard {url}: {after}: {type(e).__name__}: {e}; {_fix(url)}") from None
+    if expected is not None and len(samples) != expected:
+        raise DataError(f"shard {url}: holds {len(samples)} samples, the manifest says {expected} (cut short?); {_fix(url)}")
+    return samples
+
+
+def decode_jpeg(data: bytes) -> torch.Tensor:
+    """JPEG bytes -> (3, H, W) uint8, with libjpeg-turbo through torchvision: 1.5x PIL + numpy here
+    (benchmarks/loader_speed.py)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at TorchCodec, on every call
+        return _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def loader_workers(cfg: Config) -> int:
+    """Decoding processes per rank: data.loader_workers, else the rank's CPUs (at least 1)."""
+    return cfg.data.loader_workers if cfg.data.loader_workers is not None else max(1, int(cfg.scaling.cpus_per_worker))
+
+
+class ShardReader:
+    """Random access to the samples of a ShardSet: tar indexes built on first use, files kept open."""
+
+    def __init__(self, shards: ShardSet):
+        self.urls, self.counts = shards.urls, shards.counts
+        self.indexes: dict[int, list] = {}
+        self.files: OrderedDict = OrderedDict()
+
+    def _read(self, shard: int, span: tuple[int, int]) -> bytes:
+        f = self.files.pop(shard, None) or open(self.urls[shard], "rb")
+        self.files[shard] = f  # most recently used last
+        if len(self.files) > OPEN_FILES:
+            self.files.popitem(last=False)[1].close()
+        f.seek(span[0])
+        data = f.read(span[1])
+        if len(data) != span[1]:
+            raise OSError(f"read {len(data)} of {span[1]} bytes")
+        return data
+
+    def sample(self, shard: int, i: int) -> tuple[torch.Tensor, int]:
+        """(image (3, R, R) uint8, label) of sample `i` of shard `shard`; DataError naming the shard and key."""
+        if shard not in self.indexes:
+            self.indexes[shard] = tar_index(self.urls[shard], self.counts[shard])
+        key, members = self.indexes[shard][i]
+        url = self.urls[shard]
+        missing = [m for m in ("jpg", "cls") if m not in members]
+        if missing:
+            raise DataError(f"shard {url}: sample {key}: no .{missing[0]} member (it has {', '.join(members)}); {_fix(url)}")
+        try:
+            return decode_jpeg(self._read(shard, members["jpg"])), int(self._read(shard, members["cls"]))
+        except Exception as e:  # noqa: BLE001 - a member that does not read or decode is the shard's fault
+            raise DataError(f"shard {url}: sample {key}: {type(e).__name__}: {e}; {_fix(url)}") from None
+
+    def batch(self, refs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (B, 3, R, R) uint8, labels (B,) int64) of the (shard, sample) pairs `refs` (B, 2)."""
+        pairs = [self.sample(int(s), int(i)) for s, i in refs]
+        return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs], dtype=torch.long)
+
+
+class Batches(Dataset):
+    """Batch number g as (uint8 images, labels), read from the shards by the process that asks (a DataLoader
+    worker). A read error comes back as its message (a str), so the caller raises it once, as one line."""
+
+    def __init__(self, shards: ShardSet):
+        self.shards = shards
+        self.reader: ShardReader | None = None  # made in the worker process: open files do not cross a fork
+
+    def refs(self, g: int) -> np.ndarray:
+        """The (shard, sample) pairs (B, 2) of batch `g`."""
+        raise NotImplementedError
+
+    def __getitem__(self, g: int):
+        self.reader = self.reader or ShardReader(self.shards)
+        try:
+            return self.reader.batch(self.refs(g))
+        except DataError as e:
+            return str(e)
+
+
+class PlannedBatches(Batches):
+    """A rank's endless schedule: batch g is batch g % batches_per_epoch of epoch g // batches_per_epoch."""
+
+    def __init__(self, shards: ShardSet, rank: int, world_size: int, batch_size: int, seed: int):
+        super().__init__(shards)
+        self.rank, self.world, self.batch_size, self.seed = rank, world_size, batch_size, seed
+        self.per_epoch = batches_per_epoch(shards, world_size, batch_size)
+        self.plan: tuple[int, np.ndarray] | None = None  # the current epoch's, made once per process
+
+    def refs(self, g: int) -> np.ndarray:
+        epoch, b = divmod(g, self.per_epoch)
+        if self.plan is None or self.plan[0] != epoch:
+            self.plan = (epoch, epoch_plan(self.shards, self.rank, self.world, self.batch_size, epoch, self.seed))
+        return self.plan[1][b]
+
+
+class SequentialBatches(Batches):
+    """Every sample once, in shard order, in batches of `batch_size` (the last one smaller): real statistics."""
+
+    def __init__(self, shards: ShardSet, batch_size: int):
+        super().__init__(shards)
+        refs = np.concatenate([np.stack([np.full(c, s), np.arange(c)], axis=1) for s, c in enumerate(shards.counts)])
+        self.all = [refs[i : i + batch_size] for i in range(0, len(refs), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def refs(self, g: int) -> np.ndarray:
+        return self.all[g]
+
+
+def load(dataset: Batches, start: int, stop: int, workers: int = 0, prefetch: int = 2, pin: bool = False):
+    """Batches number start..stop-1 of `dataset`, in order, from `workers` processes (0: this one) reading
+    `prefetch` batches ahead each; pinned for a fast copy to a GPU when `pin`. Raises DataError, one line."""
+    loader = DataLoader(dataset, batch_size=None, sampler=range(start, stop), num_workers=workers, pin_memory=pin,
+                        prefetch_factor=prefetch if workers else None, persistent_workers=False)  # fmt: skip
+    for item in loader:
+        if isinstance(item, str):
+            raise DataError(item)
+        yield item
+
+
+def rank_loader(shards: ShardSet, rank: int, world_size: int, batch_size: int, seed: int, start_batch: int,
+                workers: int = 0, prefetch: int = 2, pin: bool = False):  # fmt: skip
+    """Endless uint8 batches of this rank's schedule from batch `start_batch` on (epoch after epoch)."""
+    return load(PlannedBatches(shards, rank, world_size, batch_size, seed), start_batch, 2**62, workers, prefetch, pin)
+
+
+def rank_batches(shards: ShardSet, rank: int, world_size: int, batch_size: int, epoch: int, seed: int = 0):
+    """Exactly `batches_per_epoch(...)` batches of (images (B, 3, R, R) in [-1, 1], labels (B,)): this rank's
+    share of epoch `epoch`, read in this process."""
+    dataset = PlannedBatches(shards, rank, world_size, batch_size, seed)
+    for x, y in load(dataset, epoch * dataset.per_epoch, (epoch + 1) * dataset.per_epoch):
+        yield x.float().div_(127.5).sub_(1.0), y
+
+
+def iter_uint8(shards: ShardSet, batch_size: int, workers: int = 0):
+    """Every sample of `shards` once, in shard order: (images (B, 3, R, R) uint8, labels (B,)) batches."""
+    dataset = SequentialBatches(shards, batch_size)
+    yield from load(dataset, 0, len(dataset), workers)
