@@ -137,7 +137,9 @@ def sweep(cfg, combos) -> int:
         print(f"error: the sweep ran, but its report could not be written: {first_line(e)}; rerun the same command "
               "to write it", file=sys.stderr)  # fmt: skip
         return 1
-    interrupted = any(not r.error and not r.metrics.get("done") for r in results)
+    # A trial that reached its last step is finished even when Ctrl-C came before Tune recorded it "done".
+    interrupted = any(not r.error and not r.metrics.get("done") and r.metrics.get("step", 0) < cfg.tune.steps
+                      for r in results)  # fmt: skip
     if not interrupted:
         client.set_terminated(parent_id, "FINISHED")
     print("\n" + table_markdown(rows, cfg.tune.metric))

@@ -127,3 +127,22 @@ def test_damaged_shard_stops_train_before_any_worker(ray_session, shards, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: shard {path} is damaged: its sha256 is ") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs" / "sagan-demo").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_shard_damaged_after_the_check_stops_the_run_naming_shard_and_key_without_retries(ray_session, shards, tmp_path, capsys):
+    from sagan.loader import tar_index
+
+    shard_set = find_shards(str(shards / "train"))
+    key, members = tar_index(shard_set.urls[0])[3]
+    offset, size = members["jpg"]
+    with open(shard_set.urls[0], "r+b") as f:  # the JPEG's bytes zeroed: the tar still reads, the image does not
+        f.seek(offset)
+        f.write(b"\0" * size)
+    args = [f"data.train_shards={shards / 'train'}", f"run.storage_path={tmp_path / 'runs'}", "data.verify=off",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "model.ch=8", "train.batch_size=4",
+            "train.steps=400", "train.eval_every=0", "run.max_failures=2", "run.name=damaged"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: data error at step ") and f"shard {shard_set.urls[0]}: sample {key}: " in err
+    assert main(args) == 1  # a relaunch stops at once with the same line: the marker, not a replay
+    assert f"sample {key}" in capsys.readouterr().err

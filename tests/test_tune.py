@@ -105,7 +105,8 @@ def test_sweep_stops_a_bad_trial_records_a_failed_one_and_reports_in_mlflow(ray_
         assert float(child.data.params["optim.lr_g"]) == lr and float(child.data.params["optim.lr_d"]) == lr
         assert child.data.params["trial.g_attn"] == "[16]" and child.data.params["model.ch"] == "8"
     assert by_lr[4e-4].info.status == "FINISHED" and by_lr[4e-4].data.tags["sagan.stop_reason"] == "completed"
-    assert by_lr[0.5].info.status == "KILLED" and by_lr[0.5].data.tags["sagan.stop_reason"].startswith("ASHA at step 10 (loop/fid ")
+    # Stopped at a rung (which one depends on the in-loop FIDs of the trials before it): never completed.
+    assert by_lr[0.5].info.status == "KILLED" and by_lr[0.5].data.tags["sagan.stop_reason"].startswith("ASHA at step ")
     assert by_lr[1e30].info.status == "FAILED" and "non-finite loss at step" in by_lr[1e30].data.tags["sagan.stop_reason"]
     good = by_lr[4e-4].info.run_id
     assert [m.step for m in client.get_metric_history(good, "loop/fid")] == [0, 10, 20, 30, 40]
