@@ -96,6 +96,7 @@ class Outbox:
         self.down_since: float | None = None
         self.retry_at = 0.0  # no delivery before this time (monotonic): the backoff after a failure
         self.spilled = 0
+        self.spill_lock = threading.Lock()  # the training thread (persist, close) and this one both append
         self.thread = threading.Thread(target=self._run, name="mlflow-outbox", daemon=True)
         self.thread.start()
 
@@ -127,9 +128,7 @@ class Outbox:
                 return 0
             waiting = [i for i in self.items if i is not self.inflight]
             self._forget(waiting)
-        if waiting:
-            spill(self.spill_to, self.uri, self.run_id, waiting)
-            self.spilled += len(waiting)
+        self._spill(waiting)
         return len(waiting)
 
     def close(self, timeout: float = 30.0) -> int:
@@ -144,11 +143,10 @@ class Outbox:
                 self.cond.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             while self.inflight is not None and time.monotonic() < deadline + 15:  # a request's own timeout
                 self.cond.wait(timeout=1.0)
-            left = list(self.items)
+            left = [i for i in self.items if i is not self.inflight]  # a request still out may yet land
             self._forget(left)
-        if left:
-            spill(self.spill_to, self.uri, self.run_id, left)
-        pending = self.spilled + len(left)
+        self._spill(left)
+        pending = self.spilled
         if pending:
             where = f"{self.spill_to}" + (" on this node" if self.spill_to.is_relative_to(Path.home()) else "")
             log.warning(f"MLflow at {self.uri} did not take {pending} item(s) of run {self.run_id}; they are kept "
@@ -182,39 +180,58 @@ class Outbox:
                 failure = None
             except Exception as e:  # noqa: BLE001 - sorted below: the store is away, or refuses this item
                 failure = e
-            with self.cond:
-                self.inflight = None
-                if failure is None or permanent(failure):
-                    if item in self.items:
-                        self._forget([item])
-                    self.cond.notify_all()
-            if failure is not None and permanent(failure):
-                reject(self.spill_to, self.uri, self.run_id, item, failure)
-                continue
-            if failure is not None:
-                if self.down_since is None:
-                    self.down_since = time.monotonic()
-                    log.warning(f"MLflow at {self.uri} is not reachable ({_first_line(failure)}); training goes on "
-                                "and the metrics, tags and images wait until it is back")  # fmt: skip
+            try:
+                backoff = self._settle(item, failure, backoff)
+            except Exception as e:  # noqa: BLE001 - a full disk while setting aside: keep delivering, say so once
+                log.warning(f"MLflow outbox: {type(e).__name__}: {_first_line(e)}")
+                with self.cond:
+                    self.inflight = None
+                    self.retry_at = time.monotonic() + backoff
+
+    def _settle(self, item: dict, failure: Exception | None, backoff: float) -> float:
+        """After one delivery attempt: pop the item (delivered, or refused for good and set aside) or schedule
+        the retry; returns the next backoff."""
+        refused = failure is not None and permanent(failure)
+        with self.cond:
+            self.inflight = None
+            if failure is None or refused:
+                if self.items and self.items[0] is item:
+                    self.items.popleft()
+                    self.queued_bytes -= _nbytes(item)
+                self.cond.notify_all()
+            else:
                 self.retry_at = time.monotonic() + (backoff if not self.closing else 0.5)
-                backoff = min(backoff * 2, self.max_backoff)
-                self._spill_overflow()
-                continue
-            backoff = 1.0
-            if self.down_since is not None:
-                log.warning(f"MLflow at {self.uri} is back after {time.monotonic() - self.down_since:.0f} s; "
-                            f"delivering the {len(self.items)} waiting item(s)")  # fmt: skip
-                self.down_since = None
+            was_down, self.down_since = self.down_since, (
+                None if failure is None else self.down_since or (None if refused else time.monotonic()))
+            waiting = len(self.items)
+        if refused:
+            reject(self.spill_to, self.uri, self.run_id, item, failure)
+            return backoff
+        if failure is not None:
+            if was_down is None:
+                log.warning(f"MLflow at {self.uri} is not reachable ({_first_line(failure)}); training goes on "
+                            "and the metrics, tags and images wait until it is back")  # fmt: skip
+            self._spill_overflow()
+            return min(backoff * 2, self.max_backoff)
+        if was_down is not None:
+            log.warning(f"MLflow at {self.uri} is back after {time.monotonic() - was_down:.0f} s; delivering the "
+                        f"{waiting} waiting item(s)")  # fmt: skip
+        return 1.0
 
     def _spill_overflow(self) -> None:
         """A long outage: the oldest half of the queue goes to the pending file, so memory stays bounded."""
         with self.cond:
             if len(self.items) <= MAX_QUEUED and self.queued_bytes <= MAX_QUEUED_BYTES:
                 return
-            oldest = list(self.items)[: max(1, len(self.items) // 2)]
+            oldest = [i for i in list(self.items)[: max(1, len(self.items) // 2)] if i is not self.inflight]
             self._forget(oldest)
-        spill(self.spill_to, self.uri, self.run_id, oldest)
-        self.spilled += len(oldest)
+        self._spill(oldest)
+
+    def _spill(self, items: list[dict]) -> None:
+        if items:
+            with self.spill_lock:
+                spill(self.spill_to, self.uri, self.run_id, items)
+                self.spilled += len(items)
 
 
 def _nbytes(item: dict) -> int:
@@ -222,14 +239,16 @@ def _nbytes(item: dict) -> int:
 
 
 def permanent(error: BaseException) -> bool:
-    """Whether the store refused an item for good (a 4xx answer, a value MLflow cannot take) rather than
-    being out of reach (no answer, a 5xx, a rate limit): refused items are set aside, not retried."""
+    """Whether the store refused an item for good (a 400 or 404-like answer to the request itself, a value MLflow
+    cannot take) rather than being out of reach (no answer, a 5xx, a rate limit, a proxy in the way)."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(error, MlflowException):
-        transient = ("REQUEST_LIMIT_EXCEEDED", "UNAUTHENTICATED", "PERMISSION_DENIED", "TEMPORARILY_UNAVAILABLE")
-        return 400 <= error.get_http_status_code() < 500 and error.error_code not in transient
-    return isinstance(error, (ValueError, TypeError))
+        status = error.get_http_status_code()
+        transient = ("REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "UNAUTHENTICATED",
+                     "PERMISSION_DENIED", "TEMPORARILY_UNAVAILABLE", "ENDPOINT_NOT_FOUND")  # fmt: skip
+        return 400 <= status < 500 and status not in (401, 403, 408, 409, 429) and error.error_code not in transient
+    return isinstance(error, (ValueError, TypeError)) and not isinstance(error, json.JSONDecodeError)
 
 
 def reject(folder: Path, uri: str, run_id: str, item: dict, error: BaseException) -> None:
@@ -356,9 +375,14 @@ def replay(folder: Path, tracking_uri: str | None = None) -> tuple[int, int]:
                 item = json.loads(line)
                 if "png" in item:
                     item["array"] = np.asarray(Image.open(folder / item["png"]).convert("RGB"))
+            except (ValueError, OSError) as e:  # a line cut short by a crash, an image lost: unusable, set aside
+                reject(folder, tracking_uri or "?", path.stem, {"line": line[:2000]}, e)
+                done += 1
+                continue
+            try:
                 deliver(mlflow.MlflowClient(tracking_uri or item["tracking_uri"]), item["run_id"], item)
-            except Exception as e:  # noqa: BLE001 - sorted below: the store is away, or this item is unusable
-                if not (permanent(e) or isinstance(e, (FileNotFoundError, KeyError))):  # the store is away
+            except Exception as e:  # noqa: BLE001 - sorted below: the store is away, or this item is refused
+                if not (permanent(e) or isinstance(e, KeyError)):  # the store is away
                     log.warning(f"replay of {path} stopped at item {done + 1} of {len(lines)}: {_first_line(e)}")
                     break
                 reject(folder, tracking_uri or "?", path.stem, {"line": line[:2000]}, e)

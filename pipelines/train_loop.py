@@ -45,17 +45,16 @@ def stop_marker(cfg: Config) -> Path | None:
     return None if "://" in cfg.run.storage_path else Path(cfg.run.storage_path) / cfg.run.name / STOPPED_FILE
 
 
-def stop_run(cfg: Config, message: str, write: bool) -> RunStopped:
-    """Record `message` for the retries and the driver when `write` (one rank writes what all ranks agreed on;
-    a rank that alone hit a damaged shard writes its own), and return the error to raise."""
+def stop_run(cfg: Config, message: str) -> RunStopped:
+    """Record `message` for the retries and the driver, and return the error to raise. Every rank that stops
+    writes it (the same message where they agreed), so it is there whichever rank Ray tears down first."""
     marker = stop_marker(cfg)
     if marker is not None:
         message += f". Fix the cause and start a new run.name (or delete {marker} to resume this one)"
-        if write:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"message": message}))
-            os.replace(tmp, marker)  # a reader never sees half a file
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"message": message}))
+        os.replace(tmp, marker)  # a reader never sees half a file
     return RunStopped(message)
 
 
@@ -73,8 +72,11 @@ def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
     shards = find_shards(cfg.data.train_shards)
     batches = rank_loader(shards, rank, world, cfg.train.batch_size, cfg.train.seed, start_batch,
                           loader_workers(cfg), cfg.data.prefetch, pin=device.type == "cuda")  # fmt: skip
-    for x, y in batches:
-        yield x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0), y.to(device, non_blocking=True)
+    try:
+        for x, y in batches:
+            yield x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0), y.to(device, non_blocking=True)
+    finally:
+        batches.close()  # the loader's processes end here, not whenever the garbage collector runs
 
 
 class Tracker:
@@ -201,8 +203,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loop.run()
         finished = True
     finally:
-        loop.stream.close()  # the loader's processes end with the loop
-        tracker.close(finished)  # what MLflow has not taken yet goes to the run's pending file
+        try:
+            loop.stream.close()  # the loader's processes end with the loop
+        finally:
+            tracker.close(finished)  # what MLflow has not taken yet goes to the run's pending file
     if rank == 0:
         log.info(f"finished {cfg.train.steps} steps; MLflow run {tracker.run_id}")
 
@@ -260,7 +264,7 @@ class Loop:
             self.data_wait += time.perf_counter() - start  # the step waited this long for its data
             return batches
         except DataError as e:
-            raise stop_run(self.cfg, f"data error at step {self.trainer.step + 1}: {e}", write=True) from None
+            raise stop_run(self.cfg, f"data error at step {self.trainer.step + 1}: {e}") from None
 
     def read_losses(self, step: int) -> dict[str, float]:
         """The latest losses (one host sync); stops the run at a non-finite loss or a divergence, before
@@ -268,10 +272,10 @@ class Loop:
         values, bad_step = agree(*self.monitor.read(), self.device)
         if bad_step is not None:
             raise stop_run(self.cfg, f"non-finite loss at step {bad_step} (at step {step}: {values}); the last good "
-                           "checkpoint is kept", write=self.rank == 0)  # fmt: skip
+                           "checkpoint is kept")  # fmt: skip
         diverged = self.guard.check(step, values)
         if diverged:
-            raise stop_run(self.cfg, f"{diverged}; the checkpoints from before it are kept", write=self.rank == 0)
+            raise stop_run(self.cfg, f"{diverged}; the checkpoints from before it are kept")
         return values
 
     def log(self, step: int, values: dict, eta_s: float) -> None:
@@ -312,10 +316,11 @@ class Loop:
         log.info(f"step {step}: in-loop FID {scores['loop/fid']:.2f} ({self.cfg.eval.loop_samples} samples)"
                  + "".join(f"  {k[5:]} {v:.3f}" for k, v in scores.items() if k != "loop/fid"))  # fmt: skip
         if step and not self.guard.suspect and (self.best is None or scores["loop/fid"] < self.best["loop/fid"]):
-            self.best = {"step": step, "loop/fid": scores["loop/fid"]}
+            best = {"step": step, "loop/fid": scores["loop/fid"]}
             target = f"{self.cfg.run.storage_path}/{self.cfg.run.name}/{BEST_DIR}"
             try:
-                save_best(target, self.cfg, self.trainer, {**self.tracker.checkpoint_extra(), "best": self.best})
+                save_best(target, self.cfg, self.trainer, {**self.tracker.checkpoint_extra(), "best": best})
+                self.best = best  # only once it is on disk
                 log.info(f"step {step}: best in-loop FID so far, saved to {target}")
             except Exception as e:  # noqa: BLE001 - a full disk or a storage error must not end the training
                 log.warning(f"step {step}: best checkpoint not saved to {target}: {type(e).__name__}: {e}")
@@ -354,6 +359,7 @@ def best_so_far(cfg: Config, from_checkpoint: dict | None) -> dict | None:
             found.append(json.loads(marker.read_text()))
         except ValueError:
             pass
+    found = [b for b in found if isinstance(b, dict) and isinstance(b.get("loop/fid"), (int, float))]
     return min(found, key=lambda b: b["loop/fid"]) if found else None
 
 

@@ -58,12 +58,28 @@ def tar_index(url: str, expected: int | None = None) -> list[tuple[str, dict[str
                 if not samples or samples[-1][0] != key:
                     samples.append((key, {}))
                 samples[-1][1][ext] = (member.offset_data, member.size)
-    except (OSError, tarfile.TarError) as e:
+    except (EOFError, tarfile.TarError) as e:  # the content; an OSError of the storage propagates (Ray retries it)
         after = f"after sample {samples[-1][0]}" if samples else "before its first sample"
-        raise DataError(f"shard {url}: {after}: {type(e).__name__}: {e}; {_fix(url)}") from None
+        raise DataError(f"shard {url}: {after}: {type(e).__name__}: {_one_line(e)}; {_fix(url)}") from None
     if expected is not None and len(samples) != expected:
         raise DataError(f"shard {url}: holds {len(samples)} samples, the manifest says {expected} (cut short?); {_fix(url)}")
     return samples
+
+
+def compact_index(url: str, expected: int | None = None) -> np.ndarray:
+    """`tar_index` as (N, 4) int64: jpg offset, jpg size, cls offset, cls size (-1 for a missing member).
+    32 bytes per sample: a worker keeps the index of every shard it reads (ImageNet: ~41 MB in all)."""
+    index = np.full((len(samples := tar_index(url, expected)), 4), -1, dtype=np.int64)
+    for i, (_, members) in enumerate(samples):
+        for col, ext in ((0, "jpg"), (2, "cls")):
+            if ext in members:
+                index[i, col : col + 2] = members[ext]
+    return index
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def decode_jpeg(data: bytes) -> torch.Tensor:
@@ -83,34 +99,45 @@ class ShardReader:
     """Random access to the samples of a ShardSet: tar indexes built on first use, files kept open."""
 
     def __init__(self, shards: ShardSet):
-        self.urls, self.counts = shards.urls, shards.counts
-        self.indexes: dict[int, list] = {}
+        self.shards = shards
+        self.indexes: dict[int, np.ndarray] = {}
         self.files: OrderedDict = OrderedDict()
 
-    def _read(self, shard: int, span: tuple[int, int]) -> bytes:
-        f = self.files.pop(shard, None) or open(self.urls[shard], "rb")
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        f = self.files.pop(shard, None) or open(self.shards.urls[shard], "rb")
         self.files[shard] = f  # most recently used last
         if len(self.files) > OPEN_FILES:
             self.files.popitem(last=False)[1].close()
-        f.seek(span[0])
-        data = f.read(span[1])
-        if len(data) != span[1]:
-            raise OSError(f"read {len(data)} of {span[1]} bytes")
-        return data
+        f.seek(offset)
+        return f.read(size)
 
     def sample(self, shard: int, i: int) -> tuple[torch.Tensor, int]:
-        """(image (3, R, R) uint8, label) of sample `i` of shard `shard`; DataError naming the shard and key."""
+        """(image (3, R, R) uint8, label) of sample `i` of shard `shard`. DataError, one line naming the shard
+        and the sample's key, for what is wrong with the shard's content; an OSError of the storage propagates."""
+        url = self.shards.urls[shard]
         if shard not in self.indexes:
-            self.indexes[shard] = tar_index(self.urls[shard], self.counts[shard])
-        key, members = self.indexes[shard][i]
-        url = self.urls[shard]
-        missing = [m for m in ("jpg", "cls") if m not in members]
-        if missing:
-            raise DataError(f"shard {url}: sample {key}: no .{missing[0]} member (it has {', '.join(members)}); {_fix(url)}")
-        try:
-            return decode_jpeg(self._read(shard, members["jpg"])), int(self._read(shard, members["cls"]))
-        except Exception as e:  # noqa: BLE001 - a member that does not read or decode is the shard's fault
-            raise DataError(f"shard {url}: sample {key}: {type(e).__name__}: {e}; {_fix(url)}") from None
+            self.indexes[shard] = compact_index(url, self.shards.counts[shard])
+        jpg_at, jpg_size, cls_at, cls_size = (int(v) for v in self.indexes[shard][i])
+        problem = "no .jpg member" if jpg_at < 0 else "no .cls member" if cls_at < 0 else None
+        if problem is None:
+            jpg, cls = self._read(shard, jpg_at, jpg_size), self._read(shard, cls_at, cls_size)
+            if len(jpg) != jpg_size or len(cls) != cls_size:
+                problem = "the file ends inside the sample (cut short?)"
+            else:
+                try:
+                    image, label = decode_jpeg(jpg), int(cls)
+                except (RuntimeError, ValueError) as e:  # torchvision's decode errors are RuntimeErrors
+                    problem = f"{type(e).__name__}: {_one_line(e)}"
+        if problem is None:
+            size = self.shards.image_size
+            if size and tuple(image.shape) != (3, size, size):
+                problem = f"image of shape {tuple(image.shape)}, the manifest says {size}px (shards of another --size?)"
+            elif self.shards.num_classes and not 0 <= label < self.shards.num_classes:
+                problem = f"label {label} outside 0..{self.shards.num_classes - 1}"
+        if problem is not None:
+            key = tar_index(url)[i][0]  # names are kept out of the compact index: read again for the message
+            raise DataError(f"shard {url}: sample {key}: {problem}; {_fix(url)}")
+        return image, label
 
     def batch(self, refs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(images (B, 3, R, R) uint8, labels (B,) int64) of the (shard, sample) pairs `refs` (B, 2)."""
@@ -172,8 +199,10 @@ class SequentialBatches(Batches):
 def load(dataset: Batches, start: int, stop: int, workers: int = 0, prefetch: int = 2, pin: bool = False):
     """Batches number start..stop-1 of `dataset`, in order, from `workers` processes (0: this one) reading
     `prefetch` batches ahead each; pinned for a fast copy to a GPU when `pin`. Raises DataError, one line."""
+    # Its own generator: a DataLoader otherwise draws its base seed from the global RNG that latents come from.
     loader = DataLoader(dataset, batch_size=None, sampler=range(start, stop), num_workers=workers, pin_memory=pin,
-                        prefetch_factor=prefetch if workers else None, persistent_workers=False)  # fmt: skip
+                        prefetch_factor=prefetch if workers else None, persistent_workers=False,
+                        generator=torch.Generator())  # fmt: skip
     for item in loader:
         if isinstance(item, str):
             raise DataError(item)

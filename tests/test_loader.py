@@ -62,7 +62,7 @@ def test_resuming_decodes_nothing_before_the_resume_point(digits, monkeypatch):
     start = time.perf_counter()
     take(rank_loader(shards, 0, 1, 16, seed=0, start_batch=10_000 // 16), 1)  # 10,000 samples in (epochs on)
     assert len(decoded) == 16  # the one batch asked for, nothing before it
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 3.0  # well under a second on an idle machine
 
 
 def test_a_corrupt_sample_read_by_a_loader_process_is_one_line_naming_shard_and_key(digits, tmp_path):
