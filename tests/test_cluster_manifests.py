@@ -334,3 +334,10 @@ def test_rayignore_keeps_data_runs_and_stores_out_of_the_upload(tmp_path):
     uploaded = []
     _dir_travel(tmp_path, [], lambda p: p.is_file() and uploaded.append(p.relative_to(tmp_path).as_posix()), include_gitignore=False)
     assert sorted(uploaded) == sorted(kept + [".rayignore"])
+
+
+def test_readme_applies_and_builds_files_that_exist():
+    section = (ROOT / "README.md").read_text().split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"(?:-f|--runtime-env) (cluster/\S+)", section) + re.findall(r"ray (?:up|dashboard) (cluster/\S+)", section)
+    assert "cluster/kuberay/raycluster.yaml" in named and "cluster/Dockerfile" in named
+    assert [n for n in named if not (ROOT / n).is_file()] == []
