@@ -1,14 +1,14 @@
-"""The cluster launcher configs in cluster/ are valid for the Ray version the project installs."""
+"""The cluster launcher configs in cluster/launcher/ are valid for the Ray version the project installs."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
-CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+LAUNCHER = Path(__file__).resolve().parent.parent / "cluster" / "launcher"
 
 
-@pytest.mark.parametrize("path", sorted(CLUSTER.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(LAUNCHER.glob("*.yaml")), ids=lambda p: p.name)
 def test_cluster_config_passes_rays_schema(path):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
