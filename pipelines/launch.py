@@ -178,7 +178,7 @@ def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, cal
         train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
                            **(resume.loop_config() if resume else {})},  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, placement_strategy=s.placement_strategy,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),  # fmt: skip
         run_config=RunConfig(
             name=cfg.run.name,

@@ -85,6 +85,7 @@ class ScalingConfig:
     num_workers: int = 2  # Ray Train workers, one per GPU when use_gpu
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional CPUs leave Ray Data a budget on small machines
+    placement_strategy: str = "PACK"  # Ray's: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one worker per node)
 
 
 @dataclass
@@ -259,6 +260,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"model.ch: attention at {where} would have {channels} channels; it needs a multiple of 8")
     if cfg.eval.feature_extractor not in (INCEPTION, SAMPLE_CLASSIFIER):
         raise ConfigError(f"eval.feature_extractor: '{cfg.eval.feature_extractor}' is not one of {INCEPTION}, {SAMPLE_CLASSIFIER}")
+    if cfg.scaling.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ConfigError(f"scaling.placement_strategy: '{cfg.scaling.placement_strategy}' is not one of "
+                          f"{', '.join(PLACEMENT_STRATEGIES)}")  # fmt: skip
     if cfg.eval.real_split not in ("val", "train"):
         raise ConfigError(f"eval.real_split: '{cfg.eval.real_split}' is not one of val, train")
     if cfg.data.loader_workers is not None and cfg.data.loader_workers < 0:
@@ -306,6 +310,7 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
 TUNE_METRICS = {"loop/fid": "min", "loop/is": "max", "loop/class_acc": "max"}  # in-loop metric -> better when
 
 
