@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: test demo demo-data tune-demo venv clean
+.PHONY: test test-cluster demo demo-data tune-demo venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# Only the multi-node job-path tests (cluster/local.py: head + worker node, token auth, MLflow server);
+# `make test` runs them too.
+test-cluster: $(VENV)/.installed
+	$(PY) -m pytest -m cluster
 
 # The demo: sample digits -> shards -> 2-worker DDP training on a local Ray (in-loop FID) -> evaluation,
 # MLflow in ./mlflow.db. Everything it writes (data/, runs/, mlflow.db) is git-ignored.

@@ -6,6 +6,7 @@ import argparse
 import copy
 import fnmatch
 import functools
+import gzip
 import importlib
 import os
 import re
@@ -19,10 +20,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERAY = ROOT / "cluster" / "kuberay"
-# The CRDs as released (ray-project/kuberay v1.7.0, ray-operator/config/crd/bases/), kept beside the repository;
-# KUBERAY_CRDS points elsewhere.
-CRDS = Path(os.environ.get("KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay-crds"))
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+# The CRDs as released (ray-project/kuberay v1.7.0, ray-operator/config/crd/bases/), gzipped in the repository.
+CRDS = ROOT / "cluster" / "kuberay" / "crds"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml.gz", "RayJob": "ray.io_rayjobs.yaml.gz"}
 APP = "/app"  # the image's WORKDIR, where cluster/Dockerfile copies the code
 MOUNT = "/mnt/shared"
 IMAGE = "REPLACE_ME/sagan-ray:latest"
@@ -63,11 +63,10 @@ def strict(schema):
 @functools.cache
 def crd_validator(kind):
     """A jsonschema validator of the v1 openAPIV3Schema of the CRD for `kind`."""
-    jsonschema = pytest.importorskip("jsonschema")
-    path = CRDS / CRD_FILES[kind]
-    if not path.is_file():
-        pytest.skip(f"KubeRay CRD {path} not found; set KUBERAY_CRDS to the folder holding {CRD_FILES[kind]}")
-    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    import jsonschema
+
+    text = gzip.decompress((CRDS / CRD_FILES[kind]).read_bytes()).decode()
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft4Validator(strict(v1["schema"]["openAPIV3Schema"]))  # OpenAPI v3 is draft 4's dialect
 

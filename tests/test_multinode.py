@@ -1,0 +1,80 @@
+"""The job path on a real multi-node Ray cluster on this machine (cluster/local.py: a head and a worker node,
+token authentication on, a real MLflow server): sharding, training across the nodes, evaluation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from cluster.local import free_port, ray_env
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = [sys.executable, str(REPO / "cluster" / "local.py")]
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cluster")
+    port = free_port()
+    up = subprocess.run([*LOCAL, "up", "--dir", str(folder), "--workers", "1", "--cpus", "1", "--mlflow-port", str(port)],
+                        capture_output=True, text=True, timeout=240)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stderr + up.stdout
+        state = json.loads((folder / "cluster.json").read_text())
+        yield folder, state
+    finally:
+        subprocess.run([*LOCAL, "down", "--dir", str(folder)], capture_output=True, timeout=120)
+
+
+def submit(state: dict, folder: Path, *entrypoint: str, token: bool = True) -> subprocess.CompletedProcess:
+    env = {**ray_env(folder), "RAY_ADDRESS": state["address"]}
+    if not token:
+        env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    ray = str(Path(sys.executable).parent / "ray")
+    return subprocess.run([ray, "job", "submit", "--working-dir", str(REPO), "--", *entrypoint], env=env,
+                          capture_output=True, text=True, timeout=400)  # fmt: skip
+
+
+def test_a_submission_without_the_token_is_refused(cluster):
+    folder, state = cluster
+    out = submit(state, folder, "python", "-c", "print('ran')", token=False)
+    assert out.returncode != 0 and "ran" not in out.stdout
+    assert "Missing authentication token" in out.stdout + out.stderr
+
+
+def test_shard_train_across_nodes_and_evaluate_as_jobs(cluster, tmp_path):
+    folder, state = cluster
+    from preprocessing.make_sample_data import write_sample_data
+
+    write_sample_data(tmp_path / "raw")
+    shards, runs = tmp_path / "shards", tmp_path / "runs"
+    out = submit(state, folder, "python", "preprocessing/shard_imagenet.py", "--backend", "ray", "--src", str(tmp_path / "raw"),
+                 "--out", str(shards), "--size", "32", "--shard-size", "200")  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert json.loads((shards / "manifest.json").read_text())["complete"]
+
+    out = submit(state, folder, "python", "pipelines/train.py", f"data.train_shards={shards / 'train'}",
+                 f"data.val_shards={shards / 'val'}", f"run.storage_path={runs}", "run.name=spread",
+                 f"mlflow.tracking_uri={state['mlflow']}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+                 "scaling.placement_strategy=STRICT_SPREAD", "model.ch=8", "train.batch_size=4", "train.steps=2",
+                 "train.log_every=1", "train.ckpt_every=2", "train.sample_every=2", "train.eval_every=0")  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert list((runs / "spread").glob("checkpoint_*/checkpoint.pt"))
+    client = mlflow.MlflowClient(state["mlflow"])
+    (run,) = client.search_runs([client.get_experiment_by_name("sagan-train").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [1, 2]
+    assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+    # The two workers ran on the two nodes: Ray Train's STRICT_SPREAD would not have started them otherwise.
+    assert run.data.params["scaling.placement_strategy"] == "STRICT_SPREAD"
+
+    out = submit(state, folder, "python", "pipelines/evaluate.py", "--checkpoint", str(runs / "spread"),
+                 "eval.num_samples=40", "eval.feature_extractor=sample-classifier", f"eval.cache_dir={tmp_path / 'cache'}",
+                 f"mlflow.tracking_uri={state['mlflow']}")  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert client.get_metric_history(run.info.run_id, "eval/fid")[0].step == 2
