@@ -8,7 +8,6 @@ import fnmatch
 import functools
 import gzip
 import importlib
-import os
 import re
 import shlex
 from pathlib import Path
