@@ -119,6 +119,22 @@ def verify_shards(cfg: Config) -> None:
         raise PreflightError(problems[0])
 
 
+def multinode_warnings(cfg: Config, tracking_uri: str, nodes: int, submitted: bool) -> list[str]:
+    """One line each for what a cluster of `nodes` live nodes (or a submitted job, whose nodes may change)
+    cannot share: a sqlite MLflow store, a local run.storage_path."""
+    if nodes <= 1 and not submitted:
+        return []
+    where = f"the cluster has {nodes} nodes" if nodes > 1 else "a submitted job may run on any node"
+    out = []
+    if tracking_uri.startswith("sqlite:"):
+        out.append(f"MLflow store {tracking_uri} is a file on this node, but {where}: set mlflow.tracking_uri to a "
+                   "tracking server (mlflow server ...; cluster/kuberay/mlflow.yaml)")  # fmt: skip
+    if nodes > 1 and "://" not in cfg.run.storage_path:
+        out.append(f"run.storage_path {cfg.run.storage_path} is a local path and {where}: every node must see the "
+                   "same folder (an NFS/EFS/Filestore mount on all of them) or use a bucket (s3://..., gs://...)")  # fmt: skip
+    return out
+
+
 def prepare_evaluation(cfg: Config) -> None:
     """For in-loop FID: fill the eval cache (the extractor's weights, the real statistics) in one Ray task
     with a worker's resources, before the workers start; PreflightError when the weights cannot be had.

@@ -18,8 +18,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
 from pipelines.launch import (  # noqa: E402, F401
-    PreflightError, build_trainer, check_cluster, check_inputs, open_tracking_run, preflight, prepare_evaluation, resolve_paths,
-    verify_shards,
+    PreflightError, build_trainer, check_cluster, check_inputs, multinode_warnings, open_tracking_run, preflight,
+    prepare_evaluation, resolve_paths, verify_shards,
 )  # fmt: skip
 from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
@@ -80,9 +80,8 @@ def launch(cfg) -> int:
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
         print(f"error: MLflow tracking at {uri} is not usable: {first_line(e)}", file=sys.stderr)
         return 2
-    if uri.startswith("sqlite:") and (os.environ.get("RAY_ADDRESS") or sum(n["Alive"] for n in ray.nodes()) > 1):
-        print(f"warning: MLflow store {uri} is a file on this node, but rank 0 may run on another; on a "
-              "multi-node cluster set mlflow.tracking_uri to a tracking server (mlflow server ...)", file=sys.stderr)  # fmt: skip
+    for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), bool(os.environ.get("RAY_ADDRESS"))):
+        print(f"warning: {line}", file=sys.stderr)
     print(f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
           f"{cfg.train.batch_size * cfg.scaling.num_workers}, {cfg.train.steps} steps; "
           f"checkpoints in {cfg.run.storage_path}/{cfg.run.name}; MLflow at {uri}", flush=True)  # fmt: skip

@@ -19,7 +19,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
-from pipelines.launch import PreflightError, check_cluster, check_inputs, prepare_evaluation, resolve_paths, verify_shards  # noqa: E402
+from pipelines.launch import (  # noqa: E402
+    PreflightError, check_cluster, check_inputs, multinode_warnings, prepare_evaluation, resolve_paths, verify_shards,
+)  # fmt: skip
 from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
 from pipelines.sweep import SweepError, check_same_sweep, check_sweep  # noqa: E402
 from sagan.config import ConfigError, load_config  # noqa: E402
@@ -121,9 +123,8 @@ def sweep(cfg, combos) -> int:
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
         print(f"error: MLflow tracking at {uri} is not usable: {first_line(e)}", file=sys.stderr)
         return 2
-    if uri.startswith("sqlite:") and (os.environ.get("RAY_ADDRESS") or sum(n["Alive"] for n in ray.nodes()) > 1):
-        print(f"warning: MLflow store {uri} is a file on this node, but trials may run on others; on a multi-node "
-              "cluster set mlflow.tracking_uri to a tracking server (mlflow server ...)", file=sys.stderr)  # fmt: skip
+    for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), bool(os.environ.get("RAY_ADDRESS"))):
+        print(f"warning: {line}", file=sys.stderr)
     print(f"sweep {cfg.tune.name}: {len(combos)} combination(s) x {cfg.tune.num_samples} sample(s), "
           f"{cfg.tune.steps} steps each, ASHA on {cfg.tune.metric}; trials in {sweep_dir}; "
           f"MLflow parent run {parent_id} in experiment {cfg.tune.experiment} at {uri}", flush=True)  # fmt: skip

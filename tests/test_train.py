@@ -218,3 +218,16 @@ def test_input_checks_come_before_ray_starts(digits, tmp_path, capsys, monkeypat
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_multi_node_cluster_is_warned_of_what_its_nodes_cannot_share(tmp_path):
+    from pipelines.launch import multinode_warnings
+
+    cfg = resolve_paths(load_config(None, [f"run.storage_path={tmp_path / 'runs'}"]))
+    sqlite = f"sqlite:///{tmp_path / 'm.db'}"
+    assert multinode_warnings(cfg, sqlite, nodes=1, submitted=False) == []  # a laptop
+    store, storage = multinode_warnings(cfg, sqlite, nodes=2, submitted=True)
+    assert store.startswith(f"MLflow store {sqlite} is a file on this node, but the cluster has 2 nodes")
+    assert storage.startswith(f"run.storage_path {tmp_path / 'runs'} is a local path and the cluster has 2 nodes")
+    cfg.run.storage_path = "s3://bucket/runs"
+    assert multinode_warnings(cfg, "http://mlflow:5000", nodes=2, submitted=True) == []
