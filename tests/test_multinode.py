@@ -2,7 +2,6 @@
 token authentication on, a real MLflow server): sharding, training across the nodes, evaluation."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +40,16 @@ def submit(state: dict, folder: Path, *entrypoint: str, token: bool = True) -> s
                           capture_output=True, text=True, timeout=400)  # fmt: skip
 
 
+def task_nodes(state: dict, folder: Path, name: str) -> set[str]:
+    """The ids of the nodes that ran the cluster's tasks called `name` (Ray's state API, with the token)."""
+    script = ("import json\nfrom ray.util.state import list_tasks\n"
+              f"tasks = list_tasks(address={state['address']!r}, filters=[('name', '=', {name!r})], detail=True, limit=10000)\n"
+              "print(json.dumps(sorted({t.node_id for t in tasks})))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], env=ray_env(folder), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def test_a_submission_without_the_token_is_refused(cluster):
     folder, state = cluster
     out = submit(state, folder, "python", "-c", "print('ran')", token=False)
@@ -58,6 +67,7 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs(cluster, tmp_path):
                  "--out", str(shards), "--size", "32", "--shard-size", "200")  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:]
     assert json.loads((shards / "manifest.json").read_text())["complete"]
+    assert len(task_nodes(state, folder, "write_shard")) == 2  # one CPU per node: the shards were written on both
 
     out = submit(state, folder, "python", "pipelines/train.py", f"data.train_shards={shards / 'train'}",
                  f"data.val_shards={shards / 'val'}", f"run.storage_path={runs}", "run.name=spread",
