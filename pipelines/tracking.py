@@ -44,19 +44,16 @@ def pending_dir(storage_path: str, run_name: str) -> Path:
 
 def deliver(client, run_id: str, item: dict) -> None:
     """Send one item to the store; raises whatever the client raises."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     kind = item["kind"]
     if kind == "metrics":
         metrics = [Metric(k, float(v), item["timestamp"], item["step"]) for k, v in item["values"].items()]
         client.log_batch(run_id, metrics=metrics)
     elif kind == "tags":
-        for k, v in item["values"].items():
-            client.set_tag(run_id, k, v)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in item["values"].items()])  # one request for all
     elif kind == "image":
         client.log_image(run_id, item["array"], key=item["key"], step=item["step"], timestamp=item["timestamp"])
-    elif kind == "artifact_image":
-        client.log_image(run_id, item["array"], artifact_file=item["artifact_file"])
     elif kind == "curve":
         from sagan.viz import metric_curve
 
