@@ -17,8 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from pipelines.common import default_tracking_uri  # noqa: E402
-from pipelines.evaluate import UsageError, find_checkpoint  # noqa: E402
+from pipelines.common import UsageError, default_tracking_uri, find_checkpoint  # noqa: E402
 from sagan.checkpoint import load_checkpoint, load_generator  # noqa: E402
 from sagan.config import SAMPLE_CLASSIFIER, from_dict  # noqa: E402
 from sagan.metrics import build_evaluator  # noqa: E402

@@ -3,7 +3,15 @@
 import json
 import os
 import subprocess
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class UsageError(Exception):
+    """Bad input found before any expensive work; printed as one line."""
 
 
 def absolute(path: str | None) -> str | None:
@@ -87,3 +95,51 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message, or its type name when the message is empty."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def find_checkpoint(path: str) -> Path:
+    """The checkpoint file at `path`: the file itself, <dir>/checkpoint.pt, or the newest checkpoint_* of a run."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if (p / CHECKPOINT_FILE).is_file():
+        return p / CHECKPOINT_FILE
+    found = sorted(d / CHECKPOINT_FILE for d in p.glob("checkpoint_*") if (d / CHECKPOINT_FILE).is_file()) if p.is_dir() else []
+    if not found:
+        raise UsageError(f"no checkpoint at {p}: give a checkpoint.pt, a checkpoint_* directory or a run directory holding them")
+    return found[-1]  # Ray names checkpoints by time: the last in order is the newest
+
+
+def pick_device(name: str):
+    """cuda when asked for or (auto) available, else cpu; UsageError for cuda on a machine without it."""
+    import torch
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {name} is not one of auto, cpu, cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but torch sees no GPU here; use --device cpu, or submit with --entrypoint-num-gpus 1")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """UsageError unless files can be created in `folder` (made when missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {folder} is not a writable folder ({e.strerror or first_line(e)}); choose another") from None
+
+
+@contextmanager
+def atomic_output(path: Path):
+    """A temporary name beside `path` (same suffix) to write to: renamed to `path` when the block succeeds,
+    removed when it fails, so a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

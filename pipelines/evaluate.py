@@ -13,6 +13,9 @@ statistics are computed once and cached by content (or read from / written to --
 splits. eval.feature_extractor: inception-v3-compat (standard; weights downloaded once, or
 --inception-weights for offline clusters) or sample-classifier (the built-in digits; adds class accuracy).
 
+--register NAME also logs the generator into that run as an MLflow model (pipelines/generator_model.py:
+class ids, seeds and truncation in, images out) and registers it as a new version of NAME.
+
 Results land in the MLflow run that wrote the checkpoint, at the checkpoint's step (or in --run-id); with
 no known run, in a new run of --experiment tagged with the checkpoint. key=value overrides apply to the
 checkpoint's eval.* and data.* keys and mlflow.tracking_uri (the model is the checkpoint's).
@@ -29,16 +32,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
-from pipelines.common import TrackingError, absolute, check_tracking, default_tracking_uri, first_line, git_commit, prepare_tracking, ray_job_id  # noqa: E402
+from pipelines.common import TrackingError, UsageError, absolute, check_tracking, default_tracking_uri, find_checkpoint, first_line, git_commit, pick_device, prepare_tracking, ray_job_id  # noqa: E402
 from sagan.checkpoint import CheckpointError, generator_from_state, load_checkpoint  # noqa: E402
 from sagan.config import ConfigError, from_dict, with_overrides  # noqa: E402
 
-CHECKPOINT_FILE = "checkpoint.pt"
 OVERRIDABLE = ("eval.", "data.", "mlflow.tracking_uri=")
-
-
-class UsageError(Exception):
-    """Bad input found before any sample is generated; printed as one line."""
 
 
 def parse_args(argv=None):
@@ -50,30 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--stats-file", help="real statistics file: read if it exists, else computed and written there")
     p.add_argument("--inception-weights", help="local Inception weights file (same as eval.inception_weights)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available; default)")
+    p.add_argument("--register", metavar="NAME", help="also log the generator as an MLflow model in the run and register it as a new version of NAME")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of eval.*, data.* and mlflow.tracking_uri, e.g. eval.num_samples=10000")
     return p.parse_args(argv)
-
-
-def find_checkpoint(path: str) -> Path:
-    """The checkpoint file at `path`: the file itself, <dir>/checkpoint.pt, or the newest checkpoint_* of a run."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return p
-    if (p / CHECKPOINT_FILE).is_file():
-        return p / CHECKPOINT_FILE
-    found = sorted(d / CHECKPOINT_FILE for d in p.glob("checkpoint_*") if (d / CHECKPOINT_FILE).is_file()) if p.is_dir() else []
-    if not found:
-        raise UsageError(f"no checkpoint at {p}: give a checkpoint.pt, a checkpoint_* directory or a run directory holding them")
-    return found[-1]  # Ray names checkpoints by time: the last in order is the newest
-
-
-def pick_device(name: str) -> torch.device:
-    """cuda when asked for or (auto) available, else cpu; UsageError for cuda on a machine without it."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device {name} is not one of auto, cpu, cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but torch sees no GPU here; use --device cpu, or submit with --entrypoint-num-gpus 1")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def mlflow_target(args, cfg, extra: dict) -> tuple[str, str | None]:
@@ -182,6 +159,24 @@ def main(argv=None) -> int:
         print(f"error: the scores could not be logged to MLflow at {uri}: {first_line(e)}", file=sys.stderr)
         return 1
     print(f"logged to MLflow run {run_id} at {uri}")
+    return register(args, uri, run_id, G, cfg, ckpt, step, scores) if args.register else 0
+
+
+def register(args, uri: str, run_id: str, G, cfg, ckpt: Path, step: int, scores: dict) -> int:
+    """Log G as an MLflow model in `run_id`, with the scores just measured, and register it under --register."""
+    from pipelines.registry import register_generator
+    from pipelines.generators import shard_class_names
+
+    names = shard_class_names(cfg.data.train_shards, cfg.model.num_classes)
+    meta = {"step": step, "weights": "raw" if args.raw else "ema", "checkpoint": str(ckpt), "git_commit": git_commit() or "unknown",
+            **scores, **({"class_names": names} if names else {})}  # fmt: skip
+    try:
+        version = register_generator(uri, run_id, args.register, G, cfg, meta)
+    except Exception as e:  # noqa: BLE001 - the scores are logged; say what failed in one line
+        print(f"error: the generator could not be registered as {args.register} at {uri}: {first_line(e)}", file=sys.stderr)
+        return 1
+    print(f"registered models:/{args.register}/{version} (run {run_id}); sample it with "
+          f"python pipelines/sample.py --checkpoint models:/{args.register}/{version}")  # fmt: skip
     return 0
 
 

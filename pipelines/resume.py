@@ -5,8 +5,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.common import CHECKPOINT_FILE
 from pipelines.launch import PreflightError
-from pipelines.train_loop import CHECKPOINT_FILE
 from sagan.checkpoint import CheckpointError, load_checkpoint
 from sagan.config import Config, to_dict
 

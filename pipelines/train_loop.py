@@ -18,6 +18,7 @@ import ray.train.torch
 import torch
 from PIL import Image
 
+from pipelines.common import CHECKPOINT_FILE
 from sagan.checkpoint import load_checkpoint, save_checkpoint
 from sagan.config import Config, from_dict
 from sagan.data import DataError, find_shards
@@ -30,7 +31,6 @@ from sagan.viz import attention_figures, grid_inputs, sample_grid
 
 # Console lines go through logging: Ray Train's patched print() would show each of them twice.
 log = logging.getLogger("sagan.train")
-CHECKPOINT_FILE = "checkpoint.pt"
 STOPPED_FILE = "STOPPED.json"  # in the run directory: FailureConfig retries must not replay a stopped run
 BEST_DIR = "best"  # in the run directory: the checkpoint with the lowest in-loop FID so far, beside Ray's latest N
 

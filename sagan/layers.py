@@ -116,10 +116,13 @@ class ConditionalBatchNorm2d(nn.Module):
         nn.init.zeros_(self.bias.weight)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W), y: (B,) class indices -> (B, C, H, W)."""
-        gain = 1 + self.gain(y)[:, :, None, None]
-        bias = self.bias(y)[:, :, None, None]
-        return self.bn(x) * gain + bias
+        """x: (B, C, H, W), y: (B,) class indices or (B, num_classes) class weights -> (B, C, H, W).
+        Weights blend the classes' gains and biases (a one-hot row gives exactly that class's)."""
+        if y.is_floating_point():
+            gain, bias = y @ self.gain.weight, y @ self.bias.weight
+        else:
+            gain, bias = self.gain(y), self.bias(y)
+        return self.bn(x) * (1 + gain[:, :, None, None]) + bias[:, :, None, None]
 
 
 class GBlock(nn.Module):

@@ -63,7 +63,8 @@ def attention_channels(resolution: int, ch: int, g_attn, d_attn) -> dict[str, in
 
 
 class Generator(nn.Module):
-    """Class-conditional SAGAN generator: z (B, z_dim), y (B,) -> images (B, 3, R, R) in [-1, 1]."""
+    """Class-conditional SAGAN generator: z (B, z_dim), y (B,) -> images (B, 3, R, R) in [-1, 1]. y may also
+    be (B, num_classes) class weights, which blend the classes (sagan.sampling.interpolation_inputs)."""
 
     def __init__(self, resolution=128, ch=64, z_dim=128, num_classes=1000, attn_resolutions=(64,), sn=True):
         super().__init__()

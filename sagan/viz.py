@@ -12,13 +12,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from .sampling import to_uint8  # noqa: E402
+
 _QUERY_COLORS = ["#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#ffff33"]
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid_inputs(z_dim: int, num_classes: int, seed: int = 0, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +27,27 @@ def sample_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> one (H', W', 3) uint8 grid, `nrow` images per row."""
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def labelled_grid(images: np.ndarray, ncol: int, labels: list[str] | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 images -> one uint8 grid of `ncol` columns on white, spaced by `pad` pixels as
+    `sample_grid` spaces them, with labels[r] written left of row r when given."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n, h, w, _ = images.shape
+    rows = -(-n // ncol)
+    font = ImageFont.load_default(size=max(10, min(h // 3, 16)))
+    labels = [text if len(text) <= 28 else text[:25] + "..." for text in labels or []]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = int(max(measure.textlength(text, font=font) for text in labels)) + 3 * pad if labels else 0
+    canvas = Image.new("RGB", (margin + ncol * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncol)
+        canvas.paste(Image.fromarray(image), (margin + pad + c * (w + pad), pad + r * (h + pad)))
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(labels):
+        draw.text((pad, pad + r * (h + pad) + h // 2), text, fill="black", font=font, anchor="lm")
+    return np.asarray(canvas)
 
 
 def default_query_points(resolution: int) -> list[tuple[int, int]]:

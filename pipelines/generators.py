@@ -1,0 +1,95 @@
+"""Where a trained generator comes from: a checkpoint, an exported safetensors file or a registered MLflow model."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.common import UsageError, find_checkpoint, first_line
+from sagan.checkpoint import CheckpointError, generator_from_state, load_checkpoint
+from sagan.export import generator_kwargs, load_generator_file, save_generator_file
+from sagan.sampling import class_names
+
+
+@dataclass
+class Source:
+    """A generator in eval mode, its class names (None when unknown) and what to say about it."""
+
+    G: object
+    kwargs: dict  # sagan.models.Generator's keyword arguments
+    meta: dict = field(default_factory=dict)  # step, weights (ema/raw), checkpoint, class_names...
+    names: list[str] | None = None
+    description: str = ""
+
+    def export(self, path: Path) -> Path:
+        """The weights as safetensors at `path`, with the kwargs, metadata and class names in its header."""
+        meta = {**self.meta, **({"class_names": self.names} if self.names else {})}
+        return save_generator_file(path, self.G, self.kwargs, meta)
+
+
+def load_source(spec: str, ema: bool = True, device="cpu", names_file: str | None = None,
+                tracking_uri: str | None = None) -> Source:  # fmt: skip
+    """The generator named by `spec` on `device`; `names_file` is a classes.tsv overriding the known names."""
+    if spec.startswith(("models:/", "runs:/")):
+        source = from_mlflow(spec, ema, device, tracking_uri)
+    elif spec.endswith(".safetensors"):
+        if not ema:
+            raise UsageError("--raw needs a checkpoint: a .safetensors export holds one generator only")
+        G, meta = load_generator_file(spec, device)
+        weights = meta.get("weights", "ema")
+        source = Source(G, meta.pop("generator"), meta, meta.pop("class_names", None), f"{spec} ({weights} weights)")
+    else:
+        ckpt = find_checkpoint(spec).resolve()
+        state = load_checkpoint(ckpt)
+        G, cfg = generator_from_state(state, ema, device)
+        step = int(state["step"])
+        meta = {"step": step, "weights": "ema" if ema else "raw", "checkpoint": str(ckpt)}
+        names = shard_class_names(cfg.data.train_shards, G.num_classes)
+        source = Source(G, generator_kwargs(cfg.model), meta, names, f"{'G_ema' if ema else 'raw G'} of {ckpt} (step {step})")
+    if names_file:
+        source.names = class_names_file(names_file, source.G.num_classes)
+    return source
+
+
+def shard_class_names(train_shards: str, num_classes: int) -> list[str] | None:
+    """The names in the classes.tsv that shard_imagenet.py wrote beside the split folders, when it is there:
+    train_shards is the train split's folder (OUT/train) or a pattern of files inside it."""
+    folder = Path(train_shards)
+    for candidate in (folder.parent / "classes.tsv", folder.parent.parent / "classes.tsv"):
+        names = class_names(candidate, num_classes)
+        if names:
+            return names
+    return None
+
+
+def class_names_file(path: str, num_classes: int) -> list[str]:
+    names = class_names(path, num_classes)
+    if names is None:
+        raise UsageError(f"--class-names {path} is missing or does not list {num_classes} classes (index<TAB>wnid<TAB>name per line)")
+    return names
+
+
+def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source:
+    """The generator of a model logged by evaluate.py --register, loaded through MLflow's pyfunc flavour."""
+    import mlflow
+
+    from pipelines.common import TrackingError, check_tracking, default_tracking_uri
+
+    if not ema:
+        raise UsageError("--raw needs a checkpoint: a registered model holds the EMA generator only")
+    store = default_tracking_uri(tracking_uri)
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise UsageError(f"MLflow store {store} does not exist; pass --tracking-uri (or MLFLOW_TRACKING_URI) of the "
+                         f"store that registered {uri}")  # fmt: skip
+    try:
+        check_tracking(store)
+        mlflow.set_tracking_uri(store)
+        model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    except TrackingError as e:
+        raise UsageError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - an unknown name or version, a store without it: one line, the fix
+        raise UsageError(f"cannot load {uri} from MLflow at {store} ({first_line(e)}); check the name and version "
+                         "(mlflow models list) and pass --tracking-uri of the store that registered it") from None  # fmt: skip
+    if not hasattr(model, "G"):
+        raise CheckpointError(f"{uri} is not a SAGAN generator model (register one with evaluate.py --register NAME)")
+    meta = dict(model.meta)
+    kwargs = meta.pop("generator")
+    return Source(model.G.to(device), kwargs, meta, meta.pop("class_names", None), f"{uri} (step {meta.get('step', '?')})")

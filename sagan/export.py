@@ -1,0 +1,69 @@
+"""The generator as one safetensors file: its weights, and in the file's metadata the keyword arguments of
+`sagan.models.Generator` that fit them, so a user needs no config or checkpoint code to load it:
+
+    G, meta = load_generator_file("G.safetensors")                        # this package
+    G = Generator(**json.loads(safe_open(path, "pt").metadata()["generator"])); G.load_state_dict(load_file(path))
+
+Safetensors holds tensors and strings only: loading runs no code from the file.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CheckpointError, check_fits
+from .models import Generator
+
+FORMAT = "sagan-generator"
+
+
+def generator_kwargs(model_cfg) -> dict:
+    """The keyword arguments of `Generator` for a `ModelConfig`."""
+    c = model_cfg
+    return {"resolution": c.resolution, "ch": c.ch, "z_dim": c.z_dim, "num_classes": c.num_classes,
+            "attn_resolutions": list(c.g_attn), "sn": c.g_sn}  # fmt: skip
+
+
+def save_generator_file(path: str | Path, G: Generator, kwargs: dict, meta: dict | None = None) -> Path:
+    """Write G's weights and `kwargs` (plus `meta`, plain JSON values) to `path` atomically; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": FORMAT, "generator": json.dumps(kwargs)}
+    header.update({k: json.dumps(v) for k, v in (meta or {}).items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_generator_file(path: str | Path, device="cpu") -> tuple[Generator, dict]:
+    """The generator in a file written by `save_generator_file`, in eval mode on `device`, and its metadata
+    ({"generator": kwargs, ...meta}). CheckpointError for a missing, damaged or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"generator file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read as safetensors ({str(e).splitlines()[0]})") from None
+    if header.get("format") != FORMAT or "generator" not in header:
+        raise CheckpointError(f"{path} is a safetensors file but not a SAGAN generator (no '{FORMAT}' metadata); "
+                              "export one with pipelines/sample.py --export-safetensors")  # fmt: skip
+    meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
+    G = Generator(**meta["generator"])
+    check_fits(G, tensors, "generator")
+    G.load_state_dict(tensors)
+    return G.to(device).eval(), meta
+

@@ -1,0 +1,201 @@
+"""pipelines/sample.py, sagan.sampling and sagan.export: grids, seeds, truncation, interpolation, safetensors,
+the registered MLflow model, and the one-line errors."""
+
+import json
+import tarfile
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pipelines.evaluate import main as evaluate_main
+from pipelines.sample import main
+from sagan.checkpoint import load_generator, save_checkpoint
+from sagan.export import load_generator_file
+from sagan.models import Generator
+from sagan.sampling import generate, interpolation_inputs, noise, to_uint8
+from tests.test_evaluate import offline_checkpoint
+from tests.test_step import real_batch, tiny_trainer
+
+R, PAD = 32, 2  # the tiny generator's image size; the grid's padding
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny trained checkpoint (4 classes, z_dim 16, 32px) whose EMA differs from its raw G."""
+    trainer, cfg = tiny_trainer("train.ema_decay=0.5")
+    torch.manual_seed(0)
+    for _ in range(2):
+        trainer.train_step([real_batch()])
+    return save_checkpoint(tmp_path / "run" / "checkpoint_000001" / "checkpoint.pt", trainer, cfg)
+
+
+def images_in(folder) -> dict[str, np.ndarray]:
+    return {p.stem: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def direct(G, classes, seeds, truncation=0.0) -> np.ndarray:
+    """The generator's images for these classes and seeds, without sample.py."""
+    return to_uint8(generate(G, noise(seeds, G.z_dim, truncation), torch.tensor(classes)))
+
+
+def test_grid_has_a_row_per_class_in_the_order_asked_and_each_image_is_its_seeds(checkpoint, tmp_path):
+    out = tmp_path / "s"
+    assert main(["--checkpoint", str(checkpoint.parent.parent), "--out", str(out), "--classes", "2,0", "--per-class", "3",
+                 "--seed", "7", "--images", "--tar"]) == 0  # fmt: skip
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape[0] == 2 * (R + PAD) + PAD and grid.shape[2] == 3
+    margin = grid.shape[1] - (3 * (R + PAD) + PAD)
+    assert margin > 0  # the row labels
+    files = images_in(out / "images")
+    assert list(files) == ["0000_000007", "0000_000008", "0000_000009", "0002_000007", "0002_000008", "0002_000009"]
+    G, _ = load_generator(checkpoint)
+    expected = direct(G, [2, 2, 2, 0, 0, 0], [7, 8, 9] * 2)
+    for k, (row, col) in enumerate([(r, c) for r in range(2) for c in range(3)]):
+        y0, x0 = PAD + row * (R + PAD), margin + PAD + col * (R + PAD)
+        np.testing.assert_array_equal(grid[y0 : y0 + R, x0 : x0 + R], expected[k])  # row 0 is class 2
+    np.testing.assert_array_equal(files["0002_000008"], expected[1])
+    with tarfile.open(out / "samples.tar") as tar:
+        names = sorted(m.name for m in tar.getmembers())
+        assert names[:2] == ["0000_000007.cls", "0000_000007.png"] and len(names) == 12
+        assert tar.extractfile("0002_000009.cls").read() == b"2"
+    assert not list(out.rglob(".*tmp*"))  # written under temporary names, then renamed
+
+
+def test_the_same_seed_gives_the_same_images_and_another_seed_others(checkpoint, tmp_path):
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / name), "--classes", "1",
+                     "--per-class", "2", "--seed", str(seed), "--images", "--batch-size", "1"]) == 0  # fmt: skip
+        runs[name] = images_in(tmp_path / name / "images")
+    assert all(np.array_equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    # seed 4 is the second image of the seed-3 request: images depend on their own seed, not their neighbours
+    np.testing.assert_array_equal(runs["c"]["0001_000004"], runs["a"]["0001_000004"])
+    assert not np.array_equal(runs["c"]["0001_000005"], runs["a"]["0001_000003"])
+
+
+def test_truncation_bounds_z_and_keeps_the_entries_already_inside():
+    free, cut = noise(range(20), 128), noise(range(20), 128, truncation=0.5)
+    assert free.abs().max() > 2 and cut.abs().max() <= 0.5
+    inside = free.abs() <= 0.5
+    assert torch.equal(cut[inside], free[inside]) and (cut[~inside] != free[~inside]).all()
+    with pytest.raises(ValueError, match="truncation must be 0"):
+        noise([0], 8, -1)
+
+
+def test_raw_and_ema_generators_differ_and_truncation_changes_the_images(checkpoint, tmp_path):
+    outs = {}
+    for name, extra in (("ema", []), ("raw", ["--raw"]), ("trunc", ["--truncation", "0.3"])):
+        assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / name), "--classes", "0", "--per-class", "1",
+                     "--images", *extra]) == 0  # fmt: skip
+        outs[name] = images_in(tmp_path / name / "images")["0000_000000"]
+    G, _ = load_generator(checkpoint, ema=False)
+    np.testing.assert_array_equal(outs["raw"], direct(G, [0], [0])[0])
+    assert not np.array_equal(outs["ema"], outs["raw"]) and not np.array_equal(outs["ema"], outs["trunc"])
+
+
+def test_interpolation_endpoints_equal_the_direct_samples_within_and_between_classes(checkpoint, tmp_path):
+    G, _ = load_generator(checkpoint)
+    z_ends = noise([5, 9], G.z_dim)
+    for a, b in ((1, 1), (1, 3)):
+        z, y = interpolation_inputs(z_ends[0], z_ends[1], a, b, 6, G.num_classes)
+        frames = generate(G, z, y)
+        assert frames.shape == (6, 3, R, R)
+        torch.testing.assert_close(frames[0], generate(G, z_ends[:1], torch.tensor([a]))[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(frames[-1], generate(G, z_ends[1:], torch.tensor([b]))[0], atol=1e-5, rtol=0)
+        assert (frames[1:] - frames[:-1]).abs().amax(dim=(1, 2, 3)).min() > 0  # every step moves
+    out = tmp_path / "i"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--interpolate", "1,3", "--steps", "6",
+                 "--seed", "5", "--seed-b", "9", "--animate", "gif"]) == 0  # fmt: skip
+    strip = np.asarray(Image.open(out / "interpolation.png"))
+    assert strip.shape[0] == R + 2 * PAD and not (out / "grid.png").exists()
+    with Image.open(out / "interpolation.gif") as gif:
+        assert gif.n_frames == 6 + 4  # there and back: 6 frames out, 4 inner frames back
+
+
+def test_safetensors_export_round_trip_is_bit_exact_and_samples_the_same(checkpoint, tmp_path, capsys):
+    path = tmp_path / "G.safetensors"
+    assert main(["--checkpoint", str(checkpoint), "--export-safetensors", str(path)]) == 0
+    G, _ = load_generator(checkpoint)
+    loaded, meta = load_generator_file(path)
+    assert meta["step"] == 2 and meta["weights"] == "ema"
+    # The documented plain route: no sagan config or checkpoint code.
+    plain = Generator(**json.loads(safe_open(str(path), "pt").metadata()["generator"]))
+    plain.load_state_dict(load_file(str(path)))
+    for other in (loaded, plain):
+        own, theirs = G.state_dict(), other.state_dict()
+        assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
+    for name, spec in (("ckpt", checkpoint), ("st", path)):
+        assert main(["--checkpoint", str(spec), "--out", str(tmp_path / name), "--per-class", "2", "--images"]) == 0
+    a, b = images_in(tmp_path / "ckpt" / "images"), images_in(tmp_path / "st" / "images")
+    assert list(a) == list(b) and len(a) == 8 and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_registered_model_gives_the_checkpoints_images(digits, eval_cache, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("sagan-train", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    client.set_terminated(run_id, "KILLED")
+    ckpt = offline_checkpoint(digits, eval_cache, tmp_path, extra={"mlflow_run_id": run_id})
+    assert evaluate_main(["--checkpoint", str(ckpt), "--register", "sagan-digits", "eval.num_samples=60",
+                          f"mlflow.tracking_uri={uri}"]) == 0  # fmt: skip
+    assert "registered models:/sagan-digits/1" in capsys.readouterr().out
+    version = client.get_model_version("sagan-digits", "1")
+    assert version.run_id == run_id and version.tags["step"] == "0" and float(version.tags["fid"]) > 0
+    assert client.get_run(run_id).info.status == "KILLED"  # registering leaves the run's status as it was
+
+    for name, spec in (("ckpt", str(ckpt)), ("model", "models:/sagan-digits/1")):
+        assert main(["--checkpoint", spec, "--tracking-uri", uri, "--out", str(tmp_path / name), "--classes", "3,9",
+                     "--per-class", "2", "--truncation", "1.0", "--images"]) == 0  # fmt: skip
+    a, b = images_in(tmp_path / "ckpt" / "images"), images_in(tmp_path / "model" / "images")
+    assert len(a) == 4 and list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+    assert main(["--checkpoint", "models:/sagan-digits/2", "--tracking-uri", uri, "--out", str(tmp_path / "v2")]) == 2
+    assert "error: cannot load models:/sagan-digits/2 from MLflow" in capsys.readouterr().err
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/sagan-digits/1")
+    rows = pd.DataFrame({"class_id": [3, 9], "seed": [0, 1], "truncation": [1.0, 1.0]})
+    np.testing.assert_array_equal(model.predict(rows), np.stack([a["0003_000000"], a["0009_000001"]]))
+    with pytest.raises(Exception, match="class_id must be in 0..9"):
+        model.predict(pd.DataFrame({"class_id": [10], "seed": [0]}))
+
+
+def foreign_torch_file(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    return str(tmp_path / "other.pt")
+
+
+def foreign_safetensors(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    return str(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda c, t: ["--checkpoint", c, "--classes", "4"], "class 4 is out of range: this generator has 4 classes (0..3)"),
+        (lambda c, t: ["--checkpoint", c, "--classes", "cat"], "is not a comma-separated list of class indices"),
+        (lambda c, t: ["--checkpoint", c, "--interpolate", "1,-1"], "class -1 is out of range"),
+        (lambda c, t: ["--checkpoint", c, "--interpolate", "1"], "must be two class indices"),
+        (lambda c, t: ["--checkpoint", c, "--steps", "1", "--interpolate", "0,1"], "--steps 1 is too small"),
+        (lambda c, t: ["--checkpoint", c, "--truncation", "-0.5"], "--truncation -0.5 is negative"),
+        (lambda c, t: ["--checkpoint", foreign_torch_file(t)], "is not a SAGAN checkpoint"),
+        (lambda c, t: ["--checkpoint", foreign_safetensors(t)], "is a safetensors file but not a SAGAN generator"),
+        (lambda c, t: ["--checkpoint", str(t / "nowhere")], "no checkpoint at"),
+        (lambda c, t: ["--checkpoint", c, "--out", c], "--out"),  # a file where the folder should be
+        (lambda c, t: ["--checkpoint", "models:/missing/1", "--tracking-uri", f"sqlite:///{t / 'm.db'}"], "m.db does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_before_any_image(checkpoint, tmp_path, capsys, monkeypatch, make_args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(make_args(str(checkpoint), tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert not (tmp_path / "samples").exists() or not list((tmp_path / "samples").iterdir())
