@@ -2,6 +2,8 @@
 the registered MLflow model, and the one-line errors."""
 
 import json
+import subprocess
+import sys
 import tarfile
 
 import mlflow
@@ -165,6 +167,21 @@ def test_registered_model_gives_the_checkpoints_images(digits, eval_cache, tmp_p
     np.testing.assert_array_equal(model.predict(rows), np.stack([a["0003_000000"], a["0009_000001"]]))
     with pytest.raises(Exception, match="class_id must be in 0..9"):
         model.predict(pd.DataFrame({"class_id": [10], "seed": [0]}))
+
+    # Loading needs neither Ray nor this repository's pipelines: the model brings its own copy of sagan.
+    script = f"""
+import sys
+sys.modules["ray"] = sys.modules["pipelines"] = None  # any import of them fails
+import mlflow, pandas as pd
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pyfunc.load_model("models:/sagan-digits/1")
+print(model.predict(pd.DataFrame({{"class_id": [3], "seed": [0], "truncation": [1.0]}})).sum())
+print(sys.modules["sagan"].__file__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    total, sagan_file = done.stdout.split()[-2:]
+    assert int(total) == int(a["0003_000000"].sum()) and "/code/sagan/" in sagan_file and "/work/" not in sagan_file
 
 
 def foreign_torch_file(tmp_path):
