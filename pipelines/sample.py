@@ -21,12 +21,12 @@ A = B walks through latent space within a class, --seed-b = --seed morphs the cl
 
 import argparse
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from pipelines.common import UsageError, atomic_output, check_writable, first_line, pick_device  # noqa: E402
 from pipelines.generators import load_source  # noqa: E402
@@ -84,29 +84,47 @@ def check_args(args) -> None:
 
 
 def write_grid(args, source, out: Path, progress) -> list[Path]:
-    from sagan.sampling import class_grid_inputs, generate, to_uint8
+    """Grid files of GRID_ROWS classes each, generated a file at a time (memory stays bounded on 1,000 classes),
+    and with --images / --tar every image."""
+    from sagan.sampling import class_grid_inputs
     from sagan.viz import labelled_grid
 
     G = source.G
     classes = parse_classes(args.classes, G.num_classes)
-    z, y = class_grid_inputs(classes, args.per_class, args.seed, G.z_dim, args.truncation)
-    images = to_uint8(generate(G, z, y, args.batch_size, progress))
-    labels = [f"{c} {source.names[c]}" if source.names else str(c) for c in classes]
+    groups = [classes[i : i + GRID_ROWS] for i in range(0, len(classes), GRID_ROWS)]
     written = []
-    for n, start in enumerate(range(0, len(classes), GRID_ROWS)):
-        name = "grid.png" if len(classes) <= GRID_ROWS else f"grid-{n:03d}.png"
-        rows = images[start * args.per_class : (start + GRID_ROWS) * args.per_class]
-        written.append(save_image(labelled_grid(rows, args.per_class, labels[start : start + GRID_ROWS]), out / name))
-    keys = [f"{c:04d}_{args.seed + j:06d}" for c in classes for j in range(args.per_class)]
-    if args.images:
-        written += [save_image(img, out / "images" / f"{key}.png") for key, img in zip(keys, images)]
-    if args.tar:
-        written.append(write_webdataset(out / "samples.tar", keys, images, y.tolist()))
-    return written
+    with ExitStack() as stack:
+        tar = stack.enter_context(webdataset_writer(out / "samples.tar")) if args.tar else None
+        for n, group in enumerate(groups):
+            z, y = class_grid_inputs(group, args.per_class, args.seed, G.z_dim, args.truncation)
+            images = generate_uint8(G, z, y, args.batch_size, progress)
+            labels = [label(source, c) for c in group]
+            name = "grid.png" if len(groups) == 1 else f"grid-{n:03d}.png"
+            written.append(save_image(labelled_grid(images, args.per_class, labels), out / name))
+            keys = [f"{c:04d}_{args.seed + j:06d}" for c in group for j in range(args.per_class)]
+            if args.images:
+                written += [save_image(img, out / "images" / f"{key}.png") for key, img in zip(keys, images)]
+            for key, image, cls in zip(keys, images, y.tolist()) if tar else ():
+                tar(key, image, cls)
+    return written + ([out / "samples.tar"] if args.tar else [])
+
+
+def generate_uint8(G, z, y, batch_size: int, progress=None, chunk: int = 1024):
+    """G's images as (N, R, R, 3) uint8, converted `chunk` images at a time so float copies stay small."""
+    import numpy as np
+
+    from sagan.sampling import generate, to_uint8
+
+    return np.concatenate([to_uint8(generate(G, z[i : i + chunk], y[i : i + chunk], batch_size, progress))
+                           for i in range(0, len(z), chunk)])  # fmt: skip
+
+
+def label(source, c: int) -> str:
+    return f"{c} {source.names[c]}" if source.names else str(c)
 
 
 def write_interpolation(args, source, out: Path) -> list[Path]:
-    from sagan.sampling import generate, interpolation_inputs, noise, to_uint8
+    from sagan.sampling import interpolation_inputs, noise
     from sagan.viz import labelled_grid
 
     G = source.G
@@ -116,9 +134,9 @@ def write_interpolation(args, source, out: Path) -> list[Path]:
     seed_b = args.seed + 1 if args.seed_b is None else args.seed_b
     z_ends = noise([args.seed, seed_b], G.z_dim, args.truncation)
     z, y = interpolation_inputs(z_ends[0], z_ends[1], a, b, args.steps, G.num_classes)
-    frames = to_uint8(generate(G, z, y, args.batch_size))
-    label = f"{a} -> {b}" if a != b else f"{a}: seed {args.seed} -> {seed_b}"
-    written = [save_image(labelled_grid(frames, args.steps, [label]), out / "interpolation.png")]
+    frames = generate_uint8(G, z, y, args.batch_size)
+    title = f"{label(source, a)} -> {label(source, b)}" if a != b else f"{label(source, a)}: seed {args.seed} -> {seed_b}"
+    written = [save_image(labelled_grid(frames, args.steps, [title]), out / "interpolation.png")]
     if args.animate:
         written.append(save_animation(frames, out / f"interpolation.{args.animate}"))
     return written
@@ -143,19 +161,22 @@ def save_animation(frames, path: Path, ms_per_frame: int = 120) -> Path:
     return path
 
 
-def write_webdataset(path: Path, keys, images, classes) -> Path:
-    """One tar with KEY.png and KEY.cls per image, as the training shards hold them (webdataset reads it)."""
+@contextmanager
+def webdataset_writer(path: Path):
+    """A function (key, image, class) that adds KEY.png and KEY.cls to the tar at `path`, as the training shards
+    hold them; the tar appears under its name when the block ends without an error."""
     import io
 
     import webdataset as wds
     from PIL import Image
 
+    def write(key, image, cls):
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, format="PNG")
+        sink.write({"__key__": key, "png": png.getvalue(), "cls": str(cls).encode()})
+
     with atomic_output(path) as tmp, wds.TarWriter(str(tmp)) as sink:
-        for key, image, cls in zip(keys, images, classes):
-            png = io.BytesIO()
-            Image.fromarray(image).save(png, format="PNG")
-            sink.write({"__key__": key, "png": png.getvalue(), "cls": str(cls).encode()})
-    return path
+        yield write
 
 
 def main(argv=None) -> int:

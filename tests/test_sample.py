@@ -69,6 +69,17 @@ def test_grid_has_a_row_per_class_in_the_order_asked_and_each_image_is_its_seeds
     assert not list(out.rglob(".*tmp*"))  # written under temporary names, then renamed
 
 
+def test_many_classes_go_into_one_grid_file_per_group_and_one_tar(checkpoint, tmp_path, monkeypatch):
+    import pipelines.sample as sample
+
+    monkeypatch.setattr(sample, "GRID_ROWS", 3)  # 4 classes: a file of 3 rows and one of 1
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--per-class", "2", "--tar"]) == 0
+    shapes = [np.asarray(Image.open(tmp_path / f"grid-00{n}.png")).shape[0] for n in (0, 1)]
+    assert shapes == [3 * (R + PAD) + PAD, R + 2 * PAD] and not (tmp_path / "grid.png").exists()
+    with tarfile.open(tmp_path / "samples.tar") as tar:
+        assert [m.name for m in tar.getmembers() if m.name.endswith(".cls")] == [f"{c:04d}_{j:06d}.cls" for c in range(4) for j in (0, 1)]
+
+
 def test_the_same_seed_gives_the_same_images_and_another_seed_others(checkpoint, tmp_path):
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
