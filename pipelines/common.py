@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -129,17 +128,3 @@ def check_writable(folder: Path, flag: str) -> None:
             pass
     except OSError as e:
         raise UsageError(f"{flag} {folder} is not a writable folder ({e.strerror or first_line(e)}); choose another") from None
-
-
-@contextmanager
-def atomic_output(path: Path):
-    """A temporary name beside `path` (same suffix) to write to: renamed to `path` when the block succeeds,
-    removed when it fails, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -28,9 +28,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from pipelines.common import UsageError, atomic_output, check_writable, first_line, pick_device  # noqa: E402
+from pipelines.common import UsageError, check_writable, first_line, pick_device  # noqa: E402
 from pipelines.generators import load_source  # noqa: E402
 from sagan.checkpoint import CheckpointError  # noqa: E402
+from sagan.files import atomic_output  # noqa: E402
 
 GRID_ROWS = 50  # classes per grid file: 1,000 ImageNet rows would make one unreadable 130,000-pixel picture
 

@@ -2,13 +2,13 @@
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from .config import Config, from_dict, to_dict
+from .files import atomic_output
 from .models import Generator, build_models
 from .step import Trainer
 
@@ -35,19 +35,11 @@ def save_checkpoint(path: str | Path, trainer: Trainer, cfg: Config, extra: dict
 
 def atomic_save(obj, path: str | Path) -> Path:
     """torch.save `obj` to `path` through a temporary file and a rename; a crash leaves `path` as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name: writers on other nodes of a shared file system may have the same pid.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def _check_plain(value, where: str) -> None:

@@ -8,8 +8,6 @@ Safetensors holds tensors and strings only: loading runs no code from the file.
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import CheckpointError, check_fits
+from .files import atomic_output
 from .models import Generator
 
 FORMAT = "sagan-generator"
@@ -31,19 +30,12 @@ def generator_kwargs(model_cfg) -> dict:
 
 def save_generator_file(path: str | Path, G: Generator, kwargs: dict, meta: dict | None = None) -> Path:
     """Write G's weights and `kwargs` (plus `meta`, plain JSON values) to `path` atomically; return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "generator": json.dumps(kwargs)}
     header.update({k: json.dumps(v) for k, v in (meta or {}).items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path)
 
 
 def load_generator_file(path: str | Path, device="cpu") -> tuple[Generator, dict]:

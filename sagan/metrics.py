@@ -16,7 +16,6 @@ import hashlib
 import os
 import shutil
 import socket
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 from .checkpoint import atomic_save
 from .config import INCEPTION, SAMPLE_CLASSIFIER, Config
 from .data import DataError, ShardSet, find_shards
+from .files import atomic_output
 from .loader import iter_uint8
 
 ISC_SPLITS = 10  # the standard Inception Score protocol (Salimans et al. 2016)
@@ -105,14 +105,8 @@ def _share(path: Path, cache: Path) -> Path:
     target = Path(cache) / path.name
     if target.is_file() and target.stat().st_size == path.stat().st_size:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
+    with atomic_output(target) as tmp:
         shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return target
 
 

@@ -2,6 +2,7 @@
 the registered MLflow model, and the one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -67,6 +68,9 @@ def test_grid_has_a_row_per_class_in_the_order_asked_and_each_image_is_its_seeds
         assert names[:2] == ["0000_000007.cls", "0000_000007.png"] and len(names) == 12
         assert tar.extractfile("0002_000009.cls").read() == b"2"
     assert not list(out.rglob(".*tmp*"))  # written under temporary names, then renamed
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(out / f).stat().st_mode & 0o777 for f in ("grid.png", "samples.tar", "images/0000_000007.png")} == {0o666 & ~umask}
 
 
 def test_many_classes_go_into_one_grid_file_per_group_and_one_tar(checkpoint, tmp_path, monkeypatch):
