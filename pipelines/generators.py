@@ -1,6 +1,5 @@
 """Where a trained generator comes from: a checkpoint, an exported safetensors file or a registered MLflow model."""
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +72,6 @@ def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source
     import mlflow
 
     from pipelines.common import TrackingError, check_tracking, default_tracking_uri
-    from pipelines.registry import TYPE_HINT_NOTE
 
     if not ema:
         raise UsageError("--raw needs a checkpoint: a registered model holds the EMA generator only")
@@ -84,9 +82,7 @@ def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source
     try:
         check_tracking(store)
         mlflow.set_tracking_uri(store)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=f".*{TYPE_HINT_NOTE}")
-            model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+        model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     except TrackingError as e:
         raise UsageError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - an unknown name or version, a store without it: one line, the fix
