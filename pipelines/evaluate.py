@@ -128,6 +128,12 @@ def main(argv=None) -> int:
             raise UsageError(f"override {bad[0]} is not allowed here: only eval.*, data.* and mlflow.tracking_uri "
                              "(the model is the checkpoint's)")  # fmt: skip
         cfg = with_overrides(from_dict(state["config"]), args.overrides)
+        if args.register:
+            from pipelines.registry import check_name
+
+            check_name(args.register)
+            if args.raw:
+                raise UsageError("--register registers the EMA generator, which --raw leaves out: drop one of them")
         if args.inception_weights:
             cfg.eval.inception_weights = absolute(args.inception_weights)
         step = int(state["step"])
@@ -168,7 +174,7 @@ def register(args, uri: str, run_id: str, G, cfg, ckpt: Path, step: int, scores:
     from pipelines.generators import shard_class_names
 
     names = shard_class_names(cfg.data.train_shards, cfg.model.num_classes)
-    meta = {"step": step, "weights": "raw" if args.raw else "ema", "checkpoint": str(ckpt), "git_commit": git_commit() or "unknown",
+    meta = {"step": step, "weights": "ema", "checkpoint": str(ckpt), "git_commit": git_commit() or "unknown",
             **scores, **({"class_names": names} if names else {})}  # fmt: skip
     try:
         version = register_generator(uri, run_id, args.register, G, cfg, meta)

@@ -7,8 +7,8 @@ torch, safetensors and pandas, not Ray and not this repository:
     images = model.predict(pd.DataFrame({"class_id": [207, 207], "seed": [0, 1], "truncation": [0.5, 0.5]}))
 
 Input: one row per image, columns class_id (int), seed (int) and truncation (float, 0 = off; optional).
-Output: uint8 images (rows, R, R, 3). Row i is drawn from its seed alone (sagan.sampling.noise), so it is
-the image `pipelines/sample.py` makes for that class, seed and truncation.
+Output: uint8 images (rows, R, R, 3). Row i's latent is drawn from its seed alone (sagan.sampling.noise), so
+it is the image `pipelines/sample.py` makes for that class, seed and truncation (a missing truncation is 0).
 """
 
 import mlflow
@@ -39,8 +39,8 @@ class GeneratorModel(PythonModel):
         if len(classes) and (classes.min() < 0 or classes.max() >= n):
             raise ValueError(f"class_id must be in 0..{n - 1}, got {classes.min().item()}..{classes.max().item()}")
         seeds = model_input["seed"].to_numpy(dtype=np.int64)
-        trunc = model_input["truncation"].to_numpy(dtype=float) if "truncation" in model_input else np.zeros(len(seeds))
-        z = torch.cat([noise([s], self.G.z_dim, float(t)) for s, t in zip(seeds, trunc)])
+        trunc = np.nan_to_num(model_input["truncation"].to_numpy(dtype=float)) if "truncation" in model_input else np.zeros(len(seeds))
+        z = torch.cat([noise([s], self.G.z_dim, float(t)) for s, t in zip(seeds, trunc)])  # ValueError for a bad T
         batch = int((params or {}).get("batch_size", 64))
         return to_uint8(generate(self.G, z, classes, batch_size=batch))
 

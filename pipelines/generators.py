@@ -68,10 +68,14 @@ def class_names_file(path: str, num_classes: int) -> list[str]:
 
 
 def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source:
-    """The generator of a model logged by evaluate.py --register, loaded through MLflow's pyfunc flavour."""
+    """The generator of a model registered by evaluate.py --register: only its safetensors weights are downloaded
+    and read (the model's code is not run here; mlflow.pyfunc.load_model runs it for users of the model)."""
+    import tempfile
+
     import mlflow
 
     from pipelines.common import TrackingError, check_tracking, default_tracking_uri
+    from pipelines.registry import weights_of
 
     if not ema:
         raise UsageError("--raw needs a checkpoint: a registered model holds the EMA generator only")
@@ -79,17 +83,15 @@ def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
         raise UsageError(f"MLflow store {store} does not exist; pass --tracking-uri (or MLFLOW_TRACKING_URI) of the "
                          f"store that registered {uri}")  # fmt: skip
-    try:
-        check_tracking(store)
-        mlflow.set_tracking_uri(store)
-        model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    except TrackingError as e:
-        raise UsageError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - an unknown name or version, a store without it: one line, the fix
-        raise UsageError(f"cannot load {uri} from MLflow at {store} ({first_line(e)}); check the name and version "
-                         "(mlflow models list) and pass --tracking-uri of the store that registered it") from None  # fmt: skip
-    if not hasattr(model, "G"):
-        raise CheckpointError(f"{uri} is not a SAGAN generator model (register one with evaluate.py --register NAME)")
-    meta = dict(model.meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            check_tracking(store)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=store, registry_uri=store)
+        except TrackingError as e:
+            raise UsageError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - an unknown name or version, a store without it: one line, the fix
+            raise UsageError(f"cannot load {uri} from MLflow at {store} ({first_line(e)}); check the name and version "
+                             "on the MLflow UI's Models page and pass --tracking-uri of the store that registered it") from None  # fmt: skip
+        G, meta = load_generator_file(weights_of(Path(local)), device)
     kwargs = meta.pop("generator")
-    return Source(model.G.to(device), kwargs, meta, meta.pop("class_names", None), f"{uri} (step {meta.get('step', '?')})")
+    return Source(G, kwargs, meta, meta.pop("class_names", None), f"{uri} (step {meta.get('step', '?')})")

@@ -16,6 +16,7 @@ from sagan.export import generator_kwargs, save_generator_file
 MODEL_CODE = Path(__file__).resolve().with_name("generator_model.py")
 SAGAN_PACKAGE = Path(__file__).resolve().parent.parent / "sagan"
 REQUIREMENTS = ["torch", "safetensors", "numpy", "pandas", "pyyaml"]
+WEIGHTS_FILE = "generator.safetensors"
 
 
 def signature(resolution: int):
@@ -28,31 +29,46 @@ def signature(resolution: int):
     return ModelSignature(inputs, outputs, params=ParamSchema([ParamSpec("batch_size", "long", 64)]))
 
 
+def check_name(name: str) -> None:
+    """UsageError for a registered-model name MLflow would refuse only after the whole evaluation."""
+    from pipelines.common import UsageError
+
+    if not name.strip() or any(c in name for c in "/:%") or name != name.strip():
+        raise UsageError(f"--register {name!r} is not a usable model name: use letters, digits, '-', '_' or '.', "
+                         "e.g. --register sagan-imagenet128")  # fmt: skip
+
+
 def register_generator(uri: str, run_id: str, name: str, G, cfg, meta: dict) -> str:
-    """Log G (eval mode) as a pyfunc model into MLflow run `run_id` at `uri`, register it as a new version of
-    `name` and return that version. `meta` (step, scores, commit, class names...) goes into the model's metadata,
-    its scalars also into the version's tags. The run keeps the status it had."""
+    """Log G (eval mode) as a pyfunc model under `generator/` in MLflow run `run_id` at `uri`, register it as a new
+    version of `name` and return that version. `meta` (step, scores, commit, class names...) goes into the model's
+    metadata, its scalars also into the version's tags. The run is not reopened: its status stays as it was."""
     import mlflow
     import pandas as pd
 
     from sagan.config import to_dict
 
     client = mlflow.MlflowClient(uri)
-    status = client.get_run(run_id).info.status
     example = pd.DataFrame({"class_id": [0, cfg.model.num_classes - 1], "seed": [0, 1], "truncation": [0.0, 0.5]})
-    mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        weights = save_generator_file(Path(tmp) / "generator.safetensors", G, generator_kwargs(cfg.model), meta)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="generator", python_model=str(MODEL_CODE), artifacts={"generator": str(weights)},
-                code_paths=[str(SAGAN_PACKAGE)], signature=signature(cfg.model.resolution), input_example=example,
-                pip_requirements=REQUIREMENTS, metadata={"config": to_dict(cfg), **meta},
-                registered_model_name=name,
-            )  # fmt: skip
-    client.update_run(run_id, status=status)  # start_run's exit marked it FINISHED
-    version = str(info.registered_model_version)
-    for key, value in meta.items():
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            client.set_model_version_tag(name, version, key, str(value))
-    return version
+        weights = save_generator_file(Path(tmp) / WEIGHTS_FILE, G, generator_kwargs(cfg.model), meta)
+        model_dir = Path(tmp) / "generator"
+        mlflow.pyfunc.save_model(
+            model_dir, python_model=str(MODEL_CODE), artifacts={"generator": str(weights)},
+            code_paths=[str(SAGAN_PACKAGE)], signature=signature(cfg.model.resolution), input_example=example,
+            pip_requirements=REQUIREMENTS, metadata={"config": to_dict(cfg), **meta},
+        )  # fmt: skip
+        client.log_artifacts(run_id, str(model_dir), "generator")
+    mlflow.set_tracking_uri(uri)  # register_model reads the registry from the fluent URI
+    tags = {k: str(v) for k, v in meta.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+    return str(mlflow.register_model(f"runs:/{run_id}/generator", name, tags=tags).version)
+
+
+def weights_of(model_dir: Path) -> Path:
+    """The safetensors file inside a downloaded model folder (as save_model lays artifacts out)."""
+    found = sorted(Path(model_dir).rglob(WEIGHTS_FILE))
+    if not found:
+        from sagan.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{model_dir} holds no {WEIGHTS_FILE}: it is not a SAGAN generator model "
+                              "(register one with evaluate.py --register NAME)")  # fmt: skip
+    return found[0]

@@ -72,7 +72,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             raise CheckpointError(f"checkpoint {path} cannot be read (truncated, or not a torch file)") from None
         raise CheckpointError(f"{path} is not a plain checkpoint (it contains code objects: {refused[0]}); it was "
                               "not loaded and nothing in it ran. Use a checkpoint written by this project") from None  # fmt: skip
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated, or not a torch file): {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -2,7 +2,7 @@
 `sagan.models.Generator` that fit them, so a user needs no config or checkpoint code to load it:
 
     G, meta = load_generator_file("G.safetensors")                        # this package
-    G = Generator(**json.loads(safe_open(path, "pt").metadata()["generator"])); G.load_state_dict(load_file(path))
+    G = Generator(**json.loads(safe_open(path, "pt").metadata()["generator"])); G.load_state_dict(load_file(path)); G.eval()
 
 Safetensors holds tensors and strings only: loading runs no code from the file.
 """
@@ -53,8 +53,11 @@ def load_generator_file(path: str | Path, device="cpu") -> tuple[Generator, dict
     if header.get("format") != FORMAT or "generator" not in header:
         raise CheckpointError(f"{path} is a safetensors file but not a SAGAN generator (no '{FORMAT}' metadata); "
                               "export one with pipelines/sample.py --export-safetensors")  # fmt: skip
-    meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
-    G = Generator(**meta["generator"])
+    try:
+        meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
+        G = Generator(**meta["generator"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} has damaged SAGAN metadata ({str(e).splitlines()[0]}); export it again") from None
     check_fits(G, tensors, "generator")
     G.load_state_dict(tensors)
     return G.to(device).eval(), meta

@@ -5,6 +5,11 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+# The process's umask, read once at import (setting it to read it is not thread-safe): a plain open() gives new
+# files 0666 less these bits; mkstemp gives 0600, which other users of a shared volume could not read.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_output(path: str | Path):
@@ -14,9 +19,7 @@ def atomic_output(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique temporary name: writers on other nodes of a shared file system may have the same pid.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -119,6 +119,7 @@ class ConditionalBatchNorm2d(nn.Module):
         """x: (B, C, H, W), y: (B,) class indices or (B, num_classes) class weights -> (B, C, H, W).
         Weights blend the classes' gains and biases (a one-hot row gives exactly that class's)."""
         if y.is_floating_point():
+            y = y.to(self.gain.weight.dtype)
             gain, bias = y @ self.gain.weight, y @ self.bias.weight
         else:
             gain, bias = self.gain(y), self.bias(y)

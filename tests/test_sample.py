@@ -77,9 +77,12 @@ def test_many_classes_go_into_one_grid_file_per_group_and_one_tar(checkpoint, tm
     import pipelines.sample as sample
 
     monkeypatch.setattr(sample, "GRID_ROWS", 3)  # 4 classes: a file of 3 rows and one of 1
+    monkeypatch.setattr(sample, "GRID_COLS", 1)  # the first seed of each class in the grid; the tar has both
+    monkeypatch.setattr(sample, "CHUNK", 4)  # generated 4 images at a time, across class boundaries
     assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--per-class", "2", "--tar"]) == 0
-    shapes = [np.asarray(Image.open(tmp_path / f"grid-00{n}.png")).shape[0] for n in (0, 1)]
-    assert shapes == [3 * (R + PAD) + PAD, R + 2 * PAD] and not (tmp_path / "grid.png").exists()
+    shapes = [np.asarray(Image.open(tmp_path / f"grid-00{n}.png")).shape[:2] for n in (0, 1)]
+    assert [h for h, _ in shapes] == [3 * (R + PAD) + PAD, R + 2 * PAD] and not (tmp_path / "grid.png").exists()
+    assert all(w < 2 * (R + PAD) + PAD for _, w in shapes)  # one image column (and a narrow label margin)
     with tarfile.open(tmp_path / "samples.tar") as tar:
         assert [m.name for m in tar.getmembers() if m.name.endswith(".cls")] == [f"{c:04d}_{j:06d}.cls" for c in range(4) for j in (0, 1)]
 
@@ -101,8 +104,9 @@ def test_truncation_bounds_z_and_keeps_the_entries_already_inside():
     assert free.abs().max() > 2 and cut.abs().max() <= 0.5
     inside = free.abs() <= 0.5
     assert torch.equal(cut[inside], free[inside]) and (cut[~inside] != free[~inside]).all()
-    with pytest.raises(ValueError, match="truncation must be 0"):
-        noise([0], 8, -1)
+    for bad in (-1, 1e-4, float("nan"), float("inf")):  # 1e-4 would take minutes of redrawing per seed
+        with pytest.raises(ValueError, match="truncation must be 0"):
+            noise([0], 8, bad)
 
 
 def test_raw_and_ema_generators_differ_and_truncation_changes_the_images(checkpoint, tmp_path):
@@ -144,9 +148,11 @@ def test_safetensors_export_round_trip_is_bit_exact_and_samples_the_same(checkpo
     # The documented plain route: no sagan config or checkpoint code.
     plain = Generator(**json.loads(safe_open(str(path), "pt").metadata()["generator"]))
     plain.load_state_dict(load_file(str(path)))
+    plain.eval()
     for other in (loaded, plain):
         own, theirs = G.state_dict(), other.state_dict()
         assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
+        np.testing.assert_array_equal(direct(other, [0, 3], [1, 2]), direct(G, [0, 3], [1, 2]))
     for name, spec in (("ckpt", checkpoint), ("st", path)):
         assert main(["--checkpoint", str(spec), "--out", str(tmp_path / name), "--per-class", "2", "--images"]) == 0
     a, b = images_in(tmp_path / "ckpt" / "images"), images_in(tmp_path / "st" / "images")
@@ -160,6 +166,10 @@ def test_registered_model_gives_the_checkpoints_images(digits, eval_cache, tmp_p
     run_id = client.create_run(exp).info.run_id
     client.set_terminated(run_id, "KILLED")
     ckpt = offline_checkpoint(digits, eval_cache, tmp_path, extra={"mlflow_run_id": run_id})
+    for bad, message in (("a/b", "is not a usable model name"), ("sagan-digits --raw", "drop one of them")):
+        name, *flags = bad.split()
+        assert evaluate_main(["--checkpoint", str(ckpt), "--register", name, *flags, f"mlflow.tracking_uri={uri}"]) == 2
+        assert message in capsys.readouterr().err  # before the evaluation, not after it
     assert evaluate_main(["--checkpoint", str(ckpt), "--register", "sagan-digits", "eval.num_samples=60",
                           f"mlflow.tracking_uri={uri}"]) == 0  # fmt: skip
     assert "registered models:/sagan-digits/1" in capsys.readouterr().out
@@ -217,7 +227,13 @@ def foreign_safetensors(tmp_path):
         (lambda c, t: ["--checkpoint", c, "--interpolate", "1,-1"], "class -1 is out of range"),
         (lambda c, t: ["--checkpoint", c, "--interpolate", "1"], "must be two class indices"),
         (lambda c, t: ["--checkpoint", c, "--steps", "1", "--interpolate", "0,1"], "--steps 1 is too small"),
-        (lambda c, t: ["--checkpoint", c, "--truncation", "-0.5"], "--truncation -0.5 is negative"),
+        (lambda c, t: ["--checkpoint", c, "--truncation", "-0.5"], "--truncation -0.5 cannot be used"),
+        (lambda c, t: ["--checkpoint", c, "--truncation", "1e-4"], "--truncation 0.0001 cannot be used"),
+        (lambda c, t: ["--checkpoint", c, "--classes", "1,1"], "--classes lists class 1 twice"),
+        (lambda c, t: ["--checkpoint", c, "--interpolate", "1,"], "is not a comma-separated list of class indices"),
+        (lambda c, t: ["--checkpoint", c, "--interpolate", "0,1", "--images"], "--images applies to grids"),
+        (lambda c, t: ["--checkpoint", c, "--seed", "-1"], "--seed -1 is out of range"),
+        (lambda c, t: ["--checkpoint", c, "--export-safetensors", str(t / "G.bin")], "must name a file ending in .safetensors"),
         (lambda c, t: ["--checkpoint", foreign_torch_file(t)], "is not a SAGAN checkpoint"),
         (lambda c, t: ["--checkpoint", foreign_safetensors(t)], "is a safetensors file but not a SAGAN generator"),
         (lambda c, t: ["--checkpoint", str(t / "nowhere")], "no checkpoint at"),
