@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The suite, without the multi-node job-path test (`make test-cluster`, ~2 minutes more): with it the suite
-# would take ~13.5 of CI's 15 minutes on a 2-core machine, so it waits until the suite is trimmed.
+# The suite, without the multi-node job-path test (`make test-cluster`): CI (.ci/run) runs both, one after the
+# other, since the multi-node test starts its own Ray cluster and MLflow server beside nothing else.
 test: $(VENV)/.installed
 	$(PY) -m pytest -m "not cluster"
 
