@@ -23,7 +23,6 @@ from sagan.checkpoint import load_checkpoint, save_checkpoint
 from sagan.config import Config, from_dict
 from sagan.data import DataError, find_shards
 from sagan.loader import loader_workers, rank_loader
-from sagan.metrics import build_evaluator, feature_weights
 from sagan.models import build_models
 from sagan.speed import Speed, prepare_models
 from sagan.step import DivergenceGuard, LossMonitor, Trainer, unwrap
@@ -156,6 +155,8 @@ def _quiet_ray_reports() -> None:
 def prepare_eval_cache(config: dict) -> str:
     """Ray task run by the driver before training: resolve the feature extractor's weights and compute the
     real statistics into the eval cache, on the device a worker would use. Returns the weights file."""
+    from sagan.metrics import build_evaluator, feature_weights
+
     cfg = from_dict(config)
     torch.set_num_threads(os.cpu_count() or 1)  # alone on its node: training has not started yet
     weights = feature_weights(cfg)
@@ -193,8 +194,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if speed.compile:
             log.info("torch.compile: the first steps compile G and D (about 2.5 minutes for SAGAN-128 on an H200)")
     # In-loop FID on rank 0, while the others wait in the next collective. The driver filled the eval cache
-    # (weights, real statistics), so this loads them.
-    evaluator = build_evaluator(cfg, device, log=log.info) if cfg.train.eval_every and rank == 0 else None
+    # (weights, real statistics), so this loads them. sagan.metrics is imported only where it is used: with
+    # torch-fidelity and torchvision it takes about 1 s, which the other ranks and Ray Train's controller (it
+    # unpickles this function) would spend for nothing.
+    evaluator = None
+    if cfg.train.eval_every and rank == 0:
+        from sagan.metrics import build_evaluator
+
+        evaluator = build_evaluator(cfg, device, log=log.info)
     tracker = Tracker(rank == 0, cfg, loop_config)
     tracker.tags({f"speed.{k}": str(v) for k, v in dataclasses.asdict(speed).items()})  # what "auto" resolved to
     loop = Loop(cfg, trainer, rank, world, device, tracker, evaluator, extra)

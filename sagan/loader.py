@@ -18,8 +18,6 @@ from collections import OrderedDict
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_jpeg as _tv_decode
 
 from .config import Config
 from .data import DataError, ShardSet, _fix, batches_per_epoch
@@ -84,7 +82,12 @@ def _one_line(error: BaseException) -> str:
 
 def decode_jpeg(data: bytes) -> torch.Tensor:
     """JPEG bytes -> (3, H, W) uint8, with libjpeg-turbo through torchvision: 1.5x PIL + numpy here
-    (benchmarks/loader_speed.py)."""
+    (benchmarks/loader_speed.py). torchvision is imported here, at the first decode: importing it pulls in
+    torch._dynamo (about 1 s), which the processes that only unpickle the training loop (Ray Train's controller,
+    a Tune trial's actor) never need."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as _tv_decode
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at TorchCodec, on every call
         return _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)

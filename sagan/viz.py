@@ -10,7 +10,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 from .sampling import to_uint8  # noqa: E402
 
@@ -25,6 +24,8 @@ def grid_inputs(z_dim: int, num_classes: int, seed: int = 0, n: int = 64) -> tup
 
 def sample_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> one (H', W', 3) uint8 grid, `nrow` images per row."""
+    from torchvision.utils import make_grid  # here: torchvision's import (about 1 s) is needed only for a grid
+
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 

@@ -1,4 +1,14 @@
+import os
+
 import pytest
+
+# Ray Train v2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and moves
+# from one state to the next only at a poll: a tiny test run's start, reports and end each wait for one. Set
+# before the session's ray.init, so the raylet, every controller and worker, and the jobs the tests start inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Every fit would also start a PreemptionWatcher actor (one more process on 2 cores) to poll for node drains,
+# which a single-node test cluster never has.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -126,18 +126,17 @@ def test_a_tracking_server_killed_and_restarted_mid_run_costs_no_step_and_no_poi
             time.sleep(0.2)
         server.kill()  # after the first checkpoint: rank 0 is logging
         outage["killed_at"] = len(list(run_dir.glob("checkpoint_*")))
-        time.sleep(8)
+        time.sleep(3)  # down for this and the seconds the restart takes, while the steps after the first checkpoint run
         server.start()
 
     thread = threading.Thread(target=outage_during_training)
     thread.start()
     try:
-        assert main(args) == 0
-    finally:
-        thread.join()
-        server.kill()
-    server.start()  # a run that outlasted the outage delivered everything; read what the server holds
-    try:
+        try:
+            assert main(args) == 0
+        finally:
+            thread.join()
+        # A run that outlasted the outage delivered everything; read what the restarted server holds.
         client = mlflow.MlflowClient(server.uri)
         (run,) = client.search_runs([client.get_experiment_by_name("sagan-train").experiment_id])
         assert run.info.status == "FINISHED"

@@ -45,14 +45,23 @@ def mlflow_run(cfg):
     return client, run
 
 
-def test_ddp_training_keeps_ranks_identical_and_reports(ray_session, digits, tmp_path):
+def test_ddp_training_keeps_ranks_identical_and_reports_and_a_rerun_with_same_name_resumes_with_optimizer_state(
+    ray_session, digits, tmp_path
+):
+    # One run launched twice under one name (2 steps, then on to 4): what a DDP run reports, and the resume.
+    # Each launch costs a Ray Train start (controller, workers, process group), so both are checked on one run.
+    first = fit(tiny_cfg(digits, tmp_path, "train.steps=2", "run.name=ddp"))
+    assert first.metrics["step"] == 2
+    assert first.metrics["rank_param_spread"] == 0.0
     cfg = tiny_cfg(digits, tmp_path, "train.steps=4", "run.name=ddp")
     result = fit(cfg)
     assert result.metrics["step"] == 4
     assert result.metrics["rank_param_spread"] == 0.0
     state = load_checkpoint(Path(result.checkpoint.path) / "checkpoint.pt")
     assert state["step"] == 4
-    client, run = mlflow_run(cfg)
+    # Adam's step count continues from the first run: the optimizer state was restored, not rebuilt.
+    assert all(s["step"].item() == 4 for s in state["opt_d"]["state"].values())
+    client, run = mlflow_run(cfg)  # one MLflow run across both launches
     assert run.data.params["model.ch"] == "8" and run.data.params["optim.lr_d"] == "0.0004"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [2, 4]
     assert "images_per_s" in run.data.metrics and "gamma/G_block1" in run.data.metrics
@@ -60,19 +69,6 @@ def test_ddp_training_keeps_ranks_identical_and_reports(ray_session, digits, tmp
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("samples" in a for a in artifacts) and any("attention_16" in a for a in artifacts)
     assert run.data.tags["checkpoint_location"].endswith("/ddp")
-
-
-def test_rerun_with_same_name_resumes_with_optimizer_state(ray_session, digits, tmp_path):
-    first = fit(tiny_cfg(digits, tmp_path, "train.steps=2", "run.name=resume"))
-    assert first.metrics["step"] == 2
-    cfg = tiny_cfg(digits, tmp_path, "train.steps=4", "run.name=resume")
-    second = fit(cfg)
-    state = load_checkpoint(Path(second.checkpoint.path) / "checkpoint.pt")
-    assert state["step"] == 4
-    # Adam's step count continues from the first run: the optimizer state was restored, not rebuilt.
-    assert all(s["step"].item() == 4 for s in state["opt_d"]["state"].values())
-    client, run = mlflow_run(cfg)  # one MLflow run across both launches
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [2, 4]
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_session, digits, tmp_path):
