@@ -137,6 +137,10 @@ def test_interpolation_endpoints_equal_the_direct_samples_within_and_between_cla
     assert strip.shape[0] == R + 2 * PAD and not (out / "grid.png").exists()
     with Image.open(out / "interpolation.gif") as gif:
         assert gif.n_frames == 6 + 4  # there and back: 6 frames out, 4 inner frames back
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--interpolate", "2,2", "--steps", "3",
+                 "--animate", "webp"]) == 0  # fmt: skip
+    with Image.open(out / "interpolation.webp") as webp:
+        assert webp.n_frames == 3 + 1 and webp.size == (R, R)
 
 
 def test_safetensors_export_round_trip_is_bit_exact_and_samples_the_same(checkpoint, tmp_path, capsys):
