@@ -68,8 +68,8 @@ def class_names_file(path: str, num_classes: int) -> list[str]:
 
 
 def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source:
-    """The generator of a model registered by evaluate.py --register: only its safetensors weights are downloaded
-    and read (the model's code is not run here; mlflow.pyfunc.load_model runs it for users of the model)."""
+    """The generator of a model registered by evaluate.py --register: the model is downloaded and only its
+    safetensors weights are read (its code is not run here; mlflow.pyfunc.load_model runs it for its users)."""
     import tempfile
 
     import mlflow
@@ -86,12 +86,14 @@ def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source
     with tempfile.TemporaryDirectory() as tmp:
         try:
             check_tracking(store)
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=store, registry_uri=store)
+            mlflow.set_tracking_uri(store)  # models:/ URIs resolve through the process's registry URI
+            mlflow.set_registry_uri(store)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
         except TrackingError as e:
             raise UsageError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - an unknown name or version, a store without it: one line, the fix
             raise UsageError(f"cannot load {uri} from MLflow at {store} ({first_line(e)}); check the name and version "
                              "on the MLflow UI's Models page and pass --tracking-uri of the store that registered it") from None  # fmt: skip
-        G, meta = load_generator_file(weights_of(Path(local)), device)
+        G, meta = load_generator_file(weights_of(Path(local), uri), device)
     kwargs = meta.pop("generator")
     return Source(G, kwargs, meta, meta.pop("class_names", None), f"{uri} (step {meta.get('step', '?')})")

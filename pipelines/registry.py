@@ -6,7 +6,9 @@ package and the weights as safetensors; its metadata holds the config, the step,
 git commit, which are also tags of the model version so the registry UI shows them.
 """
 
+import re
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -33,42 +35,50 @@ def check_name(name: str) -> None:
     """UsageError for a registered-model name MLflow would refuse only after the whole evaluation."""
     from pipelines.common import UsageError
 
-    if not name.strip() or any(c in name for c in "/:%") or name != name.strip():
-        raise UsageError(f"--register {name!r} is not a usable model name: use letters, digits, '-', '_' or '.', "
-                         "e.g. --register sagan-imagenet128")  # fmt: skip
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+        raise UsageError(f"--register {name!r} is not a usable model name: use letters, digits, '-', '_' or '.' "
+                         "(not first), e.g. --register sagan-imagenet128")  # fmt: skip
 
 
 def register_generator(uri: str, run_id: str, name: str, G, cfg, meta: dict) -> str:
-    """Log G (eval mode) as a pyfunc model under `generator/` in MLflow run `run_id` at `uri`, register it as a new
-    version of `name` and return that version. `meta` (step, scores, commit, class names...) goes into the model's
-    metadata, its scalars also into the version's tags. The run is not reopened: its status stays as it was."""
+    """Log G (eval mode) as a pyfunc model into MLflow run `run_id` at `uri`, in a folder of its own
+    (generator-step<step>-<id>/, so a later registration from the same run leaves this one as it is), register it
+    as a new version of `name` and return that version. `meta` (step, scores, commit, class names...) goes into
+    the model's metadata, its scalars also into the version's tags. The run is not reopened: its status stays."""
     import mlflow
     import pandas as pd
+    from mlflow.exceptions import MlflowException
 
     from sagan.config import to_dict
 
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     example = pd.DataFrame({"class_id": [0, cfg.model.num_classes - 1], "seed": [0, 1], "truncation": [0.0, 0.5]})
+    folder = f"generator-step{meta.get('step', 0):07d}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_generator_file(Path(tmp) / WEIGHTS_FILE, G, generator_kwargs(cfg.model), meta)
-        model_dir = Path(tmp) / "generator"
+        model_dir = Path(tmp) / folder
         mlflow.pyfunc.save_model(
             model_dir, python_model=str(MODEL_CODE), artifacts={"generator": str(weights)},
             code_paths=[str(SAGAN_PACKAGE)], signature=signature(cfg.model.resolution), input_example=example,
             pip_requirements=REQUIREMENTS, metadata={"config": to_dict(cfg), **meta},
         )  # fmt: skip
-        client.log_artifacts(run_id, str(model_dir), "generator")
-    mlflow.set_tracking_uri(uri)  # register_model reads the registry from the fluent URI
+        client.log_artifacts(run_id, str(model_dir), folder)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
     tags = {k: str(v) for k, v in meta.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
-    return str(mlflow.register_model(f"runs:/{run_id}/generator", name, tags=tags).version)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{folder}"
+    return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
 
 
-def weights_of(model_dir: Path) -> Path:
-    """The safetensors file inside a downloaded model folder (as save_model lays artifacts out)."""
+def weights_of(model_dir: Path, uri: str) -> Path:
+    """The one safetensors file inside a downloaded model folder (as save_model lays artifacts out)."""
     found = sorted(Path(model_dir).rglob(WEIGHTS_FILE))
-    if not found:
+    if len(found) != 1:
         from sagan.checkpoint import CheckpointError
 
-        raise CheckpointError(f"{model_dir} holds no {WEIGHTS_FILE}: it is not a SAGAN generator model "
-                              "(register one with evaluate.py --register NAME)")  # fmt: skip
+        raise CheckpointError(f"{uri} holds {len(found)} {WEIGHTS_FILE} files, not one: it is not a SAGAN generator "
+                              "model (register one with evaluate.py --register NAME)")  # fmt: skip
     return found[0]

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt, checkpoint_* or run directory, .safetensors file, or models:/NAME/VERSION")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--classes", help="class indices, e.g. 207,208, or all (default)")
-    p.add_argument("--per-class", type=int, help="images per class (default 8)")
+    p.add_argument("--per-class", type=int, help=f"images per class (default 8; a grid row shows the first {GRID_COLS}, --images and --tar keep all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image of each class (default 0)")
     p.add_argument("--truncation", type=float, default=0.0, help=f"truncation trick: redraw |z| > T (T >= {MIN_TRUNCATION}, e.g. 0.5); 0 = off (default)")
     p.add_argument("--raw", action="store_true", help="the trained G instead of its EMA (checkpoints only)")
@@ -86,14 +86,16 @@ def parse_classes(text: str, num_classes: int | None = None, flag: str = "--clas
 def check_args(args) -> None:
     """What cannot work, before any model is loaded; fills in the grid defaults."""
     if args.interpolate:
-        used = [f for f, v in (("--classes", args.classes), ("--per-class", args.per_class), ("--images", args.images), ("--tar", args.tar)) if v]
+        given = (("--classes", args.classes), ("--per-class", args.per_class), ("--images", args.images or None), ("--tar", args.tar or None))
+        used = [flag for flag, value in given if value is not None]
         if used:
             raise UsageError(f"{used[0]} applies to grids, not to --interpolate: drop it, or sample a grid in another run")
         if len(parse_classes(args.interpolate, flag="--interpolate")) != 2:
             raise UsageError(f"--interpolate {args.interpolate!r} must be two class indices, A,B (the same twice for a walk within a class)")
     elif args.animate:
         raise UsageError("--animate animates an interpolation: add --interpolate A,B")
-    args.classes, args.per_class = args.classes or "all", args.per_class or 8
+    args.classes = "all" if args.classes is None else args.classes
+    args.per_class = 8 if args.per_class is None else args.per_class
     for flag, value, least in (("--per-class", args.per_class, 1), ("--batch-size", args.batch_size, 1), ("--steps", args.steps, 2)):
         if value < least:
             raise UsageError(f"{flag} {value} is too small: it must be at least {least}")
@@ -110,30 +112,31 @@ def check_args(args) -> None:
 
 
 def write_grid(args, source, out: Path, progress) -> tuple[list[Path], int]:
-    """Grid files of GRID_ROWS classes x GRID_COLS seeds each and, with --images / --tar, every image;
-    generated CHUNK images at a time. Returns (grid and tar paths, number of image files)."""
+    """Grid files of GRID_ROWS classes x GRID_COLS seeds each and, with --images / --tar, every image; generated
+    CHUNK images at a time (only the grid's seeds when nothing else wants the rest). Returns (grid and tar paths,
+    number of image files)."""
     import numpy as np
     import torch
 
     from sagan.sampling import noise
     from sagan.viz import labelled_grid
 
-    G, per = source.G, args.per_class
+    G = source.G
     classes = parse_classes(args.classes, G.num_classes)
     groups = [classes[i : i + GRID_ROWS] for i in range(0, len(classes), GRID_ROWS)]
-    z_all = noise(range(args.seed, args.seed + per), G.z_dim, args.truncation)
-    cols, written, n_images = min(per, GRID_COLS), [], 0
+    cols, per = grid_columns(args)
+    written, n_images = [], 0
     with ExitStack() as stack:
         tar = stack.enter_context(webdataset_writer(out / "samples.tar")) if args.tar else None
         for n, group in enumerate(groups):
             shown = []
             for start in range(0, len(group) * per, CHUNK):
                 index = torch.arange(start, min(start + CHUNK, len(group) * per))
-                y = torch.tensor(group)[index // per]
-                images = generate_uint8(G, z_all[index % per], y, args.batch_size, progress)
-                for k, cls, image in zip(index.tolist(), y.tolist(), images):
-                    key = f"{cls:04d}_{args.seed + k % per:06d}"
-                    shown += [image] if k % per < cols else []
+                seeds, y = (args.seed + index % per).tolist(), torch.tensor(group)[index // per]
+                images = generate_uint8(G, noise(seeds, G.z_dim, args.truncation), y, args.batch_size, progress)
+                for seed, cls, image in zip(seeds, y.tolist(), images):
+                    key = f"{cls:04d}_{seed:06d}"
+                    shown += [image] if seed - args.seed < cols else []
                     if args.images:
                         save_image(image, out / "images" / f"{key}.png")
                         n_images += 1
@@ -142,6 +145,12 @@ def write_grid(args, source, out: Path, progress) -> tuple[list[Path], int]:
             name = "grid.png" if len(groups) == 1 else f"grid-{n:03d}.png"
             written.append(save_image(labelled_grid(np.stack(shown), cols, [label(source, c) for c in group]), out / name))
     return written + ([out / "samples.tar"] if args.tar else []), n_images
+
+
+def grid_columns(args) -> tuple[int, int]:
+    """(seeds per grid row, seeds generated per class): all of them only when --images or --tar keeps them."""
+    cols = min(args.per_class, GRID_COLS)
+    return cols, args.per_class if args.images or args.tar else cols
 
 
 def generate_uint8(G, z, y, batch_size: int, progress=None):
@@ -190,15 +199,15 @@ def main(argv=None) -> int:
         if args.interpolate:
             written = write_interpolation(args, source, out)
         else:
-            total = len(parse_classes(args.classes, source.G.num_classes)) * args.per_class
+            total = len(parse_classes(args.classes, source.G.num_classes)) * grid_columns(args)[1]
             print(f"sampling {total} images from {source.description} on {device}", flush=True)
             with progress_bar(total) as bar:
                 written, n_images = write_grid(args, source, out, bar.update)
     except (UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: cannot write the output: {first_line(e)}; choose another --out", file=sys.stderr)
+    except OSError as e:  # a file that could not be read (--class-names) or written (--out, --export-safetensors)
+        print(f"error: {first_line(e)}: check that path, or choose another --out", file=sys.stderr)
         return 2
     extra = f" and {n_images} image files in {out / 'images'}" if n_images else ""
     print("wrote " + ", ".join(str(p) for p in written) + extra)

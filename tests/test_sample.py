@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipelines.evaluate import main as evaluate_main
+from pipelines.registry import register_generator
 from pipelines.sample import main
 from sagan.checkpoint import load_generator, save_checkpoint
 from sagan.export import load_generator_file
@@ -190,6 +191,17 @@ def test_registered_model_gives_the_checkpoints_images(digits, eval_cache, tmp_p
     assert main(["--checkpoint", "models:/sagan-digits/2", "--tracking-uri", uri, "--out", str(tmp_path / "v2")]) == 2
     assert "error: cannot load models:/sagan-digits/2 from MLflow" in capsys.readouterr().err
 
+    # A second registration from the same run (another checkpoint of it, say) leaves version 1 as it was.
+    G, cfg = load_generator(ckpt)
+    with torch.no_grad():
+        G.out_conv.bias.add_(0.5)  # (a sign flip of a spectrally normalised weight would cancel out)
+    assert register_generator(uri, run_id, "sagan-digits", G, cfg, {"step": 7}) == "2"
+    for version in ("1", "2"):
+        assert main(["--checkpoint", f"models:/sagan-digits/{version}", "--tracking-uri", uri, "--out",
+                     str(tmp_path / f"v{version}"), "--classes", "3,9", "--per-class", "2", "--truncation", "1.0", "--images"]) == 0  # fmt: skip
+    v1, v2 = images_in(tmp_path / "v1" / "images"), images_in(tmp_path / "v2" / "images")
+    assert all(np.array_equal(v1[k], a[k]) for k in a) and not any(np.array_equal(v2[k], a[k]) for k in a)
+
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/sagan-digits/1")
     rows = pd.DataFrame({"class_id": [3, 9], "seed": [0, 1], "truncation": [1.0, 1.0]})
@@ -234,6 +246,8 @@ def foreign_safetensors(tmp_path):
         (lambda c, t: ["--checkpoint", c, "--truncation", "-0.5"], "--truncation -0.5 cannot be used"),
         (lambda c, t: ["--checkpoint", c, "--truncation", "1e-4"], "--truncation 0.0001 cannot be used"),
         (lambda c, t: ["--checkpoint", c, "--classes", "1,1"], "--classes lists class 1 twice"),
+        (lambda c, t: ["--checkpoint", c, "--per-class", "0"], "--per-class 0 is too small"),
+        (lambda c, t: ["--checkpoint", c, "--interpolate", "0,1", "--per-class", "0"], "--per-class applies to grids"),
         (lambda c, t: ["--checkpoint", c, "--interpolate", "1,"], "is not a comma-separated list of class indices"),
         (lambda c, t: ["--checkpoint", c, "--interpolate", "0,1", "--images"], "--images applies to grids"),
         (lambda c, t: ["--checkpoint", c, "--seed", "-1"], "--seed -1 is out of range"),
