@@ -5,7 +5,8 @@ from pathlib import Path
 
 from pipelines.common import UsageError, find_checkpoint, first_line
 from sagan.checkpoint import CheckpointError, generator_from_state, load_checkpoint
-from sagan.export import generator_kwargs, load_generator_file, save_generator_file
+from sagan.export import load_generator_file, save_generator_file
+from sagan.models import generator_kwargs
 from sagan.sampling import class_names
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sagan.export import generator_kwargs, save_generator_file
+from sagan.export import save_generator_file
+from sagan.models import generator_kwargs
 
 MODEL_CODE = Path(__file__).resolve().with_name("generator_model.py")
 SAGAN_PACKAGE = Path(__file__).resolve().parent.parent / "sagan"

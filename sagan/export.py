@@ -10,7 +10,6 @@ Safetensors holds tensors and strings only: loading runs no code from the file.
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -19,13 +18,6 @@ from .files import atomic_output
 from .models import Generator
 
 FORMAT = "sagan-generator"
-
-
-def generator_kwargs(model_cfg) -> dict:
-    """The keyword arguments of `Generator` for a `ModelConfig`."""
-    c = model_cfg
-    return {"resolution": c.resolution, "ch": c.ch, "z_dim": c.z_dim, "num_classes": c.num_classes,
-            "attn_resolutions": list(c.g_attn), "sn": c.g_sn}  # fmt: skip
 
 
 def save_generator_file(path: str | Path, G: Generator, kwargs: dict, meta: dict | None = None) -> Path:

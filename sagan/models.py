@@ -145,6 +145,13 @@ class Discriminator(nn.Module):
         return (out, maps) if return_attn else out
 
 
+def generator_kwargs(model_cfg) -> dict:
+    """The keyword arguments of `Generator` for a `ModelConfig` (plain values: they travel as JSON in exports)."""
+    c = model_cfg
+    return {"resolution": c.resolution, "ch": c.ch, "z_dim": c.z_dim, "num_classes": c.num_classes,
+            "attn_resolutions": list(c.g_attn), "sn": c.g_sn}  # fmt: skip
+
+
 def build_models(model_cfg, seed: int | None = None) -> tuple[Generator, Discriminator]:
     """(Generator, Discriminator) from a `ModelConfig`; with `seed`, initialised from that seed alone (the
     same weights on every rank and in every later rebuild of a run's step 0), the global RNG untouched."""
@@ -153,6 +160,6 @@ def build_models(model_cfg, seed: int | None = None) -> tuple[Generator, Discrim
             torch.manual_seed(seed)
             return build_models(model_cfg)
     c = model_cfg
-    G = Generator(c.resolution, c.ch, c.z_dim, c.num_classes, tuple(c.g_attn), sn=c.g_sn)
+    G = Generator(**generator_kwargs(c))
     D = Discriminator(c.resolution, c.ch, c.num_classes, tuple(c.d_attn), sn=c.d_sn)
     return G, D
