@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: test test-cluster demo demo-data tune-demo venv clean
+.PHONY: test test-cluster lint format demo demo-data tune-demo venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,15 @@ venv: $(VENV)/.installed
 # other, since the multi-node test starts its own Ray cluster and MLflow server beside nothing else.
 test: $(VENV)/.installed
 	$(PY) -m pytest -m "not cluster"
+
+# ruff, configured in pyproject.toml: the linter, then the formatter in check mode (`make format` applies it).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The job path on a multi-node cluster on this machine (cluster/local.py: head + worker node, token auth, MLflow).
 test-cluster: $(VENV)/.installed

@@ -17,11 +17,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from pipelines.common import UsageError, default_tracking_uri, find_checkpoint  # noqa: E402
-from sagan.checkpoint import load_checkpoint, load_generator  # noqa: E402
-from sagan.config import SAMPLE_CLASSIFIER, from_dict  # noqa: E402
-from sagan.metrics import build_evaluator  # noqa: E402
-from sagan.models import build_models  # noqa: E402
+from pipelines.common import UsageError, default_tracking_uri, find_checkpoint
+from sagan.checkpoint import load_checkpoint, load_generator
+from sagan.config import SAMPLE_CLASSIFIER, from_dict
+from sagan.metrics import build_evaluator
+from sagan.models import build_models
 
 MIN_FID_CUT = 10.0  # the evaluation issue's bar
 MIN_CLASS_ACC = 0.95
@@ -29,7 +29,9 @@ MIN_CLASS_ACC = 0.95
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(REPO / "runs" / "sagan-demo"), help="the demo run (default runs/sagan-demo)")
+    p.add_argument(
+        "--checkpoint", default=str(REPO / "runs" / "sagan-demo"), help="the demo run (default runs/sagan-demo)"
+    )
     args = p.parse_args(argv)
     try:
         ckpt = find_checkpoint(args.checkpoint)
@@ -39,7 +41,10 @@ def main(argv=None) -> int:
     state = load_checkpoint(ckpt)
     cfg, step, extra = from_dict(state["config"]), int(state["step"]), state["extra"]
     if cfg.eval.feature_extractor != SAMPLE_CLASSIFIER or not extra.get("mlflow_run_id"):
-        print(f"error: {ckpt} is not a demo run on the sample set with an MLflow run; run `make demo` first", file=sys.stderr)
+        print(
+            f"error: {ckpt} is not a demo run on the sample set with an MLflow run; run `make demo` first",
+            file=sys.stderr,
+        )
         return 2
     evaluator = build_evaluator(cfg, "cpu")
     G0, _ = build_models(cfg.model, seed=cfg.train.seed)  # the run's step 0, as the training loop builds it

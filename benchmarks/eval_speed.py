@@ -23,9 +23,9 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sagan.config import INCEPTION  # noqa: E402
-from sagan.metrics import LAYERS, Evaluator, statistics  # noqa: E402
-from sagan.models import Generator  # noqa: E402
+from sagan.config import INCEPTION
+from sagan.metrics import LAYERS, Evaluator, statistics
+from sagan.models import Generator
 
 
 def parse_args(argv=None):
@@ -52,7 +52,10 @@ def stand_in_inception_weights(folder: Path) -> Path:
     try:
         skeleton = tf_inception.FeatureExtractorInceptionV3(INCEPTION, ["2048"])
     finally:
-        tf_inception.load_state_dict_from_url, tf_inception.FeatureExtractorInceptionV3.load_state_dict = load_url, load_sd
+        tf_inception.load_state_dict_from_url, tf_inception.FeatureExtractorInceptionV3.load_state_dict = (
+            load_url,
+            load_sd,
+        )
     path = folder / "stand-in-inception.pth"
     torch.save(skeleton.state_dict(), path)
     return path
@@ -70,8 +73,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         weights = args.inception_weights or str(stand_in_inception_weights(Path(tmp)))
         with torch.cuda.device(device) if cuda else torch.device("cpu"):
-            extractor = create_feature_extractor(INCEPTION, list(LAYERS[INCEPTION]), cuda=cuda,
-                                                 feature_extractor_weights_path=weights, verbose=False)  # fmt: skip
+            extractor = create_feature_extractor(
+                INCEPTION, list(LAYERS[INCEPTION]), cuda=cuda, feature_extractor_weights_path=weights, verbose=False
+            )
     real = statistics(torch.randn(4096, 2048, generator=torch.Generator().manual_seed(0)))
     evaluator = Evaluator(extractor, real, args.num_classes, args.batch, device)
     evaluator(G, max(10, 2 * args.batch))  # warm-up: cuDNN autotuning and lazy initialisation stay out
@@ -80,15 +84,23 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     scores = evaluator(G, args.num_samples)
     seconds = time.perf_counter() - start
-    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-           "device": torch.cuda.get_device_name(device) if cuda else "cpu"}  # fmt: skip
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+    }
     result = {
-        "benchmark": "eval_speed", **env, "resolution": args.resolution, "ch": args.ch,
-        "num_samples": args.num_samples, "batch": args.batch,
+        "benchmark": "eval_speed",
+        **env,
+        "resolution": args.resolution,
+        "ch": args.ch,
+        "num_samples": args.num_samples,
+        "batch": args.batch,
         "inception_weights": "real" if args.inception_weights else "stand-in (random)",
-        "seconds": round(seconds, 1), "images_per_s": round(args.num_samples / seconds, 1),
+        "seconds": round(seconds, 1),
+        "images_per_s": round(args.num_samples / seconds, 1),
         "finite": all(np.isfinite(v) for v in scores.values()),
-    }  # fmt: skip
+    }
     print(json.dumps(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sagan.data import decode_uint8, find_shards  # noqa: E402
-from sagan.loader import decode_jpeg, rank_loader  # noqa: E402
+from sagan.data import decode_uint8, find_shards
+from sagan.loader import decode_jpeg, rank_loader
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader_speed.json"
 ORDER_SAMPLES = 2000  # labels compared between two passes for the determinism check
@@ -67,8 +67,20 @@ def build_shards(work: Path, images: int, shard_size: int, classes: int) -> str:
             print(f"generating {images} source JPEGs in {src}...", file=sys.stderr, flush=True)
             write_sources(src, images, classes)
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the result
-            code = shard_main(["--src", str(src), "--out", str(out), "--splits", "train", "--size", "128",
-                               "--shard-size", str(shard_size)])  # fmt: skip
+            code = shard_main(
+                [
+                    "--src",
+                    str(src),
+                    "--out",
+                    str(out),
+                    "--splits",
+                    "train",
+                    "--size",
+                    "128",
+                    "--shard-size",
+                    str(shard_size),
+                ]
+            )
         if code != 0:
             raise SystemExit(f"error: shard_imagenet.py exited with {code} for {src}")
     return str(out / "train")
@@ -94,8 +106,11 @@ def decode_rate(jpegs: list[bytes], decode, repeats: int) -> dict:
         for data in jpegs:
             decode(data)
         times.append(time.perf_counter() - start)
-    return {"images": len(jpegs), "images_per_s": round(len(jpegs) / min(times), 1),
-            "images_per_s_each_pass": [round(len(jpegs) / t, 1) for t in times]}  # fmt: skip
+    return {
+        "images": len(jpegs),
+        "images_per_s": round(len(jpegs) / min(times), 1),
+        "images_per_s_each_pass": [round(len(jpegs) / t, 1) for t in times],
+    }
 
 
 def timed_pass(batches, batch_size: int, n: int, labels_of) -> dict:
@@ -110,8 +125,10 @@ def timed_pass(batches, batch_size: int, n: int, labels_of) -> dict:
         try:
             batch = labels_of(next(batches))
         except StopIteration:
-            raise SystemExit(f"error: the shards ran out after {samples} timed samples: too few for --batches {n} "
-                             f"(+1 warm-up) of {batch_size}") from None  # fmt: skip
+            raise SystemExit(
+                f"error: the shards ran out after {samples} timed samples: too few for --batches {n} "
+                f"(+1 warm-up) of {batch_size}"
+            ) from None
         if len(batch) != batch_size:
             short.append({"batch": len(labels), "size": len(batch)})  # position counts the warm-up batch as 0
         samples += len(batch)
@@ -120,9 +137,15 @@ def timed_pass(batches, batch_size: int, n: int, labels_of) -> dict:
     order = torch.cat(labels)[:ORDER_SAMPLES].tolist()
     # From the first request on: start-up and the work a pipeline did ahead while the first batch was awaited.
     from_start = (samples + len(labels[0])) / (first + seconds)
-    return {"first_batch_s": round(first, 3), "seconds": round(seconds, 3), "samples": samples,
-            "images_per_s": round(samples / seconds, 1), "images_per_s_from_start": round(from_start, 1),
-            "short_batches": short, "labels": order}  # fmt: skip
+    return {
+        "first_batch_s": round(first, 3),
+        "seconds": round(seconds, 3),
+        "samples": samples,
+        "images_per_s": round(samples / seconds, 1),
+        "images_per_s_from_start": round(from_start, 1),
+        "short_batches": short,
+        "labels": order,
+    }
 
 
 def best_of(passes: list[dict], processes: int) -> dict:
@@ -157,8 +180,13 @@ def ray_data(location: str, cpus: int, batch: int, n: int, prefetch: int, repeat
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=cpus, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)  # fmt: skip
+    ray.init(
+        num_cpus=cpus,
+        object_store_memory=300 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     ray_init_s = time.perf_counter() - start
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -172,18 +200,36 @@ def ray_data(location: str, cpus: int, batch: int, n: int, prefetch: int, repeat
         for _ in batches:  # finish the execution before the next one starts
             pass
     ray.shutdown()
-    return {"cpus": cpus, **best_of(passes, cpus), "ray_init_s": round(ray_init_s, 1),
-            "deterministic_order": all(p["labels"] == passes[0]["labels"] for p in passes),
-            "distinct_orders": len({tuple(p["labels"]) for p in passes}),
-            "order_samples_compared": len(passes[0]["labels"]),
-            "short_batches_each_pass": [p["short_batches"] for p in passes]}  # fmt: skip
+    return {
+        "cpus": cpus,
+        **best_of(passes, cpus),
+        "ray_init_s": round(ray_init_s, 1),
+        "deterministic_order": all(p["labels"] == passes[0]["labels"] for p in passes),
+        "distinct_orders": len({tuple(p["labels"]) for p in passes}),
+        "order_samples_compared": len(passes[0]["labels"]),
+        "short_batches_each_pass": [p["short_batches"] for p in passes],
+    }
 
 
 def ray_data_subprocess(location: str, cpus: int, args) -> dict:
     """`ray_data` in a child process: each CPU count gets its own Ray, started and stopped with the child."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}  # a test cluster, no token
-    cmd = [sys.executable, __file__, "--shards", location, "--ray-cpus", str(cpus), "--batch", str(args.batch),
-           "--batches", str(args.batches), "--prefetch", str(args.prefetch), "--repeats", str(args.repeats)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--shards",
+        location,
+        "--ray-cpus",
+        str(cpus),
+        "--batch",
+        str(args.batch),
+        "--batches",
+        str(args.batches),
+        "--prefetch",
+        str(args.prefetch),
+        "--repeats",
+        str(args.repeats),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"error: the Ray Data run with {cpus} CPU(s) failed:\n{done.stderr[-3000:]}")
@@ -197,9 +243,16 @@ def machine() -> dict:
     import ray
     import torchvision
 
-    return {"cpu": model or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
-            "ray": ray.__version__, "cuda": torch.cuda.is_available()}  # fmt: skip
+    return {
+        "cpu": model or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "ray": ray.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
 
 
 def ratio(a: dict | None, b: dict | None) -> float | None:
@@ -236,8 +289,10 @@ def main(argv=None) -> dict:
         location = args.shards or build_shards(Path(args.work or tmp), args.images, args.shard_size, args.classes)
         shards = find_shards(location)
         jpegs = jpeg_members(shards.urls, args.decode_images)
-        decode = {"pil": decode_rate(jpegs, decode_uint8, args.repeats),
-                  "torchvision": decode_rate(jpegs, decode_jpeg, args.repeats)}  # fmt: skip
+        decode = {
+            "pil": decode_rate(jpegs, decode_uint8, args.repeats),
+            "torchvision": decode_rate(jpegs, decode_jpeg, args.repeats),
+        }
         ours1, labels1 = ours(location, 1, args.batch, args.batches, args.prefetch, args.repeats)
         ours2, labels2 = ours(location, 2, args.batch, args.batches, args.prefetch, args.repeats)
         ray1 = ray2 = None
@@ -248,57 +303,74 @@ def main(argv=None) -> dict:
         "machine": machine(),
         "load_average_before": [float(x) for x in load_before],  # 1, 5, 15 min: other work shares the cores
         "load_average_after": [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]],
-        "shards": {"location": args.shards or f"{args.images} generated photo-like JPEGs (~500x375) at 128 px, "
-                                              f"{args.shard_size} per shard" + ("" if args.work else " (temporary)"),
-                   "num_shards": len(shards.urls), "num_samples": shards.num_samples,
-                   "image_size": shards.image_size, "bytes": sum(shards.sizes)},  # fmt: skip
-        "setting": {"batch": args.batch, "timed_batches": args.batches, "prefetch": args.prefetch,
-                    "repeats": args.repeats, "rank": 0, "world_size": 1},  # fmt: skip
+        "shards": {
+            "location": args.shards
+            or f"{args.images} generated photo-like JPEGs (~500x375) at 128 px, {args.shard_size} per shard"
+            + ("" if args.work else " (temporary)"),
+            "num_shards": len(shards.urls),
+            "num_samples": shards.num_samples,
+            "image_size": shards.image_size,
+            "bytes": sum(shards.sizes),
+        },
+        "setting": {
+            "batch": args.batch,
+            "timed_batches": args.batches,
+            "prefetch": args.prefetch,
+            "repeats": args.repeats,
+            "rank": 0,
+            "world_size": 1,
+        },
         "decode_one_core": decode,
-        "ours": {"workers_1": ours1, "workers_2": ours2,
-                 "same_order_with_1_and_2_workers": labels1 == labels2},  # fmt: skip
+        "ours": {"workers_1": ours1, "workers_2": ours2, "same_order_with_1_and_2_workers": labels1 == labels2},
         "pinned": False,
         "pinned_note": "pin_memory needs a CUDA device and this machine has none; pin=True adds a copy of each "
-                       "batch into page-locked memory in the main process's pin thread",
+        "batch into page-locked memory in the main process's pin thread",
         "ratios": {
-            "torchvision_vs_pil_decode": round(decode["torchvision"]["images_per_s"] / decode["pil"]["images_per_s"], 2),
-            "ours_1_worker_vs_torchvision_decode": round(ours1["images_per_s"] / decode["torchvision"]["images_per_s"], 2),
+            "torchvision_vs_pil_decode": round(
+                decode["torchvision"]["images_per_s"] / decode["pil"]["images_per_s"], 2
+            ),
+            "ours_1_worker_vs_torchvision_decode": round(
+                ours1["images_per_s"] / decode["torchvision"]["images_per_s"], 2
+            ),
             "ours_2_vs_1_workers": ratio(ours2, ours1),
         },
     }
     if ray1:
         result["ray_data"] = {
-            "cpus_1": ray1, "cpus_2": ray2,
+            "cpus_1": ray1,
+            "cpus_2": ray2,
             "pipeline": "read_webdataset(urls, decoder=None) -> map_batches(decode jpg with torchvision.io.decode_jpeg, "
-                        "batch_format='numpy') -> streaming_split(1, equal=True)[0] -> iter_torch_batches(batch_size, "
-                        "prefetch_batches)",
+            "batch_format='numpy') -> streaming_split(1, equal=True)[0] -> iter_torch_batches(batch_size, "
+            "prefetch_batches)",
             "held_equal": "same shards, images, batch size, prefetch depth (batches), timed batches after one "
-                          "warm-up, decode call (torchvision.io.decode_jpeg to (3, R, R) uint8), consumer (this "
-                          "benchmark's main process, which only iterates); Ray's logical CPUs (ray.init(num_cpus=N) "
-                          "in a fresh process per N, so at most N read+decode tasks run at once) equal ours' "
-                          "DataLoader workers. Not equal: Ray also runs its GCS, raylet and split-coordinator "
-                          "processes, which use some CPU outside the N; ours reads a shuffled plan by seeking, "
-                          "Ray Data reads each tar front to back in file order",
+            "warm-up, decode call (torchvision.io.decode_jpeg to (3, R, R) uint8), consumer (this "
+            "benchmark's main process, which only iterates); Ray's logical CPUs (ray.init(num_cpus=N) "
+            "in a fresh process per N, so at most N read+decode tasks run at once) equal ours' "
+            "DataLoader workers. Not equal: Ray also runs its GCS, raylet and split-coordinator "
+            "processes, which use some CPU outside the N; ours reads a shuffled plan by seeking, "
+            "Ray Data reads each tar front to back in file order",
             "deterministic_order": bool(ray1["deterministic_order"] and ray2["deterministic_order"]),
             "deterministic_order_note": f"labels of the first {ray2['order_samples_compared']} samples of the split, "
-                                        f"compared across the {max(args.repeats, 2)} passes of each CPU count (a new "
-                                        "execution of the same dataset each, default DataContext: preserve_order="
-                                        "False); equal orders in one run do not prove a fixed order",
+            f"compared across the {max(args.repeats, 2)} passes of each CPU count (a new "
+            "execution of the same dataset each, default DataContext: preserve_order="
+            "False); equal orders in one run do not prove a fixed order",
             "short_batches_note": "iter_torch_batches on the streaming_split iterator can yield a batch smaller than "
-                                  "batch_size before the end of the epoch (listed per pass: position, size; the "
-                                  "warm-up batch is 0); timed passes then run until at least as many samples as ours",
+            "batch_size before the end of the epoch (listed per pass: position, size; the "
+            "warm-up batch is 0); timed passes then run until at least as many samples as ours",
             "resume_without_reading": "no: Dataset and DataIterator have no offset, skip or iterator state in Ray "
-                                      f"{result['machine']['ray']}; starting at batch k means reading and decoding "
-                                      "the k earlier batches and dropping them (or rebuilding the dataset from the "
-                                      "tars not yet read, which resumes at whole-file granularity and only when the "
-                                      "order is reproducible). ray.data's CheckpointConfig skips rows a previous job "
-                                      "already wrote to a sink (batch inference), not batches a trainer consumed",
+            f"{result['machine']['ray']}; starting at batch k means reading and decoding "
+            "the k earlier batches and dropping them (or rebuilding the dataset from the "
+            "tars not yet read, which resumes at whole-file granularity and only when the "
+            "order is reproducible). ray.data's CheckpointConfig skips rows a previous job "
+            "already wrote to a sink (batch inference), not batches a trainer consumed",
         }
-        result["ratios"].update({
-            "ours_vs_ray_data_1_core": ratio(ours1, ray1),
-            "ours_vs_ray_data_2_cores": ratio(ours2, ray2),
-            "ray_data_2_vs_1_cpus": ratio(ray2, ray1),
-        })  # fmt: skip
+        result["ratios"].update(
+            {
+                "ours_vs_ray_data_1_core": ratio(ours1, ray1),
+                "ours_vs_ray_data_2_cores": ratio(ours2, ray2),
+                "ray_data_2_vs_1_cpus": ratio(ray2, ray1),
+            }
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))

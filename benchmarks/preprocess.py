@@ -9,7 +9,6 @@ shards' images and an exact full-resolution decode + resize of the same sources.
 """
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -24,16 +23,18 @@ import webdataset as wds
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import preprocessing.shards as shards  # noqa: E402
-from preprocessing.shards import RESIZE_FILTERS, ImageOptions, load_square, write_shard  # noqa: E402
-from preprocessing.sources import Sample  # noqa: E402
+import preprocessing.shards as shards
+from preprocessing.shards import RESIZE_FILTERS, ImageOptions, load_square, write_shard
+from preprocessing.sources import Sample
 
 
 def make_photo(rng, w: int, h: int) -> Image.Image:
     """A photo-like image: smooth colour fields, edges and sensor-like noise (so JPEG has real detail)."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(w, h)
     c = rng.uniform(-1, 1, (3, 4)).astype(np.float32)
-    img = np.stack([c[k, 0] * x + c[k, 1] * y + 0.5 * np.sin(c[k, 2] * 20 * x + c[k, 3] * 15 * y) for k in range(3)], -1)
+    img = np.stack(
+        [c[k, 0] * x + c[k, 1] * y + 0.5 * np.sin(c[k, 2] * 20 * x + c[k, 3] * 15 * y) for k in range(3)], -1
+    )
     img += (x[..., None] > 0.5) * 0.3 + rng.normal(0, 0.04, img.shape).astype(np.float32)
     img = (img - img.min()) / (np.ptp(img) + 1e-6) * 255
     return Image.fromarray(img.astype(np.uint8))
@@ -74,7 +75,10 @@ def no_draft_shard(path, samples, opts):
 
 def mean_abs_diff(samples, tar: Path, opts) -> dict:
     """MAD (in /255 units) of the shard's images vs an exact full-resolution decode + resize."""
-    out = {s["__key__"]: np.asarray(s["jpg"], dtype=np.float32) for s in wds.WebDataset(str(tar), shardshuffle=False).decode("pil")}
+    out = {
+        s["__key__"]: np.asarray(s["jpg"], dtype=np.float32)
+        for s in wds.WebDataset(str(tar), shardshuffle=False).decode("pil")
+    }
     diffs = []
     for s in samples:
         exact, _ = load_square(s.path, opts, draft=False)

@@ -20,17 +20,29 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.train_step import main as bare_step  # noqa: E402
+from benchmarks.train_step import main as bare_step
 
 
 def pipeline_images_per_s(tmp: Path, shards: Path, workers: int, args) -> float:
     db = f"sqlite:///{tmp / 'mlflow.db'}"
     name = f"bench-{workers}w"
-    cmd = [sys.executable, str(REPO / "pipelines/train.py"), f"data.train_shards={shards}", f"run.name={name}",
-           f"run.storage_path={tmp / 'runs'}", f"mlflow.tracking_uri={db}", f"model.ch={args.ch}",
-           f"train.batch_size={args.batch}", f"train.steps={args.steps}", "train.log_every=10",
-           f"train.sample_every={args.steps}", f"train.ckpt_every={args.steps}", "train.eval_every=0", f"scaling.num_workers={workers}",
-           f"scaling.cpus_per_worker={1.0 if workers == 1 else 0.5}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "pipelines/train.py"),
+        f"data.train_shards={shards}",
+        f"run.name={name}",
+        f"run.storage_path={tmp / 'runs'}",
+        f"mlflow.tracking_uri={db}",
+        f"model.ch={args.ch}",
+        f"train.batch_size={args.batch}",
+        f"train.steps={args.steps}",
+        "train.log_every=10",
+        f"train.sample_every={args.steps}",
+        f"train.ckpt_every={args.steps}",
+        "train.eval_every=0",
+        f"scaling.num_workers={workers}",
+        f"scaling.cpus_per_worker={1.0 if workers == 1 else 0.5}",
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     client = mlflow.MlflowClient(db)
     exp = client.get_experiment_by_name("sagan-train")
@@ -49,9 +61,27 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         py = sys.executable
-        subprocess.run([py, str(REPO / "preprocessing/make_sample_data.py"), "--out", str(tmp / "raw")], check=True, capture_output=True)
-        subprocess.run([py, str(REPO / "preprocessing/shard_imagenet.py"), "--src", str(tmp / "raw"), "--out",
-                        str(tmp / "shards"), "--size", "32", "--shard-size", "200"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [py, str(REPO / "preprocessing/make_sample_data.py"), "--out", str(tmp / "raw")],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                py,
+                str(REPO / "preprocessing/shard_imagenet.py"),
+                "--src",
+                str(tmp / "raw"),
+                "--out",
+                str(tmp / "shards"),
+                "--size",
+                "32",
+                "--shard-size",
+                "200",
+            ],
+            check=True,
+            capture_output=True,
+        )
         common = ["--resolution", "32", "--ch", str(args.ch), "--steps", "20", "--device", "cpu"]
         bare_1 = bare_step([*common, "--batch", str(args.batch), "--threads", "1"])["images_per_s"]
         bare_2 = bare_step([*common, "--batch", str(2 * args.batch), "--threads", "2"])["images_per_s"]

@@ -29,14 +29,20 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sagan.config import load_config  # noqa: E402
-from sagan.models import build_models  # noqa: E402
-from sagan.speed import Speed, prepare_models  # noqa: E402
-from sagan.step import LossMonitor, Trainer  # noqa: E402
+from sagan.config import load_config
+from sagan.models import build_models
+from sagan.speed import Speed, prepare_models
+from sagan.step import LossMonitor, Trainer
 
 # The issue's reference path: fp32, eager, attention as explicit matmul + softmax, contiguous NCHW, foreach Adam.
-REFERENCE = {"precision": "fp32", "channels_last": False, "compile": False, "fused_adam": False, "sdpa": False,
-             "cudnn_benchmark": False}  # fmt: skip
+REFERENCE = {
+    "precision": "fp32",
+    "channels_last": False,
+    "compile": False,
+    "fused_adam": False,
+    "sdpa": False,
+    "cudnn_benchmark": False,
+}
 LEVERS = {
     "bf16": {"precision": "bf16"},
     "channels_last": {"channels_last": True},
@@ -56,7 +62,9 @@ VARIANTS = {
     "+compile": LEVERS["compile"],
     "fast_cudagraphs": {**FAST, "compile_mode": "reduce-overhead"},  # the fast path replaying CUDA graphs
 }
-PRESETS = {"imagenet128": ["--resolution", "128", "--ch", "64", "--num-classes", "1000", "--batch", "256", "--attn", "64"]}
+PRESETS = {
+    "imagenet128": ["--resolution", "128", "--ch", "64", "--num-classes", "1000", "--batch", "256", "--attn", "64"]
+}
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100/H200 SXM datasheet, dense bf16 (the same chip in both)
 
 
@@ -67,13 +75,17 @@ def parse_args(argv=None):
     p.add_argument("--ch", type=int, default=16, help="width multiplier (paper: 64)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--batch", type=int, default=32, help="per-step batch")
-    p.add_argument("--attn", type=int, nargs="*", default=None, help="attention sizes for G and D (default: 16 at 32px, else 64)")
+    p.add_argument(
+        "--attn", type=int, nargs="*", default=None, help="attention sizes for G and D (default: 16 at 32px, else 64)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager on a CPU)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--learning-steps", type=int, default=0, help="steps of the reference-vs-fast learning check (0: none)")
+    p.add_argument(
+        "--learning-steps", type=int, default=0, help="steps of the reference-vs-fast learning check (0: none)"
+    )
     p.add_argument("--window", type=int, default=20, help="steps per window when comparing loss curves")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new variant after this many seconds")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="the GPU's dense bf16 peak")
@@ -89,10 +101,17 @@ def environment(device: torch.device) -> dict:
     env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(device=props.name, memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version(), multiprocessors=props.multi_processor_count)  # fmt: skip
+        env.update(
+            device=props.name,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            multiprocessors=props.multi_processor_count,
+        )
         # PyTorch's defaults: fp32 convolutions may use TF32 tensor cores, fp32 matmuls may not.
-        env.update(cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        env.update(
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32
+        )
         try:
             query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
             env["driver"] = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -267,8 +286,10 @@ def learning_check(trainers: dict, initial: dict, pool, args, n_dis: int) -> dic
         "reference": losses_over(trainers["reference"], initial["reference"], pool, args, n_dis, seed=1),
         "fast": losses_over(trainers["fast"], initial["fast"], pool, args, n_dis, seed=1),
     }
-    sn = {name: {"G": round(spectral_norm_error(unwrap(t.G)), 5), "D": round(spectral_norm_error(unwrap(t.D)), 5)}
-          for name, t in trainers.items()}  # fmt: skip
+    sn = {
+        name: {"G": round(spectral_norm_error(unwrap(t.G)), 5), "D": round(spectral_norm_error(unwrap(t.D)), 5)}
+        for name, t in trainers.items()
+    }
     runs["fast_other_latents"] = losses_over(trainers["fast"], initial["fast"], pool, args, n_dis, seed=2)
     gap = compare_curves(runs["fast"], runs["reference"], args.window)
     yardstick = compare_curves(runs["fast"], runs["fast_other_latents"], args.window)
@@ -296,18 +317,35 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     attn = args.attn if args.attn is not None else ([16] if args.resolution == 32 else [64])
-    cfg = load_config(None, [
-        f"model.resolution={args.resolution}", f"model.ch={args.ch}", f"model.num_classes={args.num_classes}",
-        f"model.g_attn={attn}", f"model.d_attn={attn}", f"train.batch_size={args.batch}", "train.ema_decay=0.999",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.resolution={args.resolution}",
+            f"model.ch={args.ch}",
+            f"model.num_classes={args.num_classes}",
+            f"model.g_attn={attn}",
+            f"model.d_attn={attn}",
+            f"train.batch_size={args.batch}",
+            "train.ema_decay=0.999",
+        ],
+    )
     n_dis = cfg.optim.n_dis
     device = torch.device(args.device)
     began = time.perf_counter()
     result = {
         "benchmark": "train_step",
-        "setting": {"resolution": args.resolution, "ch": args.ch, "num_classes": args.num_classes, "batch": args.batch,
-                    "attn_g": attn, "attn_d": attn, "n_dis": n_dis, "warmup": args.warmup, "steps": args.steps,
-                    "peak_tflops_bf16_dense": args.peak_tflops},  # fmt: skip
+        "setting": {
+            "resolution": args.resolution,
+            "ch": args.ch,
+            "num_classes": args.num_classes,
+            "batch": args.batch,
+            "attn_g": attn,
+            "attn_d": attn,
+            "n_dis": n_dis,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "peak_tflops_bf16_dense": args.peak_tflops,
+        },
         "environment": environment(device),
         "variants": {},
     }
@@ -331,7 +369,9 @@ def main(argv=None) -> dict:
         speed = Speed(**{**REFERENCE, **VARIANTS[name], "compile_backend": args.compile_backend})
         compile_s = result["variants"].get("fast", {}).get("warmup_s", 0)  # what a compiled variant will take
         if speed.compile and time.perf_counter() - began + compile_s > args.budget_s:
-            result["variants"][name] = {"skipped": f"compiling (~{compile_s:.0f}s) would overrun the {args.budget_s:.0f}s budget"}
+            result["variants"][name] = {
+                "skipped": f"compiling (~{compile_s:.0f}s) would overrun the {args.budget_s:.0f}s budget"
+            }
             print(f"{name:>16}: skipped (compile would overrun the budget)", flush=True)
             continue
         try:
@@ -372,19 +412,25 @@ def main(argv=None) -> dict:
 
 def print_table(result: dict) -> None:
     print(f"\n{result['environment']['device']}, torch {result['environment']['torch']}, setting {result['setting']}")
-    print(f"{'variant':>16} {'step ms':>9} {'img/s':>9} {'x ref':>6} {'MFU':>6} {'peak GiB':>9} {'syncs':>6} {'warmup s':>9}")
+    print(
+        f"{'variant':>16} {'step ms':>9} {'img/s':>9} {'x ref':>6} {'MFU':>6} {'peak GiB':>9} {'syncs':>6} {'warmup s':>9}"
+    )
     for name, r in result["variants"].items():
         if "images_per_s" not in r:
             print(f"{name:>16}  {r.get('error') or r.get('skipped')}")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-        print(f"{name:>16} {r['step_s'] * 1e3:9.1f} {r['images_per_s']:9.1f} {r.get('speedup_vs_reference', 0):6.2f} "
-              f"{mfu:>6} {str(r['peak_memory_gib']):>9} {str(r['host_syncs_per_step']):>6} {r['warmup_s']:9.1f}")  # fmt: skip
+        print(
+            f"{name:>16} {r['step_s'] * 1e3:9.1f} {r['images_per_s']:9.1f} {r.get('speedup_vs_reference', 0):6.2f} "
+            f"{mfu:>6} {str(r['peak_memory_gib']):>9} {str(r['host_syncs_per_step']):>6} {r['warmup_s']:9.1f}"
+        )
     if "learning" in result:
         learn = result["learning"]
-        print(f"learning check over {learn['steps']} steps: fast vs reference {learn['fast_vs_reference']}, "
-              f"fast vs fast (other latents) {learn['fast_vs_fast_other_latents']}, "
-              f"SN max |sigma - 1| {learn['spectral_norm_max_error_after']}")  # fmt: skip
+        print(
+            f"learning check over {learn['steps']} steps: fast vs reference {learn['fast_vs_reference']}, "
+            f"fast vs fast (other latents) {learn['fast_vs_fast_other_latents']}, "
+            f"SN max |sigma - 1| {learn['spectral_norm_max_error_after']}"
+        )
 
 
 if __name__ == "__main__":

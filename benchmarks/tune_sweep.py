@@ -20,10 +20,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import default_tracking_uri  # noqa: E402
-from pipelines.sweep import ROLE_TAG, SWEEP_TAG  # noqa: E402
-from pipelines.tune import DEMO_CONFIG, main as tune_main  # noqa: E402
-from sagan.config import load_config  # noqa: E402
+from pipelines.common import default_tracking_uri
+from pipelines.sweep import ROLE_TAG, SWEEP_TAG
+from pipelines.tune import DEMO_CONFIG
+from pipelines.tune import main as tune_main
+from sagan.config import load_config
 
 
 def trial_times(client, run, log_every: int) -> dict:
@@ -65,7 +66,9 @@ def main(argv=None) -> dict:
     uri = default_tracking_uri(cfg.mlflow.tracking_uri)
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tune.experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{cfg.tune.name}' and tags.`{ROLE_TAG}` = 'trial'")
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{cfg.tune.name}' and tags.`{ROLE_TAG}` = 'trial'"
+    )
     trials = [trial_times(client, r, cfg.train.log_every) for r in runs]
     training = sum(t.get("training_s", 0) for t in trials)
     fixed = [t["start_to_first_step_s"] for t in trials if "start_to_first_step_s" in t]
@@ -76,7 +79,9 @@ def main(argv=None) -> dict:
         "sweep_wall_s": round(wall, 1),
         "training_s": round(training, 1),
         "training_share": round(training / wall, 3),
-        "trial_start_to_first_step_s": {"min": min(fixed), "max": max(fixed), "mean": round(sum(fixed) / len(fixed), 1)} if fixed else None,
+        "trial_start_to_first_step_s": {"min": min(fixed), "max": max(fixed), "mean": round(sum(fixed) / len(fixed), 1)}
+        if fixed
+        else None,
         "per_trial": trials,
     }
     print(json.dumps(result))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sagan.data import ShardSet, find_shards, sha256_mismatch, size_mismatch  # noqa: E402
+from sagan.data import ShardSet, find_shards, sha256_mismatch, size_mismatch
 
 IMAGENET_TRAIN = 1_281_167
 RESULTS = Path(__file__).resolve().parent / "results" / "verify_shards.json"
@@ -63,9 +63,15 @@ def timed_hash(shards: ShardSet, passes: int, chunk_bytes: int, repeats: int = 3
             raise SystemExit(f"error: {problem}")
     total = sum(shards.sizes) * passes
     best, median = min(times), sorted(times)[len(times) // 2]
-    return {"shards_read": len(shards.urls) * passes, "bytes": total, "repeats": repeats,
-            "seconds": [round(t, 3) for t in times], "mb_per_s_best": round(total / 1e6 / best, 1),
-            "mb_per_s_median": round(total / 1e6 / median, 1), "s_per_gb_median": round(median / (total / 1e9), 2)}  # fmt: skip
+    return {
+        "shards_read": len(shards.urls) * passes,
+        "bytes": total,
+        "repeats": repeats,
+        "seconds": [round(t, 3) for t in times],
+        "mb_per_s_best": round(total / 1e6 / best, 1),
+        "mb_per_s_median": round(total / 1e6 / median, 1),
+        "s_per_gb_median": round(median / (total / 1e9), 2),
+    }
 
 
 def cold_file(folder: Path, mb: int, chunk_bytes: int) -> dict:
@@ -75,10 +81,21 @@ def cold_file(folder: Path, mb: int, chunk_bytes: int) -> dict:
         for _ in range(mb):
             f.write(os.urandom(1 << 20))
     size = path.stat().st_size
-    one = ShardSet(urls=[str(path)], counts=[0], num_classes=0, image_size=0, manifest=path, key="", sizes=[size],
-                   sha256s=[hashlib.sha256(path.read_bytes()).hexdigest()])  # fmt: skip
-    return {**timed_hash(one, 1, chunk_bytes, cold=True), "filesystem": filesystem(str(path)),
-            "page_cache": "dropped before the pass with posix_fadvise(DONTNEED), best effort"}  # fmt: skip
+    one = ShardSet(
+        urls=[str(path)],
+        counts=[0],
+        num_classes=0,
+        image_size=0,
+        manifest=path,
+        key="",
+        sizes=[size],
+        sha256s=[hashlib.sha256(path.read_bytes()).hexdigest()],
+    )
+    return {
+        **timed_hash(one, 1, chunk_bytes, cold=True),
+        "filesystem": filesystem(str(path)),
+        "page_cache": "dropped before the pass with posix_fadvise(DONTNEED), best effort",
+    }
 
 
 def memory_sha256(n_bytes: int = 256 << 20, chunk_bytes: int = 4 << 20, repeats: int = 3) -> float:
@@ -97,9 +114,16 @@ def memory_sha256(n_bytes: int = 256 << 20, chunk_bytes: int = 4 << 20, repeats:
 def size_check_per_1000(shards: ShardSet, n: int = 20_000) -> float:
     """Seconds the stat-only size check takes per 1000 shards (the same files stat'ed again to reach n)."""
     reps = -(-n // len(shards.urls))
-    many = ShardSet(urls=shards.urls * reps, counts=shards.counts * reps, num_classes=shards.num_classes,
-                    image_size=shards.image_size, manifest=shards.manifest, key=shards.key,
-                    sizes=shards.sizes * reps, sha256s=shards.sha256s * reps)  # fmt: skip
+    many = ShardSet(
+        urls=shards.urls * reps,
+        counts=shards.counts * reps,
+        num_classes=shards.num_classes,
+        image_size=shards.image_size,
+        manifest=shards.manifest,
+        key=shards.key,
+        sizes=shards.sizes * reps,
+        sha256s=shards.sha256s * reps,
+    )
     start = time.perf_counter()
     assert size_mismatch(many) is None
     return round((time.perf_counter() - start) / len(many.urls) * 1000, 5)
@@ -155,7 +179,9 @@ def main(argv=None) -> dict:
             "shard_bytes": total,
             "filesystem": filesystem(shards.urls[0]),
             "cpu": platform.processor() or platform.machine(),
-            "cpu_sha_extensions": "sha_ni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None,
+            "cpu_sha_extensions": "sha_ni" in Path("/proc/cpuinfo").read_text()
+            if Path("/proc/cpuinfo").exists()
+            else None,
             "python": platform.python_version(),
             "load_average_1min_before": load,  # other processes share the cores: the figures are lower bounds
             "chunk_bytes": chunk,

@@ -61,7 +61,9 @@ def wait_http(url: str, timeout: float, what: str) -> None:
 def up(folder: Path, workers: int, cpus: int, mlflow_port: int) -> dict:
     """Start the head, `workers` worker nodes and MLflow; returns the cluster's description (also in STATE)."""
     if (folder / STATE).is_file():
-        raise SystemExit(f"error: a cluster is already up in {folder}; `python cluster/local.py down --dir {folder}` first")
+        raise SystemExit(
+            f"error: a cluster is already up in {folder}; `python cluster/local.py down --dir {folder}` first"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "auth_token").write_text(secrets.token_hex(32))
     (folder / "auth_token").chmod(0o600)
@@ -72,26 +74,85 @@ def up(folder: Path, workers: int, cpus: int, mlflow_port: int) -> dict:
     common = ["--temp-dir", temp_dir, "--disable-usage-stats", "--object-store-memory", str(200 * 2**20)]
 
     def own_ports() -> list[str]:  # every node on one machine needs its own agent ports (defaults collide)
-        return [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                                 "--metrics-export-port", "--ray-client-server-port") for arg in (flag, str(free_port()))]  # fmt: skip
+        return [
+            arg
+            for flag in (
+                "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port",
+                "--runtime-env-agent-port",
+                "--metrics-export-port",
+                "--ray-client-server-port",
+            )
+            for arg in (flag, str(free_port()))
+        ]
 
     print(f"starting the head node (port {port}, dashboard {dashboard}) ...", flush=True)
-    run([str(bin_dir / "ray"), "start", "--head", "--port", str(port), "--dashboard-port", str(dashboard),
-         "--dashboard-host", "127.0.0.1", "--num-cpus", str(cpus), "--resources", '{"head": 1}', *common, *own_ports()], env,
-        "ray start --head")  # fmt: skip
+    run(
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dashboard),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--num-cpus",
+            str(cpus),
+            "--resources",
+            '{"head": 1}',
+            *common,
+            *own_ports(),
+        ],
+        env,
+        "ray start --head",
+    )
     for i in range(workers):
         print(f"starting worker node {i + 1} of {workers} ...", flush=True)
-        run([str(bin_dir / "ray"), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", str(cpus), *common,
-             *own_ports()], env,
-            f"ray start (worker node {i + 1})")  # fmt: skip
+        run(
+            [
+                str(bin_dir / "ray"),
+                "start",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--num-cpus",
+                str(cpus),
+                *common,
+                *own_ports(),
+            ],
+            env,
+            f"ray start (worker node {i + 1})",
+        )
     log = open(folder / "mlflow.log", "ab")
     mlflow = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "mlartifacts")],
-        stdout=log, stderr=log, start_new_session=True)  # fmt: skip
-    state = {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "temp_dir": temp_dir,
-             "mlflow": f"http://127.0.0.1:{mlflow_port}", "mlflow_pid": mlflow.pid, "nodes": 1 + workers,
-             "token_path": str(folder / "auth_token")}  # fmt: skip
+        [
+            str(bin_dir / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "mlartifacts"),
+        ],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    state = {
+        "address": f"http://127.0.0.1:{dashboard}",
+        "gcs": f"127.0.0.1:{port}",
+        "temp_dir": temp_dir,
+        "mlflow": f"http://127.0.0.1:{mlflow_port}",
+        "mlflow_pid": mlflow.pid,
+        "nodes": 1 + workers,
+        "token_path": str(folder / "auth_token"),
+    }
     (folder / STATE).write_text(json.dumps(state, indent=1))
     wait_http(f"{state['mlflow']}/health", 90, "the MLflow server")
     wait_nodes(state, 1 + workers, env)
@@ -99,11 +160,13 @@ def up(folder: Path, workers: int, cpus: int, mlflow_port: int) -> dict:
 
 
 def wait_nodes(state: dict, n: int, env: dict, timeout: float = 60) -> None:
-    script = ("import ray, time, sys\n"
-              f"ray.init(address={state['gcs']!r}, logging_level='ERROR')\n"
-              f"deadline = time.time() + {timeout}\n"
-              f"while sum(x['Alive'] for x in ray.nodes()) < {n} and time.time() < deadline: time.sleep(0.5)\n"
-              f"sys.exit(0 if sum(x['Alive'] for x in ray.nodes()) >= {n} else 1)\n")  # fmt: skip
+    script = (
+        "import ray, time, sys\n"
+        f"ray.init(address={state['gcs']!r}, logging_level='ERROR')\n"
+        f"deadline = time.time() + {timeout}\n"
+        f"while sum(x['Alive'] for x in ray.nodes()) < {n} and time.time() < deadline: time.sleep(0.5)\n"
+        f"sys.exit(0 if sum(x['Alive'] for x in ray.nodes()) >= {n} else 1)\n"
+    )
     if subprocess.run([sys.executable, "-c", script], env=env, capture_output=True).returncode:
         raise SystemExit(f"error: fewer than {n} Ray nodes came up within {timeout:.0f} s")
 
@@ -153,12 +216,20 @@ def ours(temp_dir: str) -> list[int]:
 
 def env_lines(folder: Path) -> str:
     state = json.loads((folder / STATE).read_text())
-    return "\n".join([f"export RAY_ADDRESS={state['address']}", "export RAY_AUTH_MODE=token",
-                      f"export RAY_AUTH_TOKEN_PATH={state['token_path']}", f"export MLFLOW_TRACKING_URI={state['mlflow']}"])  # fmt: skip
+    return "\n".join(
+        [
+            f"export RAY_ADDRESS={state['address']}",
+            "export RAY_AUTH_MODE=token",
+            f"export RAY_AUTH_TOKEN_PATH={state['token_path']}",
+            f"export MLFLOW_TRACKING_URI={state['mlflow']}",
+        ]
+    )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="local.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="local.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("command", choices=["up", "down", "env"])
     p.add_argument("--dir", default=str(ROOT / ".local-cluster"), help="where the token, MLflow store and logs live")
     p.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default 1)")
@@ -170,8 +241,10 @@ def main(argv=None) -> int:
         if args.workers < 1:
             raise SystemExit("error: --workers must be at least 1: a multi-node cluster needs a node besides the head")
         up(folder, args.workers, args.cpus, args.mlflow_port)
-        print(f"up: {1 + args.workers} Ray nodes, token auth on, MLflow at http://127.0.0.1:{args.mlflow_port}\n"
-              f"submit jobs after:\n  eval \"$(python cluster/local.py env)\"\n{env_lines(folder)}")  # fmt: skip
+        print(
+            f"up: {1 + args.workers} Ray nodes, token auth on, MLflow at http://127.0.0.1:{args.mlflow_port}\n"
+            f'submit jobs after:\n  eval "$(python cluster/local.py env)"\n{env_lines(folder)}'
+        )
     elif args.command == "env":
         if not (folder / STATE).is_file():
             raise SystemExit(f"error: no cluster is up in {folder}; `python cluster/local.py up` first")

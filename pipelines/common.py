@@ -40,14 +40,18 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
             return  # it answered (an auth proxy, an older server without /health): it is there
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise TrackingError(f"MLflow tracking server {uri} did not answer within {timeout:g}s ({reason}); start it "
-                                "(mlflow server --host 0.0.0.0 --port 5000 ...) or set mlflow.tracking_uri to a "
-                                "reachable server or a sqlite:///ABSOLUTE/PATH.db file") from None  # fmt: skip
+            raise TrackingError(
+                f"MLflow tracking server {uri} did not answer within {timeout:g}s ({reason}); start it "
+                "(mlflow server --host 0.0.0.0 --port 5000 ...) or set mlflow.tracking_uri to a "
+                "reachable server or a sqlite:///ABSOLUTE/PATH.db file"
+            ) from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///") :]).expanduser().resolve().parent
         if not folder.is_dir():
-            raise TrackingError(f"MLflow store {uri}: the folder {folder} does not exist; create it or set "
-                                "mlflow.tracking_uri to another sqlite:/// file or a tracking server")  # fmt: skip
+            raise TrackingError(
+                f"MLflow store {uri}: the folder {folder} does not exist; create it or set "
+                "mlflow.tracking_uri to another sqlite:/// file or a tracking server"
+            )
 
 
 def prepare_tracking(uri: str, experiment: str) -> str:
@@ -103,9 +107,15 @@ def find_checkpoint(path: str) -> Path:
         return p
     if (p / CHECKPOINT_FILE).is_file():
         return p / CHECKPOINT_FILE
-    found = sorted(d / CHECKPOINT_FILE for d in p.glob("checkpoint_*") if (d / CHECKPOINT_FILE).is_file()) if p.is_dir() else []
+    found = (
+        sorted(d / CHECKPOINT_FILE for d in p.glob("checkpoint_*") if (d / CHECKPOINT_FILE).is_file())
+        if p.is_dir()
+        else []
+    )
     if not found:
-        raise UsageError(f"no checkpoint at {p}: give a checkpoint.pt, a checkpoint_* directory or a run directory holding them")
+        raise UsageError(
+            f"no checkpoint at {p}: give a checkpoint.pt, a checkpoint_* directory or a run directory holding them"
+        )
     return found[-1]  # Ray names checkpoints by time: the last in order is the newest
 
 
@@ -116,7 +126,9 @@ def pick_device(name: str):
     if name not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {name} is not one of auto, cpu, cuda")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but torch sees no GPU here; use --device cpu, or submit with --entrypoint-num-gpus 1")
+        raise UsageError(
+            "--device cuda but torch sees no GPU here; use --device cpu, or submit with --entrypoint-num-gpus 1"
+        )
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
@@ -127,4 +139,6 @@ def check_writable(folder: Path, flag: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UsageError(f"{flag} {folder} is not a writable folder ({e.strerror or first_line(e)}); choose another") from None
+        raise UsageError(
+            f"{flag} {folder} is not a writable folder ({e.strerror or first_line(e)}); choose another"
+        ) from None

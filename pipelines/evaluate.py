@@ -30,26 +30,57 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from pipelines.common import TrackingError, UsageError, absolute, check_tracking, default_tracking_uri, find_checkpoint, first_line, git_commit, pick_device, prepare_tracking, ray_job_id  # noqa: E402
-from sagan.checkpoint import CheckpointError, generator_from_state, load_checkpoint  # noqa: E402
-from sagan.config import ConfigError, from_dict, with_overrides  # noqa: E402
+from pipelines.common import (
+    TrackingError,
+    UsageError,
+    absolute,
+    check_tracking,
+    default_tracking_uri,
+    find_checkpoint,
+    first_line,
+    git_commit,
+    pick_device,
+    prepare_tracking,
+    ray_job_id,
+)
+from sagan.checkpoint import CheckpointError, generator_from_state, load_checkpoint
+from sagan.config import ConfigError, from_dict, with_overrides
 
 OVERRIDABLE = ("eval.", "data.", "mlflow.tracking_uri=")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, a checkpoint_* directory, or a run directory (its latest checkpoint)")
+    p = argparse.ArgumentParser(
+        prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint.pt, a checkpoint_* directory, or a run directory (its latest checkpoint)",
+    )
     p.add_argument("--raw", action="store_true", help="score the trained G instead of its EMA")
     p.add_argument("--run-id", help="MLflow run to log into (default: the run recorded in the checkpoint)")
-    p.add_argument("--experiment", default="sagan-eval", help="experiment of the new run made when no run is known (default sagan-eval)")
+    p.add_argument(
+        "--experiment",
+        default="sagan-eval",
+        help="experiment of the new run made when no run is known (default sagan-eval)",
+    )
     p.add_argument("--stats-file", help="real statistics file: read if it exists, else computed and written there")
     p.add_argument("--inception-weights", help="local Inception weights file (same as eval.inception_weights)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available; default)")
-    p.add_argument("--register", metavar="NAME", help="also log the generator as an MLflow model in the run and register it as a new version of NAME")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of eval.*, data.* and mlflow.tracking_uri, e.g. eval.num_samples=10000")
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="also log the generator as an MLflow model in the run and register it as a new version of NAME",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides of eval.*, data.* and mlflow.tracking_uri, e.g. eval.num_samples=10000",
+    )
     return p.parse_args(argv)
 
 
@@ -86,15 +117,21 @@ def log_results(uri: str, run_id: str | None, args, cfg, ckpt: Path, step: int, 
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient(uri)
-    settings = {"num_samples": cfg.eval.num_samples, "feature_extractor": cfg.eval.feature_extractor,
-                "real_split": cfg.eval.real_split, "generator": "raw" if args.raw else "ema",
-                "seed": cfg.eval.seed, "checkpoint": str(ckpt)}  # fmt: skip
+    settings = {
+        "num_samples": cfg.eval.num_samples,
+        "feature_extractor": cfg.eval.feature_extractor,
+        "real_split": cfg.eval.real_split,
+        "generator": "raw" if args.raw else "ema",
+        "seed": cfg.eval.seed,
+        "checkpoint": str(ckpt),
+    }
     new_run = run_id is None
     if new_run:
         exp = client.get_experiment(prepare_tracking(uri, args.experiment))  # artifacts next to a sqlite store
         tags = {"checkpoint": str(ckpt), "git_commit": git_commit(), "ray_job_id": ray_job_id()}
-        run_id = client.create_run(exp.experiment_id, run_name=f"eval-{cfg.run.name}-step{step}",
-                                   tags={k: v for k, v in tags.items() if v}).info.run_id  # fmt: skip
+        run_id = client.create_run(
+            exp.experiment_id, run_name=f"eval-{cfg.run.name}-step{step}", tags={k: v for k, v in tags.items() if v}
+        ).info.run_id
     # The training run's params already hold its config's eval.* keys: settings of an evaluation go by step.
     prefix = "eval." if new_run else f"eval_step_{step}."
     now = mlflow.utils.time.get_current_time_millis()
@@ -108,7 +145,9 @@ def log_results(uri: str, run_id: str | None, args, cfg, ckpt: Path, step: int, 
     except MlflowException as e:
         if e.error_code != "INVALID_PARAMETER_VALUE":
             raise
-        print(f"note: step {step} was evaluated before with other settings (params keep the first); this one is {record}")
+        print(
+            f"note: step {step} was evaluated before with other settings (params keep the first); this one is {record}"
+        )
     client.log_image(run_id, grid, key="eval_samples", step=step)
     if new_run:
         client.set_terminated(run_id)
@@ -125,8 +164,10 @@ def main(argv=None) -> int:
         state = load_checkpoint(ckpt)
         bad = [o for o in args.overrides if not o.startswith(OVERRIDABLE)]
         if bad:
-            raise UsageError(f"override {bad[0]} is not allowed here: only eval.*, data.* and mlflow.tracking_uri "
-                             "(the model is the checkpoint's)")  # fmt: skip
+            raise UsageError(
+                f"override {bad[0]} is not allowed here: only eval.*, data.* and mlflow.tracking_uri "
+                "(the model is the checkpoint's)"
+            )
         cfg = with_overrides(from_dict(state["config"]), args.overrides)
         if args.register:
             from pipelines.registry import check_name
@@ -148,8 +189,11 @@ def main(argv=None) -> int:
         return 2
     G, _ = generator_from_state(state, ema=not args.raw, device=device)
     del state
-    print(f"scoring {'raw G' if args.raw else 'G_ema'} of {ckpt} (step {step}): {cfg.eval.num_samples} samples "
-          f"on {device}, {cfg.eval.feature_extractor}", flush=True)  # fmt: skip
+    print(
+        f"scoring {'raw G' if args.raw else 'G_ema'} of {ckpt} (step {step}): {cfg.eval.num_samples} samples "
+        f"on {device}, {cfg.eval.feature_extractor}",
+        flush=True,
+    )
     scores = evaluator(G, cfg.eval.num_samples, progress=True)
     line = f"FID {scores['fid']:.3f}  IS {scores['is']:.3f} ± {scores['is_std']:.3f}"
     if "class_acc" in scores:
@@ -170,19 +214,30 @@ def main(argv=None) -> int:
 
 def register(args, uri: str, run_id: str, G, cfg, ckpt: Path, step: int, scores: dict) -> int:
     """Log G as an MLflow model in `run_id`, with the scores just measured, and register it under --register."""
-    from pipelines.registry import register_generator
     from pipelines.generators import shard_class_names
+    from pipelines.registry import register_generator
 
     names = shard_class_names(cfg.data.train_shards, cfg.model.num_classes)
-    meta = {"step": step, "weights": "ema", "checkpoint": str(ckpt), "git_commit": git_commit() or "unknown",
-            **scores, **({"class_names": names} if names else {})}  # fmt: skip
+    meta = {
+        "step": step,
+        "weights": "ema",
+        "checkpoint": str(ckpt),
+        "git_commit": git_commit() or "unknown",
+        **scores,
+        **({"class_names": names} if names else {}),
+    }
     try:
         version = register_generator(uri, run_id, args.register, G, cfg, meta)
     except Exception as e:  # noqa: BLE001 - the scores are logged; say what failed in one line
-        print(f"error: the generator could not be registered as {args.register} at {uri}: {first_line(e)}", file=sys.stderr)
+        print(
+            f"error: the generator could not be registered as {args.register} at {uri}: {first_line(e)}",
+            file=sys.stderr,
+        )
         return 1
-    print(f"registered models:/{args.register}/{version} (run {run_id}); sample it with "
-          f"python pipelines/sample.py --checkpoint models:/{args.register}/{version}")  # fmt: skip
+    print(
+        f"registered models:/{args.register}/{version} (run {run_id}); sample it with "
+        f"python pipelines/sample.py --checkpoint models:/{args.register}/{version}"
+    )
     return 0
 
 

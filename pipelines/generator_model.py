@@ -39,7 +39,11 @@ class GeneratorModel(PythonModel):
         if len(classes) and (classes.min() < 0 or classes.max() >= n):
             raise ValueError(f"class_id must be in 0..{n - 1}, got {classes.min().item()}..{classes.max().item()}")
         seeds = model_input["seed"].to_numpy(dtype=np.int64)
-        trunc = np.where(model_input["truncation"].isna(), 0.0, model_input["truncation"].to_numpy(dtype=float)) if "truncation" in model_input else np.zeros(len(seeds))
+        trunc = (
+            np.where(model_input["truncation"].isna(), 0.0, model_input["truncation"].to_numpy(dtype=float))
+            if "truncation" in model_input
+            else np.zeros(len(seeds))
+        )
         z = torch.cat([noise([s], self.G.z_dim, float(t)) for s, t in zip(seeds, trunc)])  # ValueError for a bad T
         batch = int((params or {}).get("batch_size", 64))
         return to_uint8(generate(self.G, z, classes, batch_size=batch))

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.common import UsageError, find_checkpoint, first_line
-from sagan.checkpoint import CheckpointError, generator_from_state, load_checkpoint
+from sagan.checkpoint import generator_from_state, load_checkpoint
 from sagan.export import load_generator_file, save_generator_file
 from sagan.models import generator_kwargs
 from sagan.sampling import class_names
@@ -26,8 +26,9 @@ class Source:
         return save_generator_file(path, self.G, self.kwargs, meta)
 
 
-def load_source(spec: str, ema: bool = True, device="cpu", names_file: str | None = None,
-                tracking_uri: str | None = None) -> Source:  # fmt: skip
+def load_source(
+    spec: str, ema: bool = True, device="cpu", names_file: str | None = None, tracking_uri: str | None = None
+) -> Source:
     """The generator named by `spec` on `device`; `names_file` is a classes.tsv overriding the known names."""
     if spec.startswith(("models:/", "runs:/")):
         source = from_mlflow(spec, ema, device, tracking_uri)
@@ -44,7 +45,9 @@ def load_source(spec: str, ema: bool = True, device="cpu", names_file: str | Non
         step = int(state["step"])
         meta = {"step": step, "weights": "ema" if ema else "raw", "checkpoint": str(ckpt)}
         names = shard_class_names(cfg.data.train_shards, G.num_classes)
-        source = Source(G, generator_kwargs(cfg.model), meta, names, f"{'G_ema' if ema else 'raw G'} of {ckpt} (step {step})")
+        source = Source(
+            G, generator_kwargs(cfg.model), meta, names, f"{'G_ema' if ema else 'raw G'} of {ckpt} (step {step})"
+        )
     if names_file:
         source.names = class_names_file(names_file, source.G.num_classes)
     return source
@@ -64,7 +67,9 @@ def shard_class_names(train_shards: str, num_classes: int) -> list[str] | None:
 def class_names_file(path: str, num_classes: int) -> list[str]:
     names = class_names(path, num_classes)
     if names is None:
-        raise UsageError(f"--class-names {path} is missing or does not list {num_classes} classes (index<TAB>wnid<TAB>name per line)")
+        raise UsageError(
+            f"--class-names {path} is missing or does not list {num_classes} classes (index<TAB>wnid<TAB>name per line)"
+        )
     return names
 
 
@@ -82,8 +87,10 @@ def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source
         raise UsageError("--raw needs a checkpoint: a registered model holds the EMA generator only")
     store = default_tracking_uri(tracking_uri)
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
-        raise UsageError(f"MLflow store {store} does not exist; pass --tracking-uri (or MLFLOW_TRACKING_URI) of the "
-                         f"store that registered {uri}")  # fmt: skip
+        raise UsageError(
+            f"MLflow store {store} does not exist; pass --tracking-uri (or MLFLOW_TRACKING_URI) of the "
+            f"store that registered {uri}"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             check_tracking(store)
@@ -93,8 +100,10 @@ def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source
         except TrackingError as e:
             raise UsageError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - an unknown name or version, a store without it: one line, the fix
-            raise UsageError(f"cannot load {uri} from MLflow at {store} ({first_line(e)}); check the name and version "
-                             "on the MLflow UI's Models page and pass --tracking-uri of the store that registered it") from None  # fmt: skip
+            raise UsageError(
+                f"cannot load {uri} from MLflow at {store} ({first_line(e)}); check the name and version "
+                "on the MLflow UI's Models page and pass --tracking-uri of the store that registered it"
+            ) from None
         G, meta = load_generator_file(weights_of(Path(local), uri), device)
     kwargs = meta.pop("generator")
     return Source(G, kwargs, meta, meta.pop("class_names", None), f"{uri} (step {meta.get('step', '?')})")

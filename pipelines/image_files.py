@@ -21,8 +21,9 @@ def save_animation(frames, path: Path, ms_per_frame: int = 120) -> Path:
     """The frames there and back again, looping (GIF or WebP by the suffix)."""
     images = [Image.fromarray(f) for f in [*frames, *frames[-2:0:-1]]]
     with atomic_output(path) as tmp:
-        images[0].save(tmp, format=path.suffix[1:].upper(), save_all=True, append_images=images[1:],
-                       duration=ms_per_frame, loop=0)  # fmt: skip
+        images[0].save(
+            tmp, format=path.suffix[1:].upper(), save_all=True, append_images=images[1:], duration=ms_per_frame, loop=0
+        )
     return path
 
 

@@ -34,13 +34,17 @@ def check_cluster(cfg: Config, cluster: dict) -> None:
     """Raise PreflightError when the cluster (ray.cluster_resources()) lacks the workers' GPUs or CPUs."""
     s = cfg.scaling
     if s.use_gpu and cluster.get("GPU", 0) < s.num_workers:
-        raise PreflightError(f"scaling.num_workers={s.num_workers} GPU workers but the cluster has "
-                             f"{int(cluster.get('GPU', 0))} GPU(s) up; lower scaling.num_workers or start more GPU "
-                             "nodes (an autoscaling cluster: raise the GPU node type's min_workers)")  # fmt: skip
+        raise PreflightError(
+            f"scaling.num_workers={s.num_workers} GPU workers but the cluster has "
+            f"{int(cluster.get('GPU', 0))} GPU(s) up; lower scaling.num_workers or start more GPU "
+            "nodes (an autoscaling cluster: raise the GPU node type's min_workers)"
+        )
     need = s.num_workers * s.cpus_per_worker
     if cluster.get("CPU", 0) < need:
-        raise PreflightError(f"{s.num_workers} workers x {s.cpus_per_worker} CPUs = {need} CPUs but the cluster has "
-                             f"{cluster.get('CPU', 0)}; lower scaling.num_workers or scaling.cpus_per_worker")  # fmt: skip
+        raise PreflightError(
+            f"{s.num_workers} workers x {s.cpus_per_worker} CPUs = {need} CPUs but the cluster has "
+            f"{cluster.get('CPU', 0)}; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
 
 
 def check_inputs(cfg: Config) -> None:
@@ -52,11 +56,15 @@ def check_inputs(cfg: Config) -> None:
     except DataError as e:
         raise PreflightError(f"data.train_shards: {e}") from None
     if shards.num_classes != cfg.model.num_classes:
-        raise PreflightError(f"the shards hold {shards.num_classes} classes but model.num_classes is "
-                             f"{cfg.model.num_classes}; set model.num_classes={shards.num_classes}")  # fmt: skip
+        raise PreflightError(
+            f"the shards hold {shards.num_classes} classes but model.num_classes is "
+            f"{cfg.model.num_classes}; set model.num_classes={shards.num_classes}"
+        )
     if shards.image_size != cfg.model.resolution:
-        raise PreflightError(f"the shards hold {shards.image_size}px images but model.resolution is "
-                             f"{cfg.model.resolution}; reshard with --size {cfg.model.resolution} or change it")  # fmt: skip
+        raise PreflightError(
+            f"the shards hold {shards.image_size}px images but model.resolution is "
+            f"{cfg.model.resolution}; reshard with --size {cfg.model.resolution} or change it"
+        )
     for key, shard_set in planned_shards(cfg, shards).items():
         problem = size_mismatch(shard_set) if cfg.data.verify != "off" else None
         if problem:
@@ -113,8 +121,12 @@ def verify_shards(cfg: Config) -> None:
     start = time.perf_counter()
     problems = [p for p in ray.get([task.remote(urls[i::k], sha256s[i::k]) for i in range(k)]) if p]
     seconds = time.perf_counter() - start
-    print(f"damaged shard found in {seconds:.1f} s" if problems else
-        f"ok in {seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)", flush=True)  # fmt: skip
+    print(
+        f"damaged shard found in {seconds:.1f} s"
+        if problems
+        else f"ok in {seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)",
+        flush=True,
+    )
     if problems:
         raise PreflightError(problems[0])
 
@@ -127,11 +139,15 @@ def multinode_warnings(cfg: Config, tracking_uri: str, nodes: int, submitted: bo
     where = f"the cluster has {nodes} nodes" if nodes > 1 else "a submitted job may run on any node"
     out = []
     if tracking_uri.startswith("sqlite:"):
-        out.append(f"MLflow store {tracking_uri} is a file on this node, but {where}: set mlflow.tracking_uri to a "
-                   "tracking server (mlflow server ...; cluster/kuberay/mlflow.yaml)")  # fmt: skip
+        out.append(
+            f"MLflow store {tracking_uri} is a file on this node, but {where}: set mlflow.tracking_uri to a "
+            "tracking server (mlflow server ...; cluster/kuberay/mlflow.yaml)"
+        )
     if nodes > 1 and "://" not in cfg.run.storage_path:
-        out.append(f"run.storage_path {cfg.run.storage_path} is a local path and {where}: every node must see the "
-                   "same folder (an NFS/EFS/Filestore mount on all of them) or use a bucket (s3://..., gs://...)")  # fmt: skip
+        out.append(
+            f"run.storage_path {cfg.run.storage_path} is a local path and {where}: every node must see the "
+            "same folder (an NFS/EFS/Filestore mount on all of them) or use a bucket (s3://..., gs://...)"
+        )
     return out
 
 
@@ -174,11 +190,20 @@ def open_tracking_run(cfg: Config, tracking_uri: str, continuing: bool | None = 
         continuing = "://" in cfg.run.storage_path or ray_latest(Path(cfg.run.storage_path) / cfg.run.name) is not None
     experiment_id = prepare_tracking(tracking_uri, cfg.mlflow.experiment)
     tags = {"git_commit": git_commit(), "ray_job_id": ray_job_id()}
-    return open_run(tracking_uri, experiment_id, cfg.run.name, f"{cfg.run.storage_path}/{cfg.run.name}",
-                    flatten(cfg), tags, continuing)  # fmt: skip
+    return open_run(
+        tracking_uri,
+        experiment_id,
+        cfg.run.name,
+        f"{cfg.run.storage_path}/{cfg.run.name}",
+        flatten(cfg),
+        tags,
+        continuing,
+    )
 
 
-def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, callbacks: list | None = None, resume=None):
+def build_trainer(
+    cfg: Config, tracking_uri: str, run_id: str | None = None, callbacks: list | None = None, resume=None
+):
     """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name). `run_id`: the MLflow run
     rank 0 logs into (a Tune trial's child run, or train.py's), else one is opened; `callbacks`: Ray Train's;
     `resume`: the driver's ResumePlan (pipelines/resume.py), whose fallback the workers load instead of a damaged latest."""
@@ -191,11 +216,19 @@ def build_trainer(cfg: Config, tracking_uri: str, run_id: str | None = None, cal
     s = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
-                           **(resume.loop_config() if resume else {})},  # fmt: skip
+        train_loop_config={
+            "config": to_dict(cfg),
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": run_id,
+            **(resume.loop_config() if resume else {}),
+        },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, placement_strategy=s.placement_strategy,
-                                     resources_per_worker={"CPU": s.cpus_per_worker}),  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            placement_strategy=s.placement_strategy,
+            resources_per_worker={"CPU": s.cpus_per_worker},
+        ),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,

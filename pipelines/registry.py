@@ -27,7 +27,9 @@ def signature(resolution: int):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    inputs = Schema([ColSpec("long", "class_id"), ColSpec("long", "seed"), ColSpec("double", "truncation", required=False)])
+    inputs = Schema(
+        [ColSpec("long", "class_id"), ColSpec("long", "seed"), ColSpec("double", "truncation", required=False)]
+    )
     outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, resolution, resolution, 3))])
     return ModelSignature(inputs, outputs, params=ParamSchema([ParamSpec("batch_size", "long", 64)]))
 
@@ -37,8 +39,10 @@ def check_name(name: str) -> None:
     from pipelines.common import UsageError
 
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
-        raise UsageError(f"--register {name!r} is not a usable model name: use letters, digits, '-', '_' or '.' "
-                         "(not first), e.g. --register sagan-imagenet128")  # fmt: skip
+        raise UsageError(
+            f"--register {name!r} is not a usable model name: use letters, digits, '-', '_' or '.' "
+            "(not first), e.g. --register sagan-imagenet128"
+        )
 
 
 def register_generator(uri: str, run_id: str, name: str, G, cfg, meta: dict) -> str:
@@ -59,10 +63,15 @@ def register_generator(uri: str, run_id: str, name: str, G, cfg, meta: dict) -> 
         weights = save_generator_file(Path(tmp) / WEIGHTS_FILE, G, generator_kwargs(cfg.model), meta)
         model_dir = Path(tmp) / folder
         mlflow.pyfunc.save_model(
-            model_dir, python_model=str(MODEL_CODE), artifacts={"generator": str(weights)},
-            code_paths=[str(SAGAN_PACKAGE)], signature=signature(cfg.model.resolution), input_example=example,
-            pip_requirements=REQUIREMENTS, metadata={"config": to_dict(cfg), **meta},
-        )  # fmt: skip
+            model_dir,
+            python_model=str(MODEL_CODE),
+            artifacts={"generator": str(weights)},
+            code_paths=[str(SAGAN_PACKAGE)],
+            signature=signature(cfg.model.resolution),
+            input_example=example,
+            pip_requirements=REQUIREMENTS,
+            metadata={"config": to_dict(cfg), **meta},
+        )
         client.log_artifacts(run_id, str(model_dir), folder)
     try:
         client.create_registered_model(name)
@@ -80,6 +89,8 @@ def weights_of(model_dir: Path, uri: str) -> Path:
     if len(found) != 1:
         from sagan.checkpoint import CheckpointError
 
-        raise CheckpointError(f"{uri} holds {len(found)} {WEIGHTS_FILE} files, not one: it is not a SAGAN generator "
-                              "model (register one with evaluate.py --register NAME)")  # fmt: skip
+        raise CheckpointError(
+            f"{uri} holds {len(found)} {WEIGHTS_FILE} files, not one: it is not a SAGAN generator "
+            "model (register one with evaluate.py --register NAME)"
+        )
     return found[0]

@@ -12,12 +12,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import TrackingError, check_tracking  # noqa: E402
-from pipelines.tracking import PENDING_DIR, replay  # noqa: E402
+from pipelines.common import TrackingError, check_tracking
+from pipelines.tracking import PENDING_DIR, replay
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="replay_tracking.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="replay_tracking.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_dir", help=f"the run directory (run.storage_path/run.name) or its {PENDING_DIR}/ folder")
     p.add_argument("--tracking-uri", default=None, help="deliver to this store instead of the one the run logged to")
     args = p.parse_args(argv)
@@ -36,8 +38,11 @@ def main(argv=None) -> int:
     delivered, left = replay(folder, args.tracking_uri)
     print(f"delivered {delivered} item(s) from {len(files)} file(s) in {folder}")
     if left:
-        print(f"error: {left} item(s) not delivered (the store is still out of reach?); they stay in {folder}: run this "
-              "again when it is back", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {left} item(s) not delivered (the store is still out of reach?); they stay in {folder}: run this "
+            "again when it is back",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

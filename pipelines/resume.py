@@ -70,18 +70,24 @@ def check_resume(cfg: Config) -> ResumePlan:
             damaged.append(name)
             first_error = first_error or e
     else:
-        raise PreflightError(f"run {cfg.run.name} cannot resume: its latest checkpoint is damaged ({first_error}) and "
-                             f"no older one in {run_dir} is intact; choose a new run.name, or delete {run_dir} "
-                             "to start this one afresh")  # fmt: skip
+        raise PreflightError(
+            f"run {cfg.run.name} cannot resume: its latest checkpoint is damaged ({first_error}) and "
+            f"no older one in {run_dir} is intact; choose a new run.name, or delete {run_dir} "
+            "to start this one afresh"
+        )
     changes = model_changes(state["config"], cfg)
     if changes:
         diff = ", ".join(f"model.{k} ({_value(a)} -> {_value(b)})" for k, a, b in changes)
         keep = " ".join(f"model.{k}={_value(a)}" for k, a, _ in changes)
-        raise PreflightError(f"run {cfg.run.name} was trained with other model settings: {diff}; its checkpoints "
-                             f"cannot be loaded into this model. Choose a new run.name, or set the old values "
-                             f"({keep})")  # fmt: skip
+        raise PreflightError(
+            f"run {cfg.run.name} was trained with other model settings: {diff}; its checkpoints "
+            f"cannot be loaded into this model. Choose a new run.name, or set the old values "
+            f"({keep})"
+        )
     warning = None
     if damaged:
-        warning = (f"the latest checkpoint of run {cfg.run.name} ({run_dir / latest}) is damaged ({first_error}); "
-                   f"resuming from the newest intact one, {run_dir / name} (step {state['step']})")  # fmt: skip
+        warning = (
+            f"the latest checkpoint of run {cfg.run.name} ({run_dir / latest}) is damaged ({first_error}); "
+            f"resuming from the newest intact one, {run_dir / name} (step {state['step']})"
+        )
     return ResumePlan(str(run_dir / name), int(state["step"]), damaged, warning)

@@ -73,8 +73,10 @@ def stale_reason(record: dict, now: float | None = None) -> str | None:
 
 def describe(record: dict) -> str:
     job = record.get("ray_job_id")
-    return (f"host {record.get('host')}, pid {record.get('pid')}, Ray job {job or 'none (not submitted as a job)'}, "
-            f"since {_since(float(record.get('start', 0)))}")  # fmt: skip
+    return (
+        f"host {record.get('host')}, pid {record.get('pid')}, Ray job {job or 'none (not submitted as a job)'}, "
+        f"since {_since(float(record.get('start', 0)))}"
+    )
 
 
 class RunLock:
@@ -90,8 +92,15 @@ class RunLock:
         self._thread = None
 
     def _record(self, start: float) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "ray_job_id": ray_job_id(), "start": start,
-                "heartbeat": time.time(), "heartbeat_s": self.heartbeat_s, "token": self.token}  # fmt: skip
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "ray_job_id": ray_job_id(),
+            "start": start,
+            "heartbeat": time.time(),
+            "heartbeat_s": self.heartbeat_s,
+            "token": self.token,
+        }
 
     def _write_temp(self, record: dict) -> Path:
         tmp = self.run_dir / f"{LOCK_FILE}.{self.token}.tmp"
@@ -162,16 +171,22 @@ class RunLock:
                     raise RunLockError(
                         f"run {self.name} is already running ({describe(holder)}; lock {self.path}); wait for it to "
                         f"finish, stop it (ray job stop {holder.get('ray_job_id') or 'ID'}, or end pid "
-                        f"{holder.get('pid')} on {holder.get('host')}), or choose another run name")  # fmt: skip
+                        f"{holder.get('pid')} on {holder.get('host')}), or choose another run name"
+                    )
                 if self._take_over(holder):
-                    self.warn(f"taking over the lock of run {self.name} left by {describe(holder) if holder else 'an unknown launch'}: "
-                              f"{reason}")  # fmt: skip
+                    self.warn(
+                        f"taking over the lock of run {self.name} left by {describe(holder) if holder else 'an unknown launch'}: "
+                        f"{reason}"
+                    )
             else:
-                raise RunLockError(f"run {self.name}: could not take the lock {self.path} (other launches keep "
-                                   "replacing it); retry, or choose another run name")  # fmt: skip
+                raise RunLockError(
+                    f"run {self.name}: could not take the lock {self.path} (other launches keep "
+                    "replacing it); retry, or choose another run name"
+                )
         except OSError as e:
-            raise RunLockError(f"run.storage_path {self.run_dir.parent} is not writable ({e.strerror or e}); "
-                               "choose another") from None  # fmt: skip
+            raise RunLockError(
+                f"run.storage_path {self.run_dir.parent} is not writable ({e.strerror or e}); choose another"
+            ) from None
         self._thread = threading.Thread(target=self._beat, name=f"run-lock-{self.name}", daemon=True)
         self._thread.start()
         return self
@@ -183,7 +198,9 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 if not self._mine():
-                    self.warn(f"the lock of run {self.name} was taken over by another launch; this one no longer holds it")
+                    self.warn(
+                        f"the lock of run {self.name} was taken over by another launch; this one no longer holds it"
+                    )
                     return
                 os.replace(self._write_temp(self._record(self.start)), self.path)
             except OSError as e:  # a storage hiccup: the next beat tries again

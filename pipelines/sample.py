@@ -30,11 +30,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import UsageError, check_writable, first_line, pick_device  # noqa: E402
-from pipelines.generators import load_source  # noqa: E402
-from pipelines.image_files import save_animation, save_image, webdataset_writer  # noqa: E402
-from sagan.checkpoint import CheckpointError  # noqa: E402
-from sagan.sampling import MIN_TRUNCATION  # noqa: E402
+from pipelines.common import UsageError, check_writable, first_line, pick_device
+from pipelines.generators import load_source
+from pipelines.image_files import save_animation, save_image, webdataset_writer
+from sagan.checkpoint import CheckpointError
+from sagan.sampling import MIN_TRUNCATION
 
 GRID_ROWS = 50  # classes per grid file: 1,000 ImageNet rows would make one unreadable 130,000-pixel picture
 GRID_COLS = 32  # seeds per grid row; --images and --tar hold them all
@@ -43,24 +43,43 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, checkpoint_* or run directory, .safetensors file, or models:/NAME/VERSION")
+    p = argparse.ArgumentParser(
+        prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint.pt, checkpoint_* or run directory, .safetensors file, or models:/NAME/VERSION",
+    )
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--classes", help="class indices, e.g. 207,208, or all (default)")
-    p.add_argument("--per-class", type=int, help=f"images per class (default 8; a grid row shows the first {GRID_COLS}, --images and --tar keep all)")
+    p.add_argument(
+        "--per-class",
+        type=int,
+        help=f"images per class (default 8; a grid row shows the first {GRID_COLS}, --images and --tar keep all)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the first image of each class (default 0)")
-    p.add_argument("--truncation", type=float, default=0.0, help=f"truncation trick: redraw |z| > T (T >= {MIN_TRUNCATION}, e.g. 0.5); 0 = off (default)")
+    p.add_argument(
+        "--truncation",
+        type=float,
+        default=0.0,
+        help=f"truncation trick: redraw |z| > T (T >= {MIN_TRUNCATION}, e.g. 0.5); 0 = off (default)",
+    )
     p.add_argument("--raw", action="store_true", help="the trained G instead of its EMA (checkpoints only)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available; default)")
     p.add_argument("--images", action="store_true", help="also write every image as images/CLASS_SEED.png")
     p.add_argument("--tar", action="store_true", help="also write every image into samples.tar (WebDataset)")
-    p.add_argument("--interpolate", metavar="A,B", help="write an interpolation from class A to class B instead of a grid")
+    p.add_argument(
+        "--interpolate", metavar="A,B", help="write an interpolation from class A to class B instead of a grid"
+    )
     p.add_argument("--steps", type=int, default=8, help="images in the interpolation (default 8)")
     p.add_argument("--seed-b", type=int, help="seed of the interpolation's end (default --seed + 1)")
     p.add_argument("--animate", choices=("gif", "webp"), help="also write the interpolation as an animation")
     p.add_argument("--class-names", help="classes.tsv to label rows with (default: the one beside the training shards)")
-    p.add_argument("--export-safetensors", metavar="FILE", help="write the generator's weights to FILE.safetensors and stop")
+    p.add_argument(
+        "--export-safetensors", metavar="FILE", help="write the generator's weights to FILE.safetensors and stop"
+    )
     p.add_argument("--tracking-uri", help="MLflow store of a models:/ URI (default MLFLOW_TRACKING_URI)")
     return p.parse_args(argv)
 
@@ -71,44 +90,65 @@ def parse_classes(text: str, num_classes: int | None = None, flag: str = "--clas
         return list(range(num_classes or 0))
     parts = [c.strip() for c in text.split(",")]
     if not all(re.fullmatch(r"-?\d+", c) for c in parts):
-        raise UsageError(f"{flag} {text!r} is not a comma-separated list of class indices (e.g. 207,208)"
-                         + (" or all" if flag == "--classes" else ""))  # fmt: skip
+        raise UsageError(
+            f"{flag} {text!r} is not a comma-separated list of class indices (e.g. 207,208)"
+            + (" or all" if flag == "--classes" else "")
+        )
     classes = [int(c) for c in parts]
     twice = [c for c in set(classes) if classes.count(c) > 1]
     if twice and flag == "--classes":
         raise UsageError(f"--classes lists class {twice[0]} twice; list each class once")
     bad = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
     if bad:
-        raise UsageError(f"class {bad[0]} is out of range: this generator has {num_classes} classes (0..{num_classes - 1})")
+        raise UsageError(
+            f"class {bad[0]} is out of range: this generator has {num_classes} classes (0..{num_classes - 1})"
+        )
     return classes
 
 
 def check_args(args) -> None:
     """What cannot work, before any model is loaded; fills in the grid defaults."""
     if args.interpolate:
-        given = (("--classes", args.classes), ("--per-class", args.per_class), ("--images", args.images or None), ("--tar", args.tar or None))
+        given = (
+            ("--classes", args.classes),
+            ("--per-class", args.per_class),
+            ("--images", args.images or None),
+            ("--tar", args.tar or None),
+        )
         used = [flag for flag, value in given if value is not None]
         if used:
-            raise UsageError(f"{used[0]} applies to grids, not to --interpolate: drop it, or sample a grid in another run")
+            raise UsageError(
+                f"{used[0]} applies to grids, not to --interpolate: drop it, or sample a grid in another run"
+            )
         if len(parse_classes(args.interpolate, flag="--interpolate")) != 2:
-            raise UsageError(f"--interpolate {args.interpolate!r} must be two class indices, A,B (the same twice for a walk within a class)")
+            raise UsageError(
+                f"--interpolate {args.interpolate!r} must be two class indices, A,B (the same twice for a walk within a class)"
+            )
     elif args.animate:
         raise UsageError("--animate animates an interpolation: add --interpolate A,B")
     args.classes = "all" if args.classes is None else args.classes
     args.per_class = 8 if args.per_class is None else args.per_class
-    for flag, value, least in (("--per-class", args.per_class, 1), ("--batch-size", args.batch_size, 1), ("--steps", args.steps, 2)):
+    for flag, value, least in (
+        ("--per-class", args.per_class, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--steps", args.steps, 2),
+    ):
         if value < least:
             raise UsageError(f"{flag} {value} is too small: it must be at least {least}")
     t = args.truncation
     if not math.isfinite(t) or t < 0 or 0 < t < MIN_TRUNCATION:
-        raise UsageError(f"--truncation {t} cannot be used: give 0 (off) or a threshold from {MIN_TRUNCATION} up, such as 0.5")
+        raise UsageError(
+            f"--truncation {t} cannot be used: give 0 (off) or a threshold from {MIN_TRUNCATION} up, such as 0.5"
+        )
     for flag, seed in (("--seed", args.seed), ("--seed-b", args.seed_b)):
         if seed is not None and not 0 <= seed <= MAX_SEED - args.per_class:
             raise UsageError(f"{flag} {seed} is out of range: use 0 to {MAX_SEED - args.per_class}")
     if args.export_safetensors:
         target = Path(args.export_safetensors)
         if target.suffix != ".safetensors" or target.is_dir():
-            raise UsageError(f"--export-safetensors {target} must name a file ending in .safetensors (e.g. G.safetensors)")
+            raise UsageError(
+                f"--export-safetensors {target} must name a file ending in .safetensors (e.g. G.safetensors)"
+            )
 
 
 def write_grid(args, source, out: Path, progress) -> tuple[list[Path], int]:
@@ -144,7 +184,9 @@ def write_grid(args, source, out: Path, progress) -> tuple[list[Path], int]:
                     if tar:
                         tar(key, image, cls)
             name = "grid.png" if len(groups) == 1 else f"grid-{n:03d}.png"
-            written.append(save_image(labelled_grid(np.stack(shown), cols, [label(source, c) for c in group]), out / name))
+            written.append(
+                save_image(labelled_grid(np.stack(shown), cols, [label(source, c) for c in group]), out / name)
+            )
     return written + ([out / "samples.tar"] if args.tar else []), n_images
 
 
@@ -175,7 +217,9 @@ def write_interpolation(args, source, out: Path) -> list[Path]:
     z_ends = noise([args.seed, seed_b], G.z_dim, args.truncation)
     z, y = interpolation_inputs(z_ends[0], z_ends[1], a, b, args.steps, G.num_classes)
     frames = generate_uint8(G, z, y, args.batch_size)
-    title = f"{label(source, a)} -> {label(source, b)}" if a != b else f"{label(source, a)}: seed {args.seed} -> {seed_b}"
+    title = (
+        f"{label(source, a)} -> {label(source, b)}" if a != b else f"{label(source, a)}: seed {args.seed} -> {seed_b}"
+    )
     written = [save_image(labelled_grid(frames, args.steps, [title]), out / "interpolation.png")]
     if args.animate:
         written.append(save_animation(frames, out / f"interpolation.{args.animate}"))
@@ -190,11 +234,18 @@ def main(argv=None) -> int:
         target = Path(args.export_safetensors).expanduser() if args.export_safetensors else None
         check_writable(target.parent if target else out, "--export-safetensors" if target else "--out")
         device = pick_device(args.device)
-        source = load_source(args.checkpoint, ema=not args.raw, device=device, names_file=args.class_names,
-                             tracking_uri=args.tracking_uri)  # fmt: skip
+        source = load_source(
+            args.checkpoint,
+            ema=not args.raw,
+            device=device,
+            names_file=args.class_names,
+            tracking_uri=args.tracking_uri,
+        )
         if target:
-            print(f"wrote {source.export(target)} ({source.description}); load it with "
-                  "sagan.export.load_generator_file(PATH)")  # fmt: skip
+            print(
+                f"wrote {source.export(target)} ({source.description}); load it with "
+                "sagan.export.load_generator_file(PATH)"
+            )
             return 0
         n_images = 0
         if args.interpolate:

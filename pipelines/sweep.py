@@ -7,8 +7,8 @@ checkpoint, and forwards rank 0's reports to Tune (TuneReportCallback) for ASHA.
 """
 
 import itertools
-import sys
 import json
+import sys
 import uuid
 from pathlib import Path
 
@@ -45,31 +45,43 @@ def lr_d_of(combo: dict) -> float:
 def combinations(cfg: Config) -> list[dict]:
     """Every trial setting of the search space: {"lr_g", "ratio", "g_attn", "d_attn", "seed"}."""
     t = cfg.tune
-    return [{"lr_g": lr, "ratio": ratio, "g_attn": list(g), "d_attn": list(d), "seed": seed}
-            for lr, ratio, (g, d), seed in itertools.product(t.lr_g, t.ratio, placements(cfg), t.seeds)]  # fmt: skip
+    return [
+        {"lr_g": lr, "ratio": ratio, "g_attn": list(g), "d_attn": list(d), "seed": seed}
+        for lr, ratio, (g, d), seed in itertools.product(t.lr_g, t.ratio, placements(cfg), t.seeds)
+    ]
 
 
 def trial_config(base: Config, combo: dict) -> Config:
     """The training config of one trial: `base` with the combination's values and tune.steps steps."""
-    return with_overrides(base, [
-        f"optim.lr_g={combo['lr_g']}", f"optim.lr_d={lr_d_of(combo)}",
-        f"model.g_attn={combo['g_attn']}", f"model.d_attn={combo['d_attn']}", f"train.seed={combo['seed']}",
-        f"train.steps={base.tune.steps}",
-    ])  # fmt: skip
+    return with_overrides(
+        base,
+        [
+            f"optim.lr_g={combo['lr_g']}",
+            f"optim.lr_d={lr_d_of(combo)}",
+            f"model.g_attn={combo['g_attn']}",
+            f"model.d_attn={combo['d_attn']}",
+            f"train.seed={combo['seed']}",
+            f"train.steps={base.tune.steps}",
+        ],
+    )
 
 
 def check_sweep(cfg: Config) -> list[dict]:
     """The combinations of cfg's search space, or SweepError for one that cannot run (checked before any trial)."""
     t = cfg.tune
     if t.attn is not None and (t.g_attn is not None or t.d_attn is not None):
-        raise SweepError("tune.attn (tied placements) and tune.g_attn / tune.d_attn (crossed) are both set; "
-                         "set tune.attn=null to cross G's and D's placements, or drop g_attn / d_attn")  # fmt: skip
+        raise SweepError(
+            "tune.attn (tied placements) and tune.g_attn / tune.d_attn (crossed) are both set; "
+            "set tune.attn=null to cross G's and D's placements, or drop g_attn / d_attn"
+        )
     for key in ("lr_g", "ratio", "seeds"):
         if not getattr(t, key):
             raise SweepError(f"tune.{key} is empty: the search space has no trial; give it at least one value")
     if not placements(cfg):
-        raise SweepError("tune.attn (or tune.g_attn / tune.d_attn) is empty: the search space has no trial; "
-                         "[[]] is one placement without attention")  # fmt: skip
+        raise SweepError(
+            "tune.attn (or tune.g_attn / tune.d_attn) is empty: the search space has no trial; "
+            "[[]] is one placement without attention"
+        )
     combos = combinations(cfg)
     for combo in combos:
         try:
@@ -77,15 +89,21 @@ def check_sweep(cfg: Config) -> list[dict]:
         except ConfigError as e:
             raise SweepError(f"tune: the trial {combo} is not a valid training config: {e}") from None
     if not cfg.train.eval_every:
-        raise SweepError(f"tune.metric {t.metric} is reported only with in-loop evaluation; set train.eval_every "
-                         f"to a few steps (at most tune.grace_period = {t.grace_period})")  # fmt: skip
+        raise SweepError(
+            f"tune.metric {t.metric} is reported only with in-loop evaluation; set train.eval_every "
+            f"to a few steps (at most tune.grace_period = {t.grace_period})"
+        )
     if t.metric == "loop/class_acc" and cfg.eval.feature_extractor != "sample-classifier":
         raise SweepError("tune.metric loop/class_acc is reported only with eval.feature_extractor=sample-classifier")
     if t.grace_period >= t.steps:
-        raise SweepError(f"tune.grace_period ({t.grace_period}) must be below tune.steps ({t.steps}) for ASHA to stop anything")
+        raise SweepError(
+            f"tune.grace_period ({t.grace_period}) must be below tune.steps ({t.steps}) for ASHA to stop anything"
+        )
     if cfg.train.eval_every > t.grace_period:
-        raise SweepError(f"train.eval_every ({cfg.train.eval_every}) exceeds tune.grace_period ({t.grace_period}): ASHA "
-                         "would have no metric to compare at its first rung; lower train.eval_every")  # fmt: skip
+        raise SweepError(
+            f"train.eval_every ({cfg.train.eval_every}) exceeds tune.grace_period ({t.grace_period}): ASHA "
+            "would have no metric to compare at its first rung; lower train.eval_every"
+        )
     return combos
 
 
@@ -103,9 +121,11 @@ def check_same_sweep(sweep_dir: Path, combos: list[dict], cfg: Config, restorabl
             old, new = flatten(saved.get("config", {})), flatten(json.loads(json.dumps(record["config"])))
             changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) or ["tune combinations"]
             more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-            raise SweepError(f"sweep {cfg.tune.name} exists ({sweep_dir}) with other settings ({', '.join(changed[:5])}"
-                             f"{more}; relative paths count from the directory you run in); rerun it unchanged to "
-                             "resume it, or choose another tune.name")  # fmt: skip
+            raise SweepError(
+                f"sweep {cfg.tune.name} exists ({sweep_dir}) with other settings ({', '.join(changed[:5])}"
+                f"{more}; relative paths count from the directory you run in); rerun it unchanged to "
+                "resume it, or choose another tune.name"
+            )
         return saved["sweep_id"]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     record["sweep_id"] = uuid.uuid4().hex
@@ -134,13 +154,26 @@ def parent_run(client, experiment_id: str, cfg: Config, sweep_id: str) -> str:
     found = find_run(client, experiment_id, **{SWEEP_TAG: cfg.tune.name, ROLE_TAG: "sweep", SWEEP_ID_TAG: sweep_id})
     if found:
         return found
-    tags = {SWEEP_TAG: cfg.tune.name, ROLE_TAG: "sweep", SWEEP_ID_TAG: sweep_id, "git_commit": git_commit(),
-            "ray_job_id": ray_job_id()}  # fmt: skip
+    tags = {
+        SWEEP_TAG: cfg.tune.name,
+        ROLE_TAG: "sweep",
+        SWEEP_ID_TAG: sweep_id,
+        "git_commit": git_commit(),
+        "ray_job_id": ray_job_id(),
+    }
     run = client.create_run(experiment_id, run_name=cfg.tune.name, tags={k: v for k, v in tags.items() if v})
     space = {k: v for k, v in flatten(cfg).items() if k.startswith("tune.")}
-    log_params(client, run.info.run_id, {**space, "model.resolution": cfg.model.resolution, "model.ch": cfg.model.ch,
-                                         "train.batch_size": cfg.train.batch_size,
-                                         "scaling.num_workers": cfg.scaling.num_workers})  # fmt: skip
+    log_params(
+        client,
+        run.info.run_id,
+        {
+            **space,
+            "model.resolution": cfg.model.resolution,
+            "model.ch": cfg.model.ch,
+            "train.batch_size": cfg.train.batch_size,
+            "scaling.num_workers": cfg.scaling.num_workers,
+        },
+    )
     return run.info.run_id
 
 
@@ -150,12 +183,26 @@ def child_run(client, experiment_id: str, parent_id: str, sweep: str, trial_id: 
     found = find_run(client, experiment_id, **{SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
     if found:
         return found
-    tags = {"mlflow.parentRunId": parent_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id, ROLE_TAG: "trial",
-            "git_commit": git_commit(), "checkpoint_location": f"{cfg.run.storage_path}/{cfg.run.name}"}  # fmt: skip
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        SWEEP_TAG: sweep,
+        TRIAL_TAG: trial_id,
+        ROLE_TAG: "trial",
+        "git_commit": git_commit(),
+        "checkpoint_location": f"{cfg.run.storage_path}/{cfg.run.name}",
+    }
     run = client.create_run(experiment_id, run_name=f"{sweep}/{trial_id}", tags={k: v for k, v in tags.items() if v})
-    hyper = {"trial.lr_g": combo["lr_g"], "trial.lr_d": lr_d_of(combo), "trial.ratio": combo["ratio"],
-             "trial.g_attn": combo["g_attn"], "trial.d_attn": combo["d_attn"], "trial.seed": combo["seed"]}  # fmt: skip
-    log_params(client, run.info.run_id, {**hyper, **{k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}})
+    hyper = {
+        "trial.lr_g": combo["lr_g"],
+        "trial.lr_d": lr_d_of(combo),
+        "trial.ratio": combo["ratio"],
+        "trial.g_attn": combo["g_attn"],
+        "trial.d_attn": combo["d_attn"],
+        "trial.seed": combo["seed"],
+    }
+    log_params(
+        client, run.info.run_id, {**hyper, **{k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}}
+    )
     return run.info.run_id
 
 
@@ -195,7 +242,9 @@ def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sw
         client.set_terminated(run_id, "FAILED")
         raise RuntimeError(reason) from None
     finally:  # what rank 0 kept during an outage of the store
-        deliver_pending(pending_dir(cfg.run.storage_path, cfg.run.name), tracking_uri, f"trial {trial_id}'s rank 0 had kept")
+        deliver_pending(
+            pending_dir(cfg.run.storage_path, cfg.run.name), tracking_uri, f"trial {trial_id}'s rank 0 had kept"
+        )
     try:  # not reached when ASHA stops the trial (Tune kills this actor); the report settles the status anyway
         client.set_tag(run_id, REASON_TAG, "completed")
     except Exception as e:  # noqa: BLE001 - the training succeeded; a tag must not turn it into a failure
@@ -210,7 +259,11 @@ def failure_reason(error: Exception) -> str:
         if isinstance(cause, dict) and cause:
             cause = cause[min(cause)]
         if isinstance(cause, BaseException):
-            return first_line(cause) if type(cause).__name__ == "RunStopped" else f"{type(cause).__name__}: {first_line(cause)}"
+            return (
+                first_line(cause)
+                if type(cause).__name__ == "RunStopped"
+                else f"{type(cause).__name__}: {first_line(cause)}"
+            )
     message = str(getattr(error, "_error_message", "") or error)  # e.g. a hang, with no worker named
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(error).__name__
@@ -220,8 +273,9 @@ def trainable(cfg: Config, tracking_uri: str, parent_id: str, sweep_dir: Path):
     """The Tune trainable: `run_trial` with the sweep's fixed arguments, taking a negligible CPU share itself."""
     from ray import tune
 
-    fn = tune.with_parameters(run_trial, base=to_dict(cfg), tracking_uri=tracking_uri, parent_id=parent_id,
-                              sweep_dir=str(sweep_dir))  # fmt: skip
+    fn = tune.with_parameters(
+        run_trial, base=to_dict(cfg), tracking_uri=tracking_uri, parent_id=parent_id, sweep_dir=str(sweep_dir)
+    )
     return tune.with_resources(fn, {"CPU": DRIVER_CPU})
 
 

@@ -20,12 +20,28 @@ from pipelines.tracking import find_run
 from sagan.config import Config, dump_yaml, from_dict, to_dict
 from sagan.viz import heatmap, metric_curves
 
-COLUMNS = ["trial", "ratio", "lr_g", "lr_d", "g_attn", "d_attn", "seed", "status", "steps", "stop_reason",
-           "best", "final_fid", "final_is", "final_class_acc", "wall_s"]  # fmt: skip
+COLUMNS = [
+    "trial",
+    "ratio",
+    "lr_g",
+    "lr_d",
+    "g_attn",
+    "d_attn",
+    "seed",
+    "status",
+    "steps",
+    "stop_reason",
+    "best",
+    "final_fid",
+    "final_is",
+    "final_class_acc",
+    "wall_s",
+]
 
 
 def placement_label(g: list, d: list) -> str:
-    """"16" when G and D share sizes [16], "none" for [], "G16 D32" when they differ."""
+    """ "16" when G and D share sizes [16], "none" for [], "G16 D32" when they differ."""
+
     def sizes(a):
         return "+".join(map(str, a)) or "none"
 
@@ -71,14 +87,28 @@ def trial_rows(client, experiment_id: str, cfg: Config, records: list[dict]) -> 
             client.set_tag(run_id, REASON_TAG, reason)  # Tune's verdict is the final word on the child run
             client.set_terminated(run_id, run_status)
         final = {k: (hist[k][-1][1] if hist[k] else None) for k in ("loop/fid", "loop/is", "loop/class_acc")}
-        rows.append({
-            "trial": tid, "ratio": combo["ratio"], "lr_g": combo["lr_g"], "lr_d": lr_d_of(combo),
-            "g_attn": combo["g_attn"], "d_attn": combo["d_attn"], "seed": combo["seed"], "status": status,
-            "steps": steps, "stop_reason": reason, "best": best, "final_fid": final["loop/fid"],
-            "final_is": final["loop/is"], "final_class_acc": final["loop/class_acc"],
-            "wall_s": round(rec["last_result"].get("time_total_s", 0.0), 1),
-        })  # fmt: skip
-        curves[f"{tid}: ratio {combo['ratio']:g}, attention {placement_label(combo['g_attn'], combo['d_attn'])}"] = hist[metric]
+        rows.append(
+            {
+                "trial": tid,
+                "ratio": combo["ratio"],
+                "lr_g": combo["lr_g"],
+                "lr_d": lr_d_of(combo),
+                "g_attn": combo["g_attn"],
+                "d_attn": combo["d_attn"],
+                "seed": combo["seed"],
+                "status": status,
+                "steps": steps,
+                "stop_reason": reason,
+                "best": best,
+                "final_fid": final["loop/fid"],
+                "final_is": final["loop/is"],
+                "final_class_acc": final["loop/class_acc"],
+                "wall_s": round(rec["last_result"].get("time_total_s", 0.0), 1),
+            }
+        )
+        curves[f"{tid}: ratio {combo['ratio']:g}, attention {placement_label(combo['g_attn'], combo['d_attn'])}"] = (
+            hist[metric]
+        )
     return rows, curves
 
 
@@ -126,11 +156,20 @@ def best_heatmap(rows: list[dict], metric: str, mode: str) -> np.ndarray:
         if r["best"] is not None and r["status"] != "failed":  # as best_row: a diverged trial recommends nothing
             i, j = places.index(placement_label(r["g_attn"], r["d_attn"])), ratios.index(r["ratio"])
             grid[i, j] = pick([grid[i, j], r["best"]])
-    return heatmap(grid, places, [f"{x:g}" for x in ratios], f"best {metric} ({'lower' if mode == 'min' else 'higher'} is better)",
-                   "TTUR ratio lr_D / lr_G", "attention at", best_low=mode == "min")  # fmt: skip
+    return heatmap(
+        grid,
+        places,
+        [f"{x:g}" for x in ratios],
+        f"best {metric} ({'lower' if mode == 'min' else 'higher'} is better)",
+        "TTUR ratio lr_D / lr_G",
+        "attention at",
+        best_low=mode == "min",
+    )
 
 
-def write_report(client, experiment_id: str, parent_id: str, cfg: Config, records: list[dict]) -> tuple[list[dict], dict | None]:
+def write_report(
+    client, experiment_id: str, parent_id: str, cfg: Config, records: list[dict]
+) -> tuple[list[dict], dict | None]:
     """Log the table, heatmap, curves and best config to the parent run (replacing earlier versions) and the
     best score and hyper-parameters as its metric and tags. Returns (rows, best row)."""
     metric, mode = cfg.tune.metric, metric_mode(cfg)
@@ -143,14 +182,20 @@ def write_report(client, experiment_id: str, parent_id: str, cfg: Config, record
         (folder / "trials.md").write_text(table_markdown(rows, metric))
         if any(r["best"] is not None for r in rows):
             Image.fromarray(best_heatmap(rows, metric, mode)).save(folder / "heatmap.png")
-            stopped = {label for label in curves if label.split(":")[0] in {r["trial"] for r in rows if r["status"] == "stopped"}}
+            stopped = {
+                label
+                for label in curves
+                if label.split(":")[0] in {r["trial"] for r in rows if r["status"] == "stopped"}
+            }
             Image.fromarray(metric_curves(curves, metric, stopped)).save(folder / "curves.png")
         if best:
             combo = {k: best[k] for k in ("lr_g", "ratio", "g_attn", "d_attn", "seed")}
             best_cfg = trial_config(cfg, combo)
             best_cfg.run.name = f"{cfg.tune.name}-best"
-            header = (f"# The best trial of sweep {cfg.tune.name}: {best['trial']}, best {metric} {best['best']:.4g}.\n"
-                      f"# Train it longer with: python pipelines/train.py --config best_config.yaml train.steps=N\n")  # fmt: skip
+            header = (
+                f"# The best trial of sweep {cfg.tune.name}: {best['trial']}, best {metric} {best['best']:.4g}.\n"
+                f"# Train it longer with: python pipelines/train.py --config best_config.yaml train.steps=N\n"
+            )
             (folder / "best_config.yaml").write_text(header + dump_yaml(best_cfg))
         client.log_artifacts(parent_id, str(folder), "report")
     if best:
@@ -170,8 +215,13 @@ def _error_line(trial) -> str | None:
 
 def record_from_trial(trial, status: str | None = None) -> dict:
     """What the report needs of a live Tune trial."""
-    return {"trial_id": trial.trial_id, "combo": trial.config["trial"], "status": status or trial.status,
-            "error": _error_line(trial), "last_result": dict(trial.last_result or {})}  # fmt: skip
+    return {
+        "trial_id": trial.trial_id,
+        "combo": trial.config["trial"],
+        "status": status or trial.status,
+        "error": _error_line(trial),
+        "last_result": dict(trial.last_result or {}),
+    }
 
 
 def records_from_results(results) -> list[dict]:
@@ -182,8 +232,9 @@ def records_from_results(results) -> list[dict]:
         status = "ERROR" if r.error else ("TERMINATED" if metrics.get("done") else "PAUSED")
         error = str(r.error).strip().splitlines()[-1][:500] if r.error and str(r.error).strip() else None
         trial_id = metrics.get("trial_id") or Path(r.path).name.removeprefix("trial-")  # see trial_dirname
-        records.append({"trial_id": trial_id, "combo": r.config["trial"],
-                        "status": status, "error": error, "last_result": metrics})  # fmt: skip
+        records.append(
+            {"trial_id": trial_id, "combo": r.config["trial"], "status": status, "error": error, "last_result": metrics}
+        )
     return records
 
 
@@ -200,7 +251,9 @@ class ReportOnTrialEnd(Callback):
 
         records = [record_from_trial(t, status if t is ended else None) for t in trials]
         try:
-            write_report(mlflow.MlflowClient(self.uri), self.experiment_id, self.parent_id, from_dict(self.config), records)
+            write_report(
+                mlflow.MlflowClient(self.uri), self.experiment_id, self.parent_id, from_dict(self.config), records
+            )
         except Exception as e:  # noqa: BLE001 - an interim report must never stop the sweep
             logging.getLogger("sagan.tune").warning(f"sweep report not updated: {type(e).__name__}: {e}")
 

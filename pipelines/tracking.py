@@ -61,8 +61,9 @@ def deliver(client, run_id: str, item: dict) -> None:
         # A resumed run replays the steps after its last checkpoint: the latest value of each step counts.
         latest = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
         if latest:
-            client.log_image(run_id, metric_curve(sorted(latest.items()), item["metric"]),
-                             artifact_file=item["artifact_file"])  # fmt: skip
+            client.log_image(
+                run_id, metric_curve(sorted(latest.items()), item["metric"]), artifact_file=item["artifact_file"]
+            )
     elif kind == "terminate":
         client.set_terminated(run_id, item["status"])
     else:
@@ -100,14 +101,22 @@ class Outbox:
     # ------------------------------------------------------------- what the training loop calls
 
     def metrics(self, values: dict, step: int) -> None:
-        self._put({"kind": "metrics", "values": {k: float(v) for k, v in values.items()}, "step": int(step),
-                   "timestamp": int(time.time() * 1000)})  # fmt: skip
+        self._put(
+            {
+                "kind": "metrics",
+                "values": {k: float(v) for k, v in values.items()},
+                "step": int(step),
+                "timestamp": int(time.time() * 1000),
+            }
+        )
 
     def tags(self, values: dict) -> None:
         self._put({"kind": "tags", "values": {k: str(v) for k, v in values.items()}})
 
     def image(self, array: np.ndarray, key: str, step: int) -> None:
-        self._put({"kind": "image", "array": array, "key": key, "step": int(step), "timestamp": int(time.time() * 1000)})
+        self._put(
+            {"kind": "image", "array": array, "key": key, "step": int(step), "timestamp": int(time.time() * 1000)}
+        )
 
     def curve(self, metric: str, artifact_file: str) -> None:
         """A plot of the run's whole history of `metric`, made when the store has every point before it."""
@@ -146,9 +155,11 @@ class Outbox:
         pending = self.spilled
         if pending:
             where = f"{self.spill_to}" + (" on this node" if self.spill_to.is_relative_to(Path.home()) else "")
-            log.warning(f"MLflow at {self.uri} did not take {pending} item(s) of run {self.run_id}; they are kept "
-                        f"in {where} and delivered by the next launch of this run or by "
-                        f"`python pipelines/replay_tracking.py {self.spill_to}`")  # fmt: skip
+            log.warning(
+                f"MLflow at {self.uri} did not take {pending} item(s) of run {self.run_id}; they are kept "
+                f"in {where} and delivered by the next launch of this run or by "
+                f"`python pipelines/replay_tracking.py {self.spill_to}`"
+            )
         return pending
 
     # ------------------------------------------------------------- the delivery thread
@@ -198,21 +209,27 @@ class Outbox:
                 self.cond.notify_all()
             else:
                 self.retry_at = time.monotonic() + (backoff if not self.closing else 0.5)
-            was_down, self.down_since = self.down_since, (
-                None if failure is None else self.down_since or (None if refused else time.monotonic()))
+            was_down, self.down_since = (
+                self.down_since,
+                (None if failure is None else self.down_since or (None if refused else time.monotonic())),
+            )
             waiting = len(self.items)
         if refused:
             reject(self.spill_to, self.uri, self.run_id, item, failure)
             return backoff
         if failure is not None:
             if was_down is None:
-                log.warning(f"MLflow at {self.uri} is not reachable ({_first_line(failure)}); training goes on "
-                            "and the metrics, tags and images wait until it is back")  # fmt: skip
+                log.warning(
+                    f"MLflow at {self.uri} is not reachable ({_first_line(failure)}); training goes on "
+                    "and the metrics, tags and images wait until it is back"
+                )
             self._spill_overflow()
             return min(backoff * 2, self.max_backoff)
         if was_down is not None:
-            log.warning(f"MLflow at {self.uri} is back after {time.monotonic() - was_down:.0f} s; delivering the "
-                        f"{waiting} waiting item(s)")  # fmt: skip
+            log.warning(
+                f"MLflow at {self.uri} is back after {time.monotonic() - was_down:.0f} s; delivering the "
+                f"{waiting} waiting item(s)"
+            )
         return 1.0
 
     def _spill_overflow(self) -> None:
@@ -242,8 +259,15 @@ def permanent(error: BaseException) -> bool:
 
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()
-        transient = ("REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "UNAUTHENTICATED",
-                     "PERMISSION_DENIED", "TEMPORARILY_UNAVAILABLE", "ENDPOINT_NOT_FOUND")  # fmt: skip
+        transient = (
+            "REQUEST_LIMIT_EXCEEDED",
+            "RESOURCE_EXHAUSTED",
+            "ABORTED",
+            "UNAUTHENTICATED",
+            "PERMISSION_DENIED",
+            "TEMPORARILY_UNAVAILABLE",
+            "ENDPOINT_NOT_FOUND",
+        )
         return 400 <= status < 500 and status not in (401, 403, 408, 409, 429) and error.error_code not in transient
     return isinstance(error, (ValueError, TypeError)) and not isinstance(error, json.JSONDecodeError)
 
@@ -254,8 +278,10 @@ def reject(folder: Path, uri: str, run_id: str, item: dict, error: BaseException
     record = {k: v for k, v in item.items() if k not in ("array", "png")}
     with open(folder / f"rejected-{run_id}.txt", "a") as f:
         f.write(json.dumps({"error": _first_line(error), **record}) + "\n")
-    log.warning(f"MLflow at {uri} refused a {item.get('kind')} item of run {run_id} ({_first_line(error)}); set "
-                f"aside in {folder / f'rejected-{run_id}.txt'}")  # fmt: skip
+    log.warning(
+        f"MLflow at {uri} refused a {item.get('kind')} item of run {run_id} ({_first_line(error)}); set "
+        f"aside in {folder / f'rejected-{run_id}.txt'}"
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -284,8 +310,9 @@ def log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def open_run(tracking_uri: str, experiment_id: str, run_name: str, location: str, params: dict, tags: dict,
-             continuing: bool) -> str:  # fmt: skip
+def open_run(
+    tracking_uri: str, experiment_id: str, run_name: str, location: str, params: dict, tags: dict, continuing: bool
+) -> str:
     """The MLflow run of the training run at `location` (storage/run.name), made by the driver before any
     worker starts, so a retry after a worker failure logs into the same run. A run that resumes from a
     checkpoint (`continuing`) continues the newest MLflow run of that location (status RUNNING again);
@@ -317,8 +344,11 @@ def deliver_pending(pending: Path, uri: str, whose: str) -> None:
     if delivered:
         print(f"MLflow: delivered {delivered} item(s) {whose} in {pending}", flush=True)
     if left:
-        print(f"warning: MLflow at {uri} has not taken {left} item(s) kept in {pending}; the next launch of this "
-              f"run or `python pipelines/replay_tracking.py {pending}` delivers them", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: MLflow at {uri} has not taken {left} item(s) kept in {pending}; the next launch of this "
+            f"run or `python pipelines/replay_tracking.py {pending}` delivers them",
+            file=sys.stderr,
+        )
 
 
 def end_run(tracking_uri: str, run_id: str, status: str, spill_to: Path) -> None:
@@ -330,8 +360,10 @@ def end_run(tracking_uri: str, run_id: str, status: str, spill_to: Path) -> None
         mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status)
     except Exception as e:  # noqa: BLE001 - the run's outcome stands; its record follows when the store is back
         spill(spill_to, tracking_uri, run_id, [{"kind": "terminate", "status": status}])
-        log.warning(f"MLflow at {tracking_uri} did not take status {status} of run {run_id} ({_first_line(e)}); "
-                    f"kept in {spill_to}")  # fmt: skip
+        log.warning(
+            f"MLflow at {tracking_uri} did not take status {status} of run {run_id} ({_first_line(e)}); "
+            f"kept in {spill_to}"
+        )
 
 
 # ---------------------------------------------------------------- pending files: written, then replayed

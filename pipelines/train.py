@@ -16,21 +16,35 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
-from pipelines.launch import (  # noqa: E402, F401
-    PreflightError, build_trainer, check_cluster, check_inputs, multinode_warnings, open_tracking_run, preflight,
-    prepare_evaluation, resolve_paths, verify_shards,
-)  # fmt: skip
-from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
-from sagan.config import ConfigError, load_config  # noqa: E402
+from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking
+from pipelines.launch import (  # noqa: F401
+    PreflightError,
+    build_trainer,
+    check_cluster,
+    check_inputs,
+    multinode_warnings,
+    open_tracking_run,
+    preflight,
+    prepare_evaluation,
+    resolve_paths,
+    verify_shards,
+)
+from pipelines.run_lock import RunLockError, run_lock
+from sagan.config import ConfigError, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help=f"YAML config (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr_d=4e-4 model.g_attn=[32,64]")
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", default=None, help=f"YAML config (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr_d=4e-4 model.g_attn=[32,64]"
+    )
     return p.parse_args(argv)
 
 
@@ -82,9 +96,12 @@ def launch(cfg) -> int:
         return 2
     for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), bool(os.environ.get("RAY_ADDRESS"))):
         print(f"warning: {line}", file=sys.stderr)
-    print(f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
-          f"{cfg.train.batch_size * cfg.scaling.num_workers}, {cfg.train.steps} steps; "
-          f"checkpoints in {cfg.run.storage_path}/{cfg.run.name}; MLflow at {uri}", flush=True)  # fmt: skip
+    print(
+        f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
+        f"{cfg.train.batch_size * cfg.scaling.num_workers}, {cfg.train.steps} steps; "
+        f"checkpoints in {cfg.run.storage_path}/{cfg.run.name}; MLflow at {uri}",
+        flush=True,
+    )
     return train(cfg, uri, resume)
 
 

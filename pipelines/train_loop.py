@@ -69,8 +69,17 @@ def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
     this rank's schedule on: decoded ahead by the loader's processes, sent as uint8 (pinned on a GPU) and made
     floats on the device."""
     shards = find_shards(cfg.data.train_shards)
-    batches = rank_loader(shards, rank, world, cfg.train.batch_size, cfg.train.seed, start_batch,
-                          loader_workers(cfg), cfg.data.prefetch, pin=device.type == "cuda")  # fmt: skip
+    batches = rank_loader(
+        shards,
+        rank,
+        world,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        start_batch,
+        loader_workers(cfg),
+        cfg.data.prefetch,
+        pin=device.type == "cuda",
+    )
     try:
         for x, y in batches:
             yield x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0), y.to(device, non_blocking=True)
@@ -222,8 +231,9 @@ class Loop:
     """One rank's training schedule: steps, and at their intervals logging, samples, in-loop FID and
     checkpoints. Every rank reports at log, checkpoint and eval steps (Ray's report is a barrier)."""
 
-    def __init__(self, cfg: Config, trainer: Trainer, rank: int, world: int, device, tracker: Tracker, evaluator,
-                 extra: dict):  # fmt: skip
+    def __init__(
+        self, cfg: Config, trainer: Trainer, rank: int, world: int, device, tracker: Tracker, evaluator, extra: dict
+    ):
         """`extra`: what the checkpoint resumed from recorded besides the weights ({} for a new run)."""
         self.cfg, self.trainer, self.rank, self.world, self.device = cfg, trainer, rank, world, device
         self.tracker, self.evaluator = tracker, evaluator
@@ -245,9 +255,15 @@ class Loop:
             self.monitor.update(trainer.step + 1, trainer.train_step(self.next_batches()))
             step = trainer.step
             self.window_steps += 1
-            due = {name: bool(every) and (step % every == 0 or step == t.steps)
-                   for name, every in (("log", t.log_every), ("ckpt", t.ckpt_every), ("sample", t.sample_every),
-                                       ("eval", t.eval_every))}  # fmt: skip
+            due = {
+                name: bool(every) and (step % every == 0 or step == t.steps)
+                for name, every in (
+                    ("log", t.log_every),
+                    ("ckpt", t.ckpt_every),
+                    ("sample", t.sample_every),
+                    ("eval", t.eval_every),
+                )
+            }
             if not any(due.values()):
                 continue  # the losses stay on the device: no wait on the GPU between log steps
             values = self.read_losses(step)
@@ -278,8 +294,10 @@ class Loop:
         anything is logged, sampled or saved from the bad weights."""
         values, bad_step = agree(*self.monitor.read(), self.device)
         if bad_step is not None:
-            raise stop_run(self.cfg, f"non-finite loss at step {bad_step} (at step {step}: {values}); the last good "
-                           "checkpoint is kept")  # fmt: skip
+            raise stop_run(
+                self.cfg,
+                f"non-finite loss at step {bad_step} (at step {step}: {values}); the last good checkpoint is kept",
+            )
         diverged = self.guard.check(step, values)
         if diverged:
             raise stop_run(self.cfg, f"{diverged}; the checkpoints from before it are kept")
@@ -289,15 +307,23 @@ class Loop:
         t, trainer = self.cfg.train, self.trainer
         elapsed = time.perf_counter() - self.window_start
         step_time = elapsed / self.window_steps
-        values = {**values, "images_per_s": t.batch_size * self.world * self.cfg.optim.n_dis / step_time,
-                  "step_time_s": step_time, "data_wait_s": self.data_wait / self.window_steps,
-                  "data_wait_share": self.data_wait / elapsed, "lr_g": trainer.opt_g.param_groups[0]["lr"],
-                  "lr_d": trainer.opt_d.param_groups[0]["lr"], **_gammas(trainer.G, trainer.D)}  # fmt: skip
+        values = {
+            **values,
+            "images_per_s": t.batch_size * self.world * self.cfg.optim.n_dis / step_time,
+            "step_time_s": step_time,
+            "data_wait_s": self.data_wait / self.window_steps,
+            "data_wait_share": self.data_wait / elapsed,
+            "lr_g": trainer.opt_g.param_groups[0]["lr"],
+            "lr_d": trainer.opt_d.param_groups[0]["lr"],
+            **_gammas(trainer.G, trainer.D),
+        }
         self.tracker.metrics(values, step)
         if self.rank == 0:
-            log.info(f"step {step}/{t.steps}  d_loss {values['d_loss']:.3f}  g_loss {values['g_loss']:.3f}  "
-                     f"{values['images_per_s']:.0f} img/s  data wait {values['data_wait_share']:.0%}  "
-                     f"eta {eta_s / 60:.1f} min")  # fmt: skip
+            log.info(
+                f"step {step}/{t.steps}  d_loss {values['d_loss']:.3f}  g_loss {values['g_loss']:.3f}  "
+                f"{values['images_per_s']:.0f} img/s  data wait {values['data_wait_share']:.0%}  "
+                f"eta {eta_s / 60:.1f} min"
+            )
         self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
 
     def sample(self, step: int) -> None:
@@ -320,8 +346,10 @@ class Loop:
         scores = self.evaluator(self.trainer.ema.model, self.cfg.eval.loop_samples)
         scores = {f"loop/{k}": v for k, v in scores.items() if k != "is_std"}
         self.tracker.metrics(scores, step)
-        log.info(f"step {step}: in-loop FID {scores['loop/fid']:.2f} ({self.cfg.eval.loop_samples} samples)"
-                 + "".join(f"  {k[5:]} {v:.3f}" for k, v in scores.items() if k != "loop/fid"))  # fmt: skip
+        log.info(
+            f"step {step}: in-loop FID {scores['loop/fid']:.2f} ({self.cfg.eval.loop_samples} samples)"
+            + "".join(f"  {k[5:]} {v:.3f}" for k, v in scores.items() if k != "loop/fid")
+        )
         if step and not self.guard.suspect and (self.best is None or scores["loop/fid"] < self.best["loop/fid"]):
             best = {"step": step, "loop/fid": scores["loop/fid"]}
             target = f"{self.cfg.run.storage_path}/{self.cfg.run.name}/{BEST_DIR}"
@@ -338,16 +366,25 @@ class Loop:
         if checkpoint and self.guard.suspect:
             checkpoint = False  # the kept checkpoints stay from before a divergence that may be starting
             if self.rank == 0:
-                log.warning(f"step {step}: checkpoint skipped, the losses are out of their range since step "
-                            f"{self.guard.streak[0]}")  # fmt: skip
-        report = {"step": step, **{k: values[k] for k in ("d_loss", "g_loss", "d_real", "d_fake")},
-                  "rank_param_spread": param_spread(self.trainer.G, self.trainer.D), **scores}  # fmt: skip
+                log.warning(
+                    f"step {step}: checkpoint skipped, the losses are out of their range since step "
+                    f"{self.guard.streak[0]}"
+                )
+        report = {
+            "step": step,
+            **{k: values[k] for k in ("d_loss", "g_loss", "d_real", "d_fake")},
+            "rank_param_spread": param_spread(self.trainer.G, self.trainer.D),
+            **scores,
+        }
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if checkpoint and self.rank == 0:
                 self.tracker.persist()  # during an outage: to disk now, in case Ray kills this process later
-                extra = {**self.tracker.checkpoint_extra(), "guard": self.guard.largest,
-                         **({"best": self.best} if self.best else {})}  # fmt: skip
+                extra = {
+                    **self.tracker.checkpoint_extra(),
+                    "guard": self.guard.largest,
+                    **({"best": self.best} if self.best else {}),
+                }
                 save_checkpoint(Path(tmp) / CHECKPOINT_FILE, self.trainer, self.cfg, extra=extra)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(report, checkpoint=ckpt)  # every rank, every time: it is a barrier
@@ -360,7 +397,9 @@ def best_so_far(cfg: Config, from_checkpoint: dict | None) -> dict | None:
     """The better of the best recorded in the checkpoint resumed from and <run dir>/best/best.json, which may be
     newer (an evaluation after that checkpoint): a resumed run must not replace a better best with a worse."""
     found = [from_checkpoint] if from_checkpoint else []
-    marker = None if "://" in cfg.run.storage_path else Path(cfg.run.storage_path) / cfg.run.name / BEST_DIR / "best.json"
+    marker = (
+        None if "://" in cfg.run.storage_path else Path(cfg.run.storage_path) / cfg.run.name / BEST_DIR / "best.json"
+    )
     if marker is not None and marker.is_file():
         try:
             found.append(json.loads(marker.read_text()))

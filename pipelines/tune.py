@@ -18,29 +18,40 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking  # noqa: E402
-from pipelines.launch import (  # noqa: E402
-    PreflightError, check_cluster, check_inputs, multinode_warnings, prepare_evaluation, resolve_paths, verify_shards,
-)  # fmt: skip
-from pipelines.run_lock import RunLockError, run_lock  # noqa: E402
-from pipelines.sweep import SweepError, check_same_sweep, check_sweep  # noqa: E402
-from sagan.config import ConfigError, load_config  # noqa: E402
+from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking
+from pipelines.launch import (
+    PreflightError,
+    check_cluster,
+    check_inputs,
+    multinode_warnings,
+    prepare_evaluation,
+    resolve_paths,
+    verify_shards,
+)
+from pipelines.run_lock import RunLockError, run_lock
+from pipelines.sweep import SweepError, check_same_sweep, check_sweep
+from sagan.config import ConfigError, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.yaml"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="tune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help=f"YAML config (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tune.ratio=[1,4] tune.steps=2000")
+    p = argparse.ArgumentParser(
+        prog="tune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", default=None, help=f"YAML config (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tune.ratio=[1,4] tune.steps=2000"
+    )
     return p.parse_args(argv)
 
 
 def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_dir: str):
     """Start the sweep, or restore it from `sweep_dir`; returns Tune's ResultGrid and whether it was restored."""
-    from ray import tune
-
     import ray
+    from ray import tune
 
     from pipelines.asha import ResumableASHA
     from pipelines.sweep import concurrency, metric_mode, param_space, trainable, trial_dirname
@@ -56,18 +67,33 @@ def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_d
     # Rungs sit at grace_period x reduction_factor^k up to max_t. With max_t one below the trial length, no rung
     # falls on a trial's last report, and stop_last_trials=False lets a trial that reached it finish by itself
     # instead of Tune killing its workers while they write the last checkpoint.
-    asha = ResumableASHA(time_attr="step", metric=cfg.tune.metric, mode=metric_mode(cfg), max_t=cfg.tune.steps - 1,
-                         grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
-                         stop_last_trials=False)  # fmt: skip
+    asha = ResumableASHA(
+        time_attr="step",
+        metric=cfg.tune.metric,
+        mode=metric_mode(cfg),
+        max_t=cfg.tune.steps - 1,
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+        stop_last_trials=False,
+    )
     tuner = tune.Tuner(
         fn,
         param_space=param_space(cfg, combos),
-        tune_config=tune.TuneConfig(scheduler=asha, num_samples=cfg.tune.num_samples, reuse_actors=False,
-                                    max_concurrent_trials=concurrency(cfg, ray.cluster_resources()),
-                                    trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),  # fmt: skip
-        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=cfg.run.storage_path, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
-                                  callbacks=[ReportOnTrialEnd(cfg, uri, experiment_id, parent_id)]),  # fmt: skip
+        tune_config=tune.TuneConfig(
+            scheduler=asha,
+            num_samples=cfg.tune.num_samples,
+            reuse_actors=False,
+            max_concurrent_trials=concurrency(cfg, ray.cluster_resources()),
+            trial_dirname_creator=trial_dirname,
+            trial_name_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.tune.name,
+            storage_path=cfg.run.storage_path,
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
+            callbacks=[ReportOnTrialEnd(cfg, uri, experiment_id, parent_id)],
+        ),
     )
     return tuner.fit(), False
 
@@ -125,9 +151,12 @@ def sweep(cfg, combos) -> int:
         return 2
     for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), bool(os.environ.get("RAY_ADDRESS"))):
         print(f"warning: {line}", file=sys.stderr)
-    print(f"sweep {cfg.tune.name}: {len(combos)} combination(s) x {cfg.tune.num_samples} sample(s), "
-          f"{cfg.tune.steps} steps each, ASHA on {cfg.tune.metric}; trials in {sweep_dir}; "
-          f"MLflow parent run {parent_id} in experiment {cfg.tune.experiment} at {uri}", flush=True)  # fmt: skip
+    print(
+        f"sweep {cfg.tune.name}: {len(combos)} combination(s) x {cfg.tune.num_samples} sample(s), "
+        f"{cfg.tune.steps} steps each, ASHA on {cfg.tune.metric}; trials in {sweep_dir}; "
+        f"MLflow parent run {parent_id} in experiment {cfg.tune.experiment} at {uri}",
+        flush=True,
+    )
     results, _ = run_sweep(cfg, combos, uri, experiment_id, parent_id, sweep_dir)
 
     from pipelines.sweep_report import records_from_results, table_markdown, write_report
@@ -135,20 +164,28 @@ def sweep(cfg, combos) -> int:
     try:
         rows, best = write_report(client, experiment_id, parent_id, cfg, records_from_results(results))
     except Exception as e:  # noqa: BLE001 - the trials' results are safe in Tune and MLflow either way
-        print(f"error: the sweep ran, but its report could not be written: {first_line(e)}; rerun the same command "
-              "to write it", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: the sweep ran, but its report could not be written: {first_line(e)}; rerun the same command "
+            "to write it",
+            file=sys.stderr,
+        )
         return 1
     # A trial that reached its last step is finished even when Ctrl-C came before Tune recorded it "done".
-    interrupted = any(not r.error and not r.metrics.get("done") and r.metrics.get("step", 0) < cfg.tune.steps
-                      for r in results)  # fmt: skip
+    interrupted = any(
+        not r.error and not r.metrics.get("done") and r.metrics.get("step", 0) < cfg.tune.steps for r in results
+    )
     if not interrupted:
         client.set_terminated(parent_id, "FINISHED")
     print("\n" + table_markdown(rows, cfg.tune.metric))
     if best:
-        print(f"best: trial {best['trial']}, {cfg.tune.metric} {best['best']:.4g} (ratio {best['ratio']:g}, "
-              f"lr_g {best['lr_g']:g}, attention G{best['g_attn']} D{best['d_attn']}, seed {best['seed']})")  # fmt: skip
-    print(f"report: MLflow run {parent_id} (artifacts report/: trials.csv, trials.md, heatmap.png, curves.png, "
-          f"best_config.yaml); browse with: mlflow ui --backend-store-uri {uri}")  # fmt: skip
+        print(
+            f"best: trial {best['trial']}, {cfg.tune.metric} {best['best']:.4g} (ratio {best['ratio']:g}, "
+            f"lr_g {best['lr_g']:g}, attention G{best['g_attn']} D{best['d_attn']}, seed {best['seed']})"
+        )
+    print(
+        f"report: MLflow run {parent_id} (artifacts report/: trials.csv, trials.md, heatmap.png, curves.png, "
+        f"best_config.yaml); browse with: mlflow ui --backend-store-uri {uri}"
+    )
     if interrupted:
         print("the sweep was interrupted: run the same command again to continue it", file=sys.stderr)
         return 130

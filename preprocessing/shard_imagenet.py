@@ -21,13 +21,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import PIL  # noqa: E402
-import webdataset  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import PIL
+import webdataset
+from tqdm import tqdm
 
-from preprocessing.shards import RESIZE_FILTERS, ImageOptions, verify_split, write_shard  # noqa: E402
-from preprocessing.sources import SourceError, detect_source, list_samples, plan_hash, plan_shards  # noqa: E402
+from preprocessing.shards import RESIZE_FILTERS, ImageOptions, verify_split, write_shard
+from preprocessing.sources import SourceError, detect_source, list_samples, plan_hash, plan_shards
 
 MANIFEST_FORMAT = "sagan-webdataset-shards"
 # Options that change what the shards hold: a changed one needs --overwrite.
@@ -44,19 +44,34 @@ def parse_args(argv=None):
     )
     p.add_argument("--src", help="ImageNet root: SRC/train/<wnid>/*.JPEG, or the Kaggle layout SRC/ILSVRC/Data/CLS-LOC")
     p.add_argument("--out", required=True, help="output folder (shared storage with --backend ray)")
-    p.add_argument("--splits", default=None, help="comma-separated splits to write (default: train,val, those that exist)")
+    p.add_argument(
+        "--splits", default=None, help="comma-separated splits to write (default: train,val, those that exist)"
+    )
     p.add_argument("--size", type=int, default=128, help="output side in pixels (default 128)")
-    p.add_argument("--resize-filter", default="bicubic", choices=sorted(RESIZE_FILTERS), help="antialiased resize filter (default bicubic)")
+    p.add_argument(
+        "--resize-filter",
+        default="bicubic",
+        choices=sorted(RESIZE_FILTERS),
+        help="antialiased resize filter (default bicubic)",
+    )
     p.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 (default 95, 4:4:4 chroma)")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation that mixes classes across shards")
     p.add_argument("--limit", type=int, default=None, help="at most N samples per split, for trial runs")
     p.add_argument("--prefix", default=None, help="shard name prefix (default imagenet<size>)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes with --backend local (default: all cores)")
-    p.add_argument("--backend", default="local", choices=["local", "ray"], help="local process pool, or Ray tasks across a cluster")
-    p.add_argument("--max-failures", type=int, default=0, help="unreadable images tolerated before the run fails (default 0)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="processes with --backend local (default: all cores)"
+    )
+    p.add_argument(
+        "--backend", default="local", choices=["local", "ray"], help="local process pool, or Ray tasks across a cluster"
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=0, help="unreadable images tolerated before the run fails (default 0)"
+    )
     p.add_argument("--overwrite", action="store_true", help="rebuild every shard, also when options changed")
-    p.add_argument("--verify", action="store_true", help="re-read every shard and check it against the manifest (alone: no --src)")
+    p.add_argument(
+        "--verify", action="store_true", help="re-read every shard and check it against the manifest (alone: no --src)"
+    )
     args = p.parse_args(argv)
     for name in ("size", "shard_size", "workers"):
         if getattr(args, name) < 1:
@@ -125,7 +140,9 @@ def run_tasks(tasks: list[tuple[str, list, ImageOptions]], backend: str, workers
         return
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)), initializer=exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         futures = [pool.submit(write_shard, *t) for t in tasks]
         try:
             for future in as_completed(futures):
@@ -169,7 +186,9 @@ def build(args) -> dict:
         changed = sorted(k for k in CONTENT_OPTIONS if old["options"].get(k) != options[k])
         if changed:
             diff = ", ".join(f"{k}: {old['options'].get(k)} -> {options[k]}" for k in changed)
-            raise UsageError(f"{out} holds shards made with other options ({diff}); pass --overwrite or choose another --out")
+            raise UsageError(
+                f"{out} holds shards made with other options ({diff}); pass --overwrite or choose another --out"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -185,11 +204,15 @@ def build(args) -> dict:
         "complete": False,
         "options": options,
         "source": {"path": str(source.root), "layout": source.layout},
-        "versions": {"python": platform.python_version(), "pillow": PIL.__version__,
-                     "webdataset": getattr(webdataset, "__version__", "unknown"), "numpy": np.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "pillow": PIL.__version__,
+            "webdataset": getattr(webdataset, "__version__", "unknown"),
+            "numpy": np.__version__,
+        },
         "num_classes": len(source.wnids),
         "splits": {},
-    }  # fmt: skip
+    }
     if old and not args.overwrite:  # splits this run does not touch stay as they were
         manifest["splits"] = {k: v for k, v in old["splits"].items() if k not in splits}
     tasks, skipped = [], 0
@@ -203,15 +226,22 @@ def build(args) -> dict:
         split_dir.mkdir(exist_ok=True)
         for stale in split_dir.glob(".*.tmp-*"):  # left by an interrupted run
             stale.unlink()
-        old_records = {} if (args.overwrite or not old) else {
-            r["name"]: r for r in old["splits"].get(split, {}).get("shards", []) if "sha256" in r
-        }  # fmt: skip
+        old_records = (
+            {}
+            if (args.overwrite or not old)
+            else {r["name"]: r for r in old["splits"].get(split, {}).get("shards", []) if "sha256" in r}
+        )
         records = []
         for i, shard in enumerate(plan):
             name = f"{args.prefix}-{split}-{i:06d}.tar"
             record, prev = {"name": name, "plan_hash": plan_hash(shard)}, old_records.get(name)
             path = split_dir / name
-            if prev and prev["plan_hash"] == record["plan_hash"] and path.is_file() and path.stat().st_size == prev["bytes"]:
+            if (
+                prev
+                and prev["plan_hash"] == record["plan_hash"]
+                and path.is_file()
+                and path.stat().st_size == prev["bytes"]
+            ):
                 record = prev
                 skipped += 1
             else:
@@ -227,8 +257,11 @@ def build(args) -> dict:
     write_text_atomic(out / "classes.tsv", names)
 
     total = sum(len(t[2][1]) for t in tasks)
-    print(f"{source.layout} layout at {source.root}: {len(source.wnids)} classes; "
-          f"{len(tasks)} shard(s) to write ({total} images), {skipped} complete already", flush=True)  # fmt: skip
+    print(
+        f"{source.layout} layout at {source.root}: {len(source.wnids)} classes; "
+        f"{len(tasks)} shard(s) to write ({total} images), {skipped} complete already",
+        flush=True,
+    )
     start = time.time()
     slots = {Path(t[2][0]).name: (t[0], t[1]) for t in tasks}  # shard name -> (split, index)
     with tqdm(total=total, unit="img", desc="sharding", dynamic_ncols=True, mininterval=1.0, disable=not tasks) as bar:
@@ -242,7 +275,7 @@ def build(args) -> dict:
     elapsed = time.time() - start
 
     failures = []
-    for split, entry in manifest["splits"].items():
+    for entry in manifest["splits"].values():
         counts: dict[str, int] = {}
         for r in entry["shards"]:
             failures.extend(r["failures"])
@@ -276,11 +309,15 @@ def verify(out: Path) -> int:
     if not (out / "classes.tsv").is_file():
         raise UsageError(f"{out / 'classes.tsv'} not found: re-run the sharding to complete {out}")
     wnids = [line.split("\t")[1] for line in (out / "classes.tsv").read_text().splitlines()]
-    problems = [] if manifest["complete"] else [f"{out}: the manifest is not complete (interrupted or over --max-failures)"]
+    problems = (
+        [] if manifest["complete"] else [f"{out}: the manifest is not complete (interrupted or over --max-failures)"]
+    )
     for split, entry in manifest["splits"].items():
         found = verify_split(out / split, entry, wnids, manifest["options"]["size"])
-        print(f"verify {split}: {len(entry['shards'])} shards, {entry.get('num_samples', '?')} samples, "
-              f"{len(found)} problem(s)")  # fmt: skip
+        print(
+            f"verify {split}: {len(entry['shards'])} shards, {entry.get('num_samples', '?')} samples, "
+            f"{len(found)} problem(s)"
+        )
         problems.extend(found)
     for line in problems[:20]:
         print(f"  {line}")

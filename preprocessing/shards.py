@@ -111,12 +111,14 @@ def write_shard(path: str, samples: list[Sample], opts: ImageOptions) -> dict:
                         failures.append({"path": s.path, "reason": f"{type(e).__name__}: {e}"})
                         continue
                     meta = {"wnid": s.wnid, "source_size": info["size"], "source_mode": info["mode"]}
-                    tar.write({
-                        "__key__": s.key,
-                        "jpg": encode_jpeg(img, opts.quality),
-                        "cls": str(s.label).encode("ascii"),
-                        "json": json.dumps(meta, sort_keys=True).encode(),
-                    })  # fmt: skip
+                    tar.write(
+                        {
+                            "__key__": s.key,
+                            "jpg": encode_jpeg(img, opts.quality),
+                            "cls": str(s.label).encode("ascii"),
+                            "json": json.dumps(meta, sort_keys=True).encode(),
+                        }
+                    )
                     class_counts[s.label] = class_counts.get(s.label, 0) + 1
                     written += 1
             f.flush()
@@ -157,7 +159,9 @@ def verify_split(split_dir: Path, split_manifest: dict, wnids: list[str], size: 
             count += 1
             img, label, meta = sample["jpg"], int(sample["cls"]), sample["json"]
             if img.size != (size, size) or img.mode != "RGB":
-                problems.append(f"{path}:{sample['__key__']}: image is {img.mode} {img.size}, expected RGB {size}x{size}")
+                problems.append(
+                    f"{path}:{sample['__key__']}: image is {img.mode} {img.size}, expected RGB {size}x{size}"
+                )
             if index.get(meta["wnid"]) != label:
                 problems.append(f"{path}:{sample['__key__']}: label {label} but wnid {meta['wnid']}")
         if count != shard["num_samples"]:

@@ -70,7 +70,9 @@ IGNORED_DIRS = {"lost+found", "@eaDir"}
 
 def _class_dirs(folder: Path) -> list[Path]:
     """Class folders of a split, sorted; hidden and system folders (.snapshot, lost+found) are not classes."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_DIRS)
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_DIRS
+    )
 
 
 def _read_names(root: Path) -> dict[str, str]:
@@ -132,8 +134,10 @@ def list_samples(source: Source, split: str) -> list[Sample]:
     else:
         class_dirs = _class_dirs(folder)
         if not class_dirs and _files(folder):
-            raise SourceError(f"{folder} holds images directly, not in <wnid>/ folders; sort val into class folders "
-                              "(e.g. with LOC_val_solution.csv) or use the Kaggle layout")  # fmt: skip
+            raise SourceError(
+                f"{folder} holds images directly, not in <wnid>/ folders; sort val into class folders "
+                "(e.g. with LOC_val_solution.csv) or use the Kaggle layout"
+            )
         for wnid_dir in class_dirs:
             pairs.extend((path, wnid_dir.name) for path in _files(wnid_dir))
     if not pairs:

@@ -70,13 +70,17 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
         if not refused:  # not a pickle of ours at all: junk bytes
             raise CheckpointError(f"checkpoint {path} cannot be read (truncated, or not a torch file)") from None
-        raise CheckpointError(f"{path} is not a plain checkpoint (it contains code objects: {refused[0]}); it was "
-                              "not loaded and nothing in it ran. Use a checkpoint written by this project") from None  # fmt: skip
+        raise CheckpointError(
+            f"{path} is not a plain checkpoint (it contains code objects: {refused[0]}); it was "
+            "not loaded and nothing in it ran. Use a checkpoint written by this project"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated, or not a torch file): {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a SAGAN checkpoint (no '{FORMAT}' marker): was it written by save_checkpoint?")
+        raise CheckpointError(
+            f"{path} is not a SAGAN checkpoint (no '{FORMAT}' marker): was it written by save_checkpoint?"
+        )
     if state.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}; this code reads {VERSION}")
     missing = [k for k in REQUIRED_KEYS if k not in state]
@@ -91,15 +95,21 @@ def check_fits(model: torch.nn.Module, saved: dict, name: str) -> None:
     own = model.state_dict()
     for key, tensor in saved.items():
         if key not in own:
-            raise CheckpointError(f"the checkpoint's {name}.{key} has no place in the model: it was written by another "
-                                  "architecture (model.* settings)")  # fmt: skip
+            raise CheckpointError(
+                f"the checkpoint's {name}.{key} has no place in the model: it was written by another "
+                "architecture (model.* settings)"
+            )
         if own[key].shape != tensor.shape:
-            raise CheckpointError(f"the checkpoint's {name}.{key} has shape {tuple(tensor.shape)} but the model's has "
-                                  f"{tuple(own[key].shape)}: it was written with other model.* settings")  # fmt: skip
+            raise CheckpointError(
+                f"the checkpoint's {name}.{key} has shape {tuple(tensor.shape)} but the model's has "
+                f"{tuple(own[key].shape)}: it was written with other model.* settings"
+            )
     missing = [k for k in own if k not in saved]
     if missing:
-        raise CheckpointError(f"the checkpoint lacks {name}.{missing[0]} ({len(missing)} key(s) in all): it was written "
-                              "by another architecture (model.* settings)")  # fmt: skip
+        raise CheckpointError(
+            f"the checkpoint lacks {name}.{missing[0]} ({len(missing)} key(s) in all): it was written "
+            "by another architecture (model.* settings)"
+        )
 
 
 def trainer_from_checkpoint(path: str | Path, device="cpu") -> tuple[Trainer, Config]:

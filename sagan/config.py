@@ -18,6 +18,7 @@ import yaml
 INCEPTION = "inception-v3-compat"  # torch-fidelity's TF-ported Inception v3: the standard FID/IS network
 SAMPLE_CLASSIFIER = "sample-classifier"  # a small CNN trained on the built-in sample set (offline)
 
+
 @dataclass
 class ModelConfig:
     resolution: int = 32  # image size: 32, 64 or 128
@@ -42,9 +43,13 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000  # G updates in total
     batch_size: int = 32  # per worker: the global batch is batch_size x scaling.num_workers
-    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs), fp32, bf16 (autocast) or fp16 (autocast + loss scaling)
+    precision: str = (
+        "auto"  # auto (bf16 on GPUs, fp32 on CPUs), fp32, bf16 (autocast) or fp16 (autocast + loss scaling)
+    )
     channels_last: bool | None = None  # NHWC layout for G and D; null (or auto): on for GPUs, off on CPUs
-    compile: bool | None = None  # torch.compile G and D (the first steps take minutes); null (or auto): on for GPUs, off on CPUs
+    compile: bool | None = (
+        None  # torch.compile G and D (the first steps take minutes); null (or auto): on for GPUs, off on CPUs
+    )
     compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" needs no compiler toolchain (debugging)
     seed: int = 0
     ema_decay: float = 0.99  # EMA of G's weights for sampling; BigGAN uses 0.9999 at ImageNet scale
@@ -64,7 +69,9 @@ class DataConfig:
     train_shards: str = "data/sample/shards/train"  # shard directory, brace pattern or manifest.json
     val_shards: str = "data/sample/shards/val"  # the same, for the real statistics of FID
     verify: str = "full"  # before training: full (sizes, then sha256 in Ray tasks), size (stat only) or off
-    loader_workers: int | None = None  # decoding processes per rank; null: the rank's CPUs (scaling.cpus_per_worker, at least 1); 0: in the training process
+    loader_workers: int | None = (
+        None  # decoding processes per rank; null: the rank's CPUs (scaling.cpus_per_worker, at least 1); 0: in the training process
+    )
     prefetch: int = 4  # batches each loader process decodes ahead
 
 
@@ -257,16 +264,24 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(str(e)) from None
     for where, channels in attention_channels(m.resolution, m.ch, m.g_attn, m.d_attn).items():
         if channels % 8:
-            raise ConfigError(f"model.ch: attention at {where} would have {channels} channels; it needs a multiple of 8")
+            raise ConfigError(
+                f"model.ch: attention at {where} would have {channels} channels; it needs a multiple of 8"
+            )
     if cfg.eval.feature_extractor not in (INCEPTION, SAMPLE_CLASSIFIER):
-        raise ConfigError(f"eval.feature_extractor: '{cfg.eval.feature_extractor}' is not one of {INCEPTION}, {SAMPLE_CLASSIFIER}")
+        raise ConfigError(
+            f"eval.feature_extractor: '{cfg.eval.feature_extractor}' is not one of {INCEPTION}, {SAMPLE_CLASSIFIER}"
+        )
     if cfg.scaling.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ConfigError(f"scaling.placement_strategy: '{cfg.scaling.placement_strategy}' is not one of "
-                          f"{', '.join(PLACEMENT_STRATEGIES)}")  # fmt: skip
+        raise ConfigError(
+            f"scaling.placement_strategy: '{cfg.scaling.placement_strategy}' is not one of "
+            f"{', '.join(PLACEMENT_STRATEGIES)}"
+        )
     if cfg.eval.real_split not in ("val", "train"):
         raise ConfigError(f"eval.real_split: '{cfg.eval.real_split}' is not one of val, train")
     if cfg.data.loader_workers is not None and cfg.data.loader_workers < 0:
-        raise ConfigError(f"data.loader_workers: must be 0 or more (or null for the rank's CPUs), got {cfg.data.loader_workers}")
+        raise ConfigError(
+            f"data.loader_workers: must be 0 or more (or null for the rank's CPUs), got {cfg.data.loader_workers}"
+        )
     if cfg.data.prefetch < 1:
         raise ConfigError(f"data.prefetch: must be at least 1, got {cfg.data.prefetch}")
     if cfg.data.verify not in DATA_VERIFY:
@@ -277,24 +292,41 @@ def validate(cfg: Config) -> Config:
         from torch._dynamo import list_backends
 
         if t.compile_backend not in list_backends(exclude_tags=()):
-            raise ConfigError(f"train.compile_backend: '{t.compile_backend}' is not a torch.compile backend; "
-                              f"use one of {', '.join(list_backends(exclude_tags=()))}")  # fmt: skip
+            raise ConfigError(
+                f"train.compile_backend: '{t.compile_backend}' is not a torch.compile backend; "
+                f"use one of {', '.join(list_backends(exclude_tags=()))}"
+            )
     positive = {
-        "model.ch": m.ch, "model.z_dim": m.z_dim, "model.num_classes": m.num_classes,
-        "optim.n_dis": cfg.optim.n_dis, "train.steps": t.steps, "train.batch_size": t.batch_size,
-        "train.log_every": t.log_every, "train.sample_every": t.sample_every, "train.ckpt_every": t.ckpt_every,
-        "eval.batch_size": cfg.eval.batch_size, "scaling.num_workers": cfg.scaling.num_workers,
-        "run.keep_checkpoints": cfg.run.keep_checkpoints, "train.diverge_patience": t.diverge_patience,
-    }  # fmt: skip
+        "model.ch": m.ch,
+        "model.z_dim": m.z_dim,
+        "model.num_classes": m.num_classes,
+        "optim.n_dis": cfg.optim.n_dis,
+        "train.steps": t.steps,
+        "train.batch_size": t.batch_size,
+        "train.log_every": t.log_every,
+        "train.sample_every": t.sample_every,
+        "train.ckpt_every": t.ckpt_every,
+        "eval.batch_size": cfg.eval.batch_size,
+        "scaling.num_workers": cfg.scaling.num_workers,
+        "run.keep_checkpoints": cfg.run.keep_checkpoints,
+        "train.diverge_patience": t.diverge_patience,
+    }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    for key, value in {"optim.lr_g": cfg.optim.lr_g, "optim.lr_d": cfg.optim.lr_d,
-                       "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker}.items():  # fmt: skip
+    for key, value in {
+        "optim.lr_g": cfg.optim.lr_g,
+        "optim.lr_d": cfg.optim.lr_d,
+        "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker,
+    }.items():
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{key}: must be a finite number above 0, got {value}")
-    for key, value in {"train.eval_every": t.eval_every, "train.ema_start": t.ema_start, "train.diverge_factor": t.diverge_factor,
-                       "run.max_failures": cfg.run.max_failures}.items():  # fmt: skip
+    for key, value in {
+        "train.eval_every": t.eval_every,
+        "train.ema_start": t.ema_start,
+        "train.diverge_factor": t.diverge_factor,
+        "run.max_failures": cfg.run.max_failures,
+    }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {value}")
     for key, value in {"eval.num_samples": cfg.eval.num_samples, "eval.loop_samples": cfg.eval.loop_samples}.items():
@@ -317,11 +349,15 @@ TUNE_METRICS = {"loop/fid": "min", "loop/is": "max", "loop/class_acc": "max"}  #
 def _validate_tune(u: TuneConfig) -> None:
     """The tune section's own values; the search space against the model is checked by pipelines/sweep.py."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", u.name):
-        raise ConfigError(f"tune.name: '{u.name}' must be letters, digits, '.', '_' or '-' (it names a folder and MLflow tags)")
+        raise ConfigError(
+            f"tune.name: '{u.name}' must be letters, digits, '.', '_' or '-' (it names a folder and MLflow tags)"
+        )
     if u.search not in ("grid", "random"):
         raise ConfigError(f"tune.search: '{u.search}' is not one of grid, random")
     if u.metric not in TUNE_METRICS:
-        raise ConfigError(f"tune.metric: '{u.metric}' is not reported by the training loop; use one of {', '.join(TUNE_METRICS)}")
+        raise ConfigError(
+            f"tune.metric: '{u.metric}' is not reported by the training loop; use one of {', '.join(TUNE_METRICS)}"
+        )
     for key in ("num_samples", "steps", "grace_period"):
         if getattr(u, key) <= 0:
             raise ConfigError(f"tune.{key}: must be positive, got {getattr(u, key)}")
@@ -351,7 +387,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             context = f" ({e.context})" if getattr(e, "context", None) else ""
             raise ConfigError(f"config file {path} is not valid YAML{where}: {what}{context}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, optim:, ...), got {type(data).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections (model:, optim:, ...), got {type(data).__name__}"
+            )
     data = _merge(data, parse_overrides(overrides or []))
     return validate(_build(Config, data, ""))
 

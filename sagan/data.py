@@ -71,21 +71,30 @@ def find_shards(location: str, split: str = "train") -> ShardSet:
         root = tar_dir.parent
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
-        raise DataError(f"no manifest.json next to the shards at {loc} (looked for {manifest_path}); "
-                        "shard the data with preprocessing/shard_imagenet.py")  # fmt: skip
+        raise DataError(
+            f"no manifest.json next to the shards at {loc} (looked for {manifest_path}); "
+            "shard the data with preprocessing/shard_imagenet.py"
+        )
     manifest = json.loads(manifest_path.read_text())
     if not manifest.get("complete"):
-        raise DataError(f"{manifest_path} is not complete (sharding was interrupted or had too many failures); "
-                        "re-run preprocessing/shard_imagenet.py")  # fmt: skip
-    name = split if split in manifest.get("splits", {}) and tar_dir.name == split else _manifest_split(manifest, tar_dir)
+        raise DataError(
+            f"{manifest_path} is not complete (sharding was interrupted or had too many failures); "
+            "re-run preprocessing/shard_imagenet.py"
+        )
+    name = (
+        split if split in manifest.get("splits", {}) and tar_dir.name == split else _manifest_split(manifest, tar_dir)
+    )
     if name is None:
         raise DataError(f"no shards of {manifest_path} found in {tar_dir}")
     records = [r for r in manifest["splits"][name]["shards"] if wanted is None or r["name"] in wanted]
     records = [r for r in records if "sha256" in r and r["num_samples"] > 0]
     missing = [r["name"] for r in records if not (tar_dir / r["name"]).is_file()]
     if missing or not records:
-        raise DataError(f"{tar_dir} is missing {len(missing)} shard(s) of its manifest (first: {missing[:1]}) "
-                        if missing else f"{tar_dir} holds no complete shard")  # fmt: skip
+        raise DataError(
+            f"{tar_dir} is missing {len(missing)} shard(s) of its manifest (first: {missing[:1]}) "
+            if missing
+            else f"{tar_dir} holds no complete shard"
+        )
     # The options hold the resize filter and crop: statistics of differently preprocessed data never share a key.
     content = {"options": manifest["options"], "shards": [[r["name"], r["sha256"]] for r in records]}
     return ShardSet(
@@ -102,8 +111,10 @@ def find_shards(location: str, split: str = "train") -> ShardSet:
 
 def _fix(url: str) -> str:
     root = Path(url).parent.parent  # OUT/<split>/<name>.tar
-    return (f"delete it and re-run preprocessing/shard_imagenet.py with the same --src and --out (missing shards are "
-            f"rebuilt); check every shard with preprocessing/shard_imagenet.py --out {root} --verify")  # fmt: skip
+    return (
+        f"delete it and re-run preprocessing/shard_imagenet.py with the same --src and --out (missing shards are "
+        f"rebuilt); check every shard with preprocessing/shard_imagenet.py --out {root} --verify"
+    )
 
 
 def size_mismatch(shards: ShardSet) -> str | None:
@@ -129,8 +140,10 @@ def sha256_mismatch(urls: list[str], sha256s: list[str], chunk_bytes: int = 4 <<
             while n := f.readinto(buf):
                 h.update(view[:n])
         if h.hexdigest() != expected:
-            return (f"shard {url} is damaged: its sha256 is {h.hexdigest()[:12]}..., the manifest says "
-                    f"{expected[:12]}...; {_fix(url)}")  # fmt: skip
+            return (
+                f"shard {url} is damaged: its sha256 is {h.hexdigest()[:12]}..., the manifest says "
+                f"{expected[:12]}...; {_fix(url)}"
+            )
     return None
 
 
@@ -143,8 +156,10 @@ def decode_uint8(jpg: bytes) -> torch.Tensor:
 def batches_per_epoch(shards: ShardSet, world_size: int, batch_size: int) -> int:
     """Batches every rank yields per epoch: what the rank with the fewest samples can fill (equal for all)."""
     if len(shards.urls) < world_size:
-        raise DataError(f"{len(shards.urls)} shard(s) for {world_size} workers: shard with a smaller --shard-size "
-                        "so every worker gets at least one")  # fmt: skip
+        raise DataError(
+            f"{len(shards.urls)} shard(s) for {world_size} workers: shard with a smaller --shard-size "
+            "so every worker gets at least one"
+        )
     # Shards are dealt round-robin after a per-epoch shuffle; bound by the smallest possible share.
     per_rank = len(shards.urls) // world_size
     smallest = sum(sorted(shards.counts)[:per_rank])

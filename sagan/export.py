@@ -43,14 +43,17 @@ def load_generator_file(path: str | Path, device="cpu") -> tuple[Generator, dict
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be read as safetensors ({str(e).splitlines()[0]})") from None
     if header.get("format") != FORMAT or "generator" not in header:
-        raise CheckpointError(f"{path} is a safetensors file but not a SAGAN generator (no '{FORMAT}' metadata); "
-                              "export one with pipelines/sample.py --export-safetensors")  # fmt: skip
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a SAGAN generator (no '{FORMAT}' metadata); "
+            "export one with pipelines/sample.py --export-safetensors"
+        )
     try:
         meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
         G = Generator(**meta["generator"])
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path} has damaged SAGAN metadata ({str(e).splitlines()[0]}); export it again") from None
+        raise CheckpointError(
+            f"{path} has damaged SAGAN metadata ({str(e).splitlines()[0]}); export it again"
+        ) from None
     check_fits(G, tensors, "generator")
     G.load_state_dict(tensors)
     return G.to(device).eval(), meta
-

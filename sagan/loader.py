@@ -60,7 +60,9 @@ def tar_index(url: str, expected: int | None = None) -> list[tuple[str, dict[str
         after = f"after sample {samples[-1][0]}" if samples else "before its first sample"
         raise DataError(f"shard {url}: {after}: {type(e).__name__}: {_one_line(e)}; {_fix(url)}") from None
     if expected is not None and len(samples) != expected:
-        raise DataError(f"shard {url}: holds {len(samples)} samples, the manifest says {expected} (cut short?); {_fix(url)}")
+        raise DataError(
+            f"shard {url}: holds {len(samples)} samples, the manifest says {expected} (cut short?); {_fix(url)}"
+        )
     return samples
 
 
@@ -203,17 +205,33 @@ def load(dataset: Batches, start: int, stop: int, workers: int = 0, prefetch: in
     """Batches number start..stop-1 of `dataset`, in order, from `workers` processes (0: this one) reading
     `prefetch` batches ahead each; pinned for a fast copy to a GPU when `pin`. Raises DataError, one line."""
     # Its own generator: a DataLoader otherwise draws its base seed from the global RNG that latents come from.
-    loader = DataLoader(dataset, batch_size=None, sampler=range(start, stop), num_workers=workers, pin_memory=pin,
-                        prefetch_factor=prefetch if workers else None, persistent_workers=False,
-                        generator=torch.Generator())  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(start, stop),
+        num_workers=workers,
+        pin_memory=pin,
+        prefetch_factor=prefetch if workers else None,
+        persistent_workers=False,
+        generator=torch.Generator(),
+    )
     for item in loader:
         if isinstance(item, str):
             raise DataError(item)
         yield item
 
 
-def rank_loader(shards: ShardSet, rank: int, world_size: int, batch_size: int, seed: int, start_batch: int,
-                workers: int = 0, prefetch: int = 2, pin: bool = False):  # fmt: skip
+def rank_loader(
+    shards: ShardSet,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seed: int,
+    start_batch: int,
+    workers: int = 0,
+    prefetch: int = 2,
+    pin: bool = False,
+):
     """Endless uint8 batches of this rank's schedule from batch `start_batch` on (epoch after epoch)."""
     return load(PlannedBatches(shards, rank, world_size, batch_size, seed), start_batch, 2**62, workers, prefetch, pin)
 

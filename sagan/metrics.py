@@ -72,7 +72,9 @@ def inception_weights(path: str | None = None, download: bool = True, timeout: f
         socket.setdefaulttimeout(timeout)  # an offline cluster with a black-holed route must not hang here
         try:
             home.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(INCEPTION_URL, str(found), hash_prefix=INCEPTION_SHA256_PREFIX, progress=True)
+            torch.hub.download_url_to_file(
+                INCEPTION_URL, str(found), hash_prefix=INCEPTION_SHA256_PREFIX, progress=True
+            )
             return found
         except Exception as e:  # noqa: BLE001 - any download failure has the same fix
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -80,16 +82,20 @@ def inception_weights(path: str | None = None, download: bool = True, timeout: f
             socket.setdefaulttimeout(old)
     else:
         reason = "downloads disabled"
-    raise MetricsError(f"no Inception weights: none given, none at {found}, and the download from {INCEPTION_URL} "
-                       f"failed ({reason}); fetch {INCEPTION_FILE} where there is internet and pass "
-                       f"--inception-weights PATH (or eval.inception_weights=PATH), or copy it to {home}/")  # fmt: skip
+    raise MetricsError(
+        f"no Inception weights: none given, none at {found}, and the download from {INCEPTION_URL} "
+        f"failed ({reason}); fetch {INCEPTION_FILE} where there is internet and pass "
+        f"--inception-weights PATH (or eval.inception_weights=PATH), or copy it to {home}/"
+    )
 
 
 def _check_sha256(path: Path) -> None:
     digest = _sha256(path)
     if not digest.startswith(INCEPTION_SHA256_PREFIX):
-        raise MetricsError(f"{path} is not {INCEPTION_FILE} (sha256 {digest[:8]}..., expected {INCEPTION_SHA256_PREFIX}...); "
-                           "FID/IS are only comparable with the standard weights")  # fmt: skip
+        raise MetricsError(
+            f"{path} is not {INCEPTION_FILE} (sha256 {digest[:8]}..., expected {INCEPTION_SHA256_PREFIX}...); "
+            "FID/IS are only comparable with the standard weights"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -143,10 +149,16 @@ class SampleClassifier(nn.Module):
 
         w = width
         self.body = nn.Sequential(
-            *block(3, w), *block(w, w), nn.MaxPool2d(2),
-            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            *block(3, w),
+            *block(w, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(4 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +172,9 @@ class SampleClassifierFeatures(FeatureExtractorBase):
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
-            raise MetricsError("the sample classifier needs its weights file (sagan.metrics.sample_classifier makes it)")
+            raise MetricsError(
+                "the sample classifier needs its weights file (sagan.metrics.sample_classifier makes it)"
+            )
         saved = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
         self.net = SampleClassifier(saved["num_classes"], saved["width"])
         self.net.load_state_dict(saved["state_dict"])
@@ -218,8 +232,9 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 CLASSIFIER_RECIPE = {"epochs": 10, "width": 32, "seed": 0, "batch_size": 64}
 
 
-def train_sample_classifier(train: ShardSet, val: ShardSet, epochs: int, width: int, seed: int,
-                            batch_size: int) -> tuple[dict, float]:  # fmt: skip
+def train_sample_classifier(
+    train: ShardSet, val: ShardSet, epochs: int, width: int, seed: int, batch_size: int
+) -> tuple[dict, float]:
     """Train a SampleClassifier on `train`; return (what SampleClassifierFeatures loads, val accuracy)."""
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's random state
         torch.manual_seed(seed)
@@ -244,8 +259,14 @@ def train_sample_classifier(train: ShardSet, val: ShardSet, epochs: int, width: 
     net.eval()
     with torch.no_grad():
         _, logits = net(x_val.float() / 127.5 - 1.0)
-    saved = {"state_dict": net.state_dict(), "num_classes": train.num_classes, "width": width,
-             "image_size": train.image_size, "train_key": train.key, "val_key": val.key}  # fmt: skip
+    saved = {
+        "state_dict": net.state_dict(),
+        "num_classes": train.num_classes,
+        "width": width,
+        "image_size": train.image_size,
+        "train_key": train.key,
+        "val_key": val.key,
+    }
     return saved, accuracy(logits, y_val)
 
 
@@ -262,8 +283,10 @@ def sample_classifier(train: ShardSet, val: ShardSet, cache: Path, log=print) ->
     saved, val_accuracy = train_sample_classifier(train, val, **CLASSIFIER_RECIPE)
     saved.update(val_accuracy=val_accuracy, key=key)
     atomic_save(saved, path)
-    log(f"sample classifier: val accuracy {val_accuracy:.1%} on {val.num_samples} images, "
-        f"trained in {time.perf_counter() - start:.0f}s ({path})")  # fmt: skip
+    log(
+        f"sample classifier: val accuracy {val_accuracy:.1%} on {val.num_samples} images, "
+        f"trained in {time.perf_counter() - start:.0f}s ({path})"
+    )
     return path
 
 
@@ -295,8 +318,14 @@ def default_cache_dir(shards: ShardSet) -> Path:
 
 
 @torch.no_grad()
-def extract_features(extractor: FeatureExtractorBase, shards: ShardSet, batch_size: int, device,
-                     progress: bool = True, workers: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def extract_features(
+    extractor: FeatureExtractorBase,
+    shards: ShardSet,
+    batch_size: int,
+    device,
+    progress: bool = True,
+    workers: int | None = None,
+) -> dict[str, torch.Tensor]:
     """{layer: (N, D)} features of every real image in `shards`, decoded by `workers` processes (default: up
     to 4, one per core) while the extractor runs."""
     from tqdm import tqdm
@@ -317,8 +346,16 @@ def _save_stats(stats: dict, meta: dict, path: Path) -> None:
     atomic_save({"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), **meta}, path)
 
 
-def real_statistics(extractor: FeatureExtractorBase, identity: str, shards: ShardSet, cache: Path,
-                    batch_size: int, device, stats_file: str | None = None, log=print) -> dict:  # fmt: skip
+def real_statistics(
+    extractor: FeatureExtractorBase,
+    identity: str,
+    shards: ShardSet,
+    cache: Path,
+    batch_size: int,
+    device,
+    stats_file: str | None = None,
+    log=print,
+) -> dict:
     """FID statistics of the real images in `shards` under `extractor` (whose weights `identity` names).
 
     Cached in `cache` under a key of the shards' content, the extractor and the image size, so a second
@@ -326,10 +363,19 @@ def real_statistics(extractor: FeatureExtractorBase, identity: str, shards: Shar
     written otherwise.
     """
     layer = LAYERS[extractor.get_name()][0]
-    meta = {"extractor": extractor.get_name(), "extractor_id": identity, "layer": layer,
-            "image_size": shards.image_size, "data_key": shards.key}  # fmt: skip
+    meta = {
+        "extractor": extractor.get_name(),
+        "extractor_id": identity,
+        "layer": layer,
+        "image_size": shards.image_size,
+        "data_key": shards.key,
+    }
     key = hashlib.sha256(repr(sorted(meta.items())).encode()).hexdigest()
-    path = Path(stats_file) if stats_file else Path(cache) / f"fid-stats-{meta['extractor']}-{shards.image_size}px-{key[:16]}.pt"
+    path = (
+        Path(stats_file)
+        if stats_file
+        else Path(cache) / f"fid-stats-{meta['extractor']}-{shards.image_size}px-{key[:16]}.pt"
+    )
     if stats_file and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)  # the user's file: errors are theirs to see
     else:
@@ -337,8 +383,10 @@ def real_statistics(extractor: FeatureExtractorBase, identity: str, shards: Shar
     if saved:
         if saved.get("key") != key:
             differs = [k for k in meta if saved.get(k) != meta[k]]
-            raise MetricsError(f"real statistics {path} were computed with other {', '.join(differs)}; "
-                               "delete the file or choose another --stats-file")  # fmt: skip
+            raise MetricsError(
+                f"real statistics {path} were computed with other {', '.join(differs)}; "
+                "delete the file or choose another --stats-file"
+            )
         log(f"real statistics: {saved['num_samples']} images, cached ({path})")
         return {"mu": saved["mu"].numpy(), "sigma": saved["sigma"].numpy()}
     log(f"real statistics: {shards.num_samples} images through {meta['extractor']} ...")
@@ -406,9 +454,14 @@ class Evaluator:
         try:
             with _on(self.device):
                 features = get_featuresdict_from_generative_model(
-                    _ConditionalSampler(G, labels), self.extractor, num_samples, self.batch_size,
-                    cuda=self.device.type == "cuda", rng_seed=self.seed, verbose=progress,
-                )  # fmt: skip
+                    _ConditionalSampler(G, labels),
+                    self.extractor,
+                    num_samples,
+                    self.batch_size,
+                    cuda=self.device.type == "cuda",
+                    rng_seed=self.seed,
+                    verbose=progress,
+                )
         finally:
             G.train(was_training)
         is_mean, is_std = inception_score(features[isc_layer], ISC_SPLITS, self.seed)
@@ -449,22 +502,31 @@ def real_shards(cfg: Config) -> ShardSet:
         raise MetricsError(f"real images for FID (data.{split}_shards): {err}") from None
     m = cfg.model
     if (shards.num_classes, shards.image_size) != (m.num_classes, m.resolution):
-        raise MetricsError(f"real images for FID ({shards.manifest.parent}) hold {shards.num_classes} classes at "
-                           f"{shards.image_size}px but the model makes {m.num_classes} at {m.resolution}px; "
-                           f"point data.{split}_shards at the data the model was trained on")  # fmt: skip
+        raise MetricsError(
+            f"real images for FID ({shards.manifest.parent}) hold {shards.num_classes} classes at "
+            f"{shards.image_size}px but the model makes {m.num_classes} at {m.resolution}px; "
+            f"point data.{split}_shards at the data the model was trained on"
+        )
     return shards
 
 
-def build_evaluator(cfg: Config, device, stats_file: str | None = None, weights: tuple[Path, str] | None = None,
-                    log=print) -> Evaluator:  # fmt: skip
+def build_evaluator(
+    cfg: Config, device, stats_file: str | None = None, weights: tuple[Path, str] | None = None, log=print
+) -> Evaluator:
     """An Evaluator for cfg.eval's extractor against eval.real_split's statistics (cached or computed now).
     `weights`: what `feature_weights(cfg)` returned, when the caller has it already."""
     device = torch.device(device)
     shards = real_shards(cfg)
     weights, identity = weights or feature_weights(cfg, log)
     with _on(device):
-        extractor = create_feature_extractor(cfg.eval.feature_extractor, list(LAYERS[cfg.eval.feature_extractor]),
-                                             cuda=device.type == "cuda", feature_extractor_weights_path=str(weights),
-                                             verbose=False)  # fmt: skip
-        real = real_statistics(extractor, identity, shards, eval_cache_dir(cfg), cfg.eval.batch_size, device, stats_file, log)
+        extractor = create_feature_extractor(
+            cfg.eval.feature_extractor,
+            list(LAYERS[cfg.eval.feature_extractor]),
+            cuda=device.type == "cuda",
+            feature_extractor_weights_path=str(weights),
+            verbose=False,
+        )
+        real = real_statistics(
+            extractor, identity, shards, eval_cache_dir(cfg), cfg.eval.batch_size, device, stats_file, log
+        )
     return Evaluator(extractor, real, cfg.model.num_classes, cfg.eval.batch_size, device, cfg.eval.seed)

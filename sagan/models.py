@@ -148,8 +148,14 @@ class Discriminator(nn.Module):
 def generator_kwargs(model_cfg) -> dict:
     """The keyword arguments of `Generator` for a `ModelConfig` (plain values: they travel as JSON in exports)."""
     c = model_cfg
-    return {"resolution": c.resolution, "ch": c.ch, "z_dim": c.z_dim, "num_classes": c.num_classes,
-            "attn_resolutions": list(c.g_attn), "sn": c.g_sn}  # fmt: skip
+    return {
+        "resolution": c.resolution,
+        "ch": c.ch,
+        "z_dim": c.z_dim,
+        "num_classes": c.num_classes,
+        "attn_resolutions": list(c.g_attn),
+        "sn": c.g_sn,
+    }
 
 
 def build_models(model_cfg, seed: int | None = None) -> tuple[Generator, Discriminator]:

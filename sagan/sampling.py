@@ -41,8 +41,9 @@ def noise(seeds: Sequence[int], z_dim: int, truncation: float = 0.0) -> torch.Te
 
 
 @torch.no_grad()
-def generate(G, z: torch.Tensor, y: torch.Tensor, batch_size: int = 64,
-             progress: Callable[[int], None] | None = None) -> torch.Tensor:  # fmt: skip
+def generate(
+    G, z: torch.Tensor, y: torch.Tensor, batch_size: int = 64, progress: Callable[[int], None] | None = None
+) -> torch.Tensor:
     """G(z, y) in batches of `batch_size` on G's device, as float images (N, 3, R, R) in [-1, 1] on the CPU.
     `y` is (N,) class indices or (N, num_classes) class weights; `progress(n)` is called after each batch."""
     if batch_size < 1:
@@ -57,8 +58,9 @@ def generate(G, z: torch.Tensor, y: torch.Tensor, batch_size: int = 64,
     return torch.cat(out) if out else torch.empty(0)
 
 
-def interpolation_inputs(z_a: torch.Tensor, z_b: torch.Tensor, class_a: int, class_b: int, steps: int,
-                         num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def interpolation_inputs(
+    z_a: torch.Tensor, z_b: torch.Tensor, class_a: int, class_b: int, steps: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`steps` inputs walking linearly from (z_a, class_a) to (z_b, class_b), endpoints included and exact.
     Between two classes the labels are class weights (steps, num_classes), (1-t) at class_a and t at class_b,
     which the generator's conditional batch norms mix as a blend of the two classes' gains and biases."""

@@ -39,8 +39,14 @@ class Speed:
         precision = train_cfg.precision
         if precision == "auto":
             precision = "bf16" if cuda else "fp32"
-        return cls(precision, auto(train_cfg.channels_last), auto(train_cfg.compile), train_cfg.compile_backend,
-                   fused_adam=cuda, cudnn_benchmark=cuda)  # fmt: skip
+        return cls(
+            precision,
+            auto(train_cfg.channels_last),
+            auto(train_cfg.compile),
+            train_cfg.compile_backend,
+            fused_adam=cuda,
+            cudnn_benchmark=cuda,
+        )
 
     @property
     def memory_format(self) -> torch.memory_format:

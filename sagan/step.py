@@ -43,7 +43,9 @@ class EMA:
             e.copy_(b)
 
 
-def make_optimizers(G: nn.Module, D: nn.Module, cfg: Config, fused: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+def make_optimizers(
+    G: nn.Module, D: nn.Module, cfg: Config, fused: bool = False
+) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """TTUR: Adam for G at optim.lr_g and for D at optim.lr_d, with optim.betas; `fused`: one kernel per step."""
     # YAML reads `[0, 0.999]` with an int 0, which newer torch's Adam rejects: force floats.
     betas = tuple(float(b) for b in cfg.optim.betas)
@@ -60,7 +62,9 @@ def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict, current_groups
     """Load `saved` into `opt`, keeping `current_groups`' lr, betas and kernel choice, and lay each moment out
     like its parameter: fused Adam walks parameters and moments as flat arrays, so a checkpoint written with
     another memory layout (channels_last on or off) would pair each weight with another weight's moments."""
-    groups = [{**g, **{k: cur[k] for k in _CURRENT_KEYS if k in cur}} for g, cur in zip(saved["param_groups"], current_groups)]
+    groups = [
+        {**g, **{k: cur[k] for k in _CURRENT_KEYS if k in cur}} for g, cur in zip(saved["param_groups"], current_groups)
+    ]
     opt.load_state_dict({**saved, "param_groups": groups})
     for group in opt.param_groups:
         for p in group["params"]:
@@ -128,8 +132,10 @@ class DivergenceGuard:
         if len(self.streak) < self.patience:
             return None
         k, v = max(beyond.items(), key=lambda kv: abs(kv[1]) / max(1.0, self.largest.get(kv[0], 1.0)))
-        return (f"diverged at step {self.streak[0]}: {k} = {v:.3g}, beyond {self.factor:g}x its largest earlier "
-                f"|value| {max(1.0, self.largest.get(k, 1.0)):.3g}, for {len(self.streak)} readings to step {step}")  # fmt: skip
+        return (
+            f"diverged at step {self.streak[0]}: {k} = {v:.3g}, beyond {self.factor:g}x its largest earlier "
+            f"|value| {max(1.0, self.largest.get(k, 1.0)):.3g}, for {len(self.streak)} readings to step {step}"
+        )
 
 
 class Trainer:
@@ -146,7 +152,9 @@ class Trainer:
         self.speed = speed or Speed.from_config(cfg.train, self.device)
         if self.speed.channels_last and not all(is_channels_last(unwrap(m)) for m in (G, D)):
             if any(isinstance(m, DistributedDataParallel) for m in (G, D)):
-                raise ValueError("channels_last: call sagan.speed.prepare_models(speed, G, D) before wrapping them in DDP")
+                raise ValueError(
+                    "channels_last: call sagan.speed.prepare_models(speed, G, D) before wrapping them in DDP"
+                )
         prepare_models(self.speed, unwrap(G), unwrap(D))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.speed.cudnn_benchmark  # a process-wide switch

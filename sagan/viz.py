@@ -6,12 +6,12 @@ Both return RGB images as uint8 numpy arrays (H, W, 3), which PIL saves and MLfl
 import matplotlib
 
 matplotlib.use("Agg")  # no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from .sampling import to_uint8  # noqa: E402
+from .sampling import to_uint8
 
 _QUERY_COLORS = ["#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#ffff33"]
 
@@ -124,8 +124,15 @@ def metric_curve(points: list[tuple[int, float]], name: str) -> np.ndarray:
     return _figure_to_array(fig)
 
 
-def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], title: str,
-            xlabel: str, ylabel: str, best_low: bool = True) -> np.ndarray:  # fmt: skip
+def heatmap(
+    values: np.ndarray,
+    row_labels: list[str],
+    col_labels: list[str],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    best_low: bool = True,
+) -> np.ndarray:
     """An annotated heatmap of `values` (rows, cols), the best cells brightest (the lowest when `best_low`);
     NaN cells are blank and marked "-". (H, W, 3) uint8."""
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(col_labels), 1.4 + 0.6 * len(row_labels)))

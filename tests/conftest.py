@@ -18,8 +18,13 @@ def ray_session():
 
     if not ray.is_initialized():
         # More logical CPUs than cores, a small object store, and the dashboard on (REFERENCE.md).
-        ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=True,
-                 log_to_driver=False, configure_logging=False)  # fmt: skip
+        ray.init(
+            num_cpus=4,
+            object_store_memory=200 * 1024**2,
+            include_dashboard=True,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     yield ray
     ray.shutdown()
 
@@ -32,7 +37,10 @@ def digits(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("digits")
     write_sample_data(root / "raw")
-    assert shard_main(["--src", str(root / "raw"), "--out", str(root / "shards"), "--size", "32", "--shard-size", "200"]) == 0
+    assert (
+        shard_main(["--src", str(root / "raw"), "--out", str(root / "shards"), "--size", "32", "--shard-size", "200"])
+        == 0
+    )
     return root / "shards"
 
 

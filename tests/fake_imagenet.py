@@ -22,7 +22,9 @@ def _photo(rng, w, h):
 def _write_class(folder: Path, wnid: str, rng, n: int, oddities: bool):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        _photo(rng, int(rng.integers(80, 300)), int(rng.integers(80, 300))).save(folder / f"{wnid}_{i}.JPEG", quality=90)
+        _photo(rng, int(rng.integers(80, 300)), int(rng.integers(80, 300))).save(
+            folder / f"{wnid}_{i}.JPEG", quality=90
+        )
     if not oddities:
         return
     _photo(rng, 200, 150).save(folder / f"{wnid}_png.JPEG", format="PNG")  # a PNG named .JPEG

@@ -9,10 +9,32 @@ from benchmarks import eval_speed, train_step, verify_shards
 
 def test_train_step_benchmark_measures_variants_and_compares_learning(tmp_path):
     out = tmp_path / "train_step.json"
-    result = train_step.main(["--resolution", "32", "--ch", "8", "--batch", "4", "--device", "cpu",
-                              "--compile-backend", "aot_eager", "--variants", "reference,fast,+bf16",
-                              "--warmup", "1", "--steps", "2", "--learning-steps", "4", "--window", "2",
-                              "--out", str(out)])  # fmt: skip
+    result = train_step.main(
+        [
+            "--resolution",
+            "32",
+            "--ch",
+            "8",
+            "--batch",
+            "4",
+            "--device",
+            "cpu",
+            "--compile-backend",
+            "aot_eager",
+            "--variants",
+            "reference,fast,+bf16",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--learning-steps",
+            "4",
+            "--window",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == result
     rows = result["variants"]
     assert set(rows) == {"reference", "fast", "+bf16"}
@@ -20,7 +42,9 @@ def test_train_step_benchmark_measures_variants_and_compares_learning(tmp_path):
     assert rows["reference"]["speedup_vs_reference"] == 1.0
     assert rows["fast"]["levers"]["compile"] is True and rows["+bf16"]["levers"] == {"precision": "bf16"}
     assert result["flops_per_step"] > 0  # MFU: the reference's counted FLOPs per second over the stated peak
-    assert rows["fast"]["mfu"] == pytest.approx(result["flops_per_step"] / rows["fast"]["step_s"] / 989.4e12, rel=0.02, abs=1e-6)  # both rounded
+    assert rows["fast"]["mfu"] == pytest.approx(
+        result["flops_per_step"] / rows["fast"]["step_s"] / 989.4e12, rel=0.02, abs=1e-6
+    )  # both rounded
     learning = result["learning"]
     assert len(learning["curves"]["reference"]["d_loss"]) == 4 and len(learning["curves"]["fast"]["g_loss"]) == 4
     assert set(learning["spectral_norm_max_error_after"]) == {"reference", "fast"}
@@ -32,22 +56,57 @@ def test_train_step_benchmark_rejects_unknown_variants():
 
 
 def test_train_step_benchmark_skips_variants_once_the_budget_is_spent():
-    result = train_step.main(["--resolution", "32", "--ch", "8", "--batch", "2", "--device", "cpu", "--warmup", "0",
-                              "--steps", "1", "--variants", "reference,+sdpa", "--budget-s", "0"])  # fmt: skip
+    result = train_step.main(
+        [
+            "--resolution",
+            "32",
+            "--ch",
+            "8",
+            "--batch",
+            "2",
+            "--device",
+            "cpu",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--variants",
+            "reference,+sdpa",
+            "--budget-s",
+            "0",
+        ]
+    )
     assert all("skipped" in r for r in result["variants"].values())
 
 
 def test_eval_speed_benchmark_times_a_fid_and_is_pass(tmp_path):
-    result = eval_speed.main(["--resolution", "32", "--ch", "8", "--num-classes", "10", "--num-samples", "20",
-                              "--batch", "10", "--device", "cpu", "--out", str(tmp_path / "eval.json")])  # fmt: skip
+    result = eval_speed.main(
+        [
+            "--resolution",
+            "32",
+            "--ch",
+            "8",
+            "--num-classes",
+            "10",
+            "--num-samples",
+            "20",
+            "--batch",
+            "10",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert result["num_samples"] == 20 and result["finite"] and result["seconds"] > 0
     assert json.loads((tmp_path / "eval.json").read_text())["images_per_s"] == result["images_per_s"]
 
 
 def test_verify_shards_benchmark_reports_sha256_speed_and_size_check_time(digits, tmp_path):
     out = tmp_path / "verify.json"
-    result = verify_shards.main(["--shards", str(digits / "train"), "--min-gb", "0.02", "--cold-mb", "2",
-                                 "--photos", "4", "--out", str(out)])  # fmt: skip
+    result = verify_shards.main(
+        ["--shards", str(digits / "train"), "--min-gb", "0.02", "--cold-mb", "2", "--photos", "4", "--out", str(out)]
+    )
     assert json.loads(out.read_text()) == result
     warm = result["repeated_passes"]
     assert warm["bytes"] >= 0.02e9 and warm["mb_per_s_median"] > 0 and result["num_shards"] == 8

@@ -88,7 +88,9 @@ def test_loading_never_executes_code_from_the_file(tmp_path):
     with pytest.raises(CheckpointError, match="is not a plain checkpoint [(]it contains code objects") as e:
         load_checkpoint(path)
     assert not marker.exists()
-    assert "weights_only" not in str(e.value) and len(str(e.value).splitlines()) == 1  # never torch's hint to turn it off
+    assert (
+        "weights_only" not in str(e.value) and len(str(e.value).splitlines()) == 1
+    )  # never torch's hint to turn it off
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

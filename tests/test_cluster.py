@@ -14,5 +14,7 @@ def test_cluster_config_passes_rays_schema(path):
 
     cfg = prepare_config(yaml.safe_load(path.read_text()))
     validate_config(cfg)  # raises on unknown keys or wrong types
-    gpu_types = [t for t in cfg["available_node_types"].values() if t["node_config"]["InstanceType"].startswith(("p4", "p5"))]
+    gpu_types = [
+        t for t in cfg["available_node_types"].values() if t["node_config"]["InstanceType"].startswith(("p4", "p5"))
+    ]
     assert gpu_types and cfg["available_node_types"][cfg["head_node_type"]]["resources"].get("GPU") == 0

@@ -12,7 +12,6 @@ import re
 import shlex
 from pathlib import Path
 from unittest import mock
-from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -46,8 +45,11 @@ def strict(schema):
 
     def walk(node):
         if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):  # fmt: skip
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 walk(value)
@@ -79,7 +81,8 @@ def schema_errors(manifest):
 def ray_pods(cluster):
     """(group name, pod spec) of the head and of every worker group."""
     return [("head", cluster["spec"]["headGroupSpec"]["template"]["spec"])] + [
-        (g["groupName"], g["template"]["spec"]) for g in cluster["spec"]["workerGroupSpecs"]]  # fmt: skip
+        (g["groupName"], g["template"]["spec"]) for g in cluster["spec"]["workerGroupSpecs"]
+    ]
 
 
 def quantity(value):
@@ -91,7 +94,9 @@ def quantity(value):
 # --- RayCluster and RayJob against the CRDs ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,manifest", [pytest.param(n, d, id=n) for n, d in documents("RayCluster") + documents("RayJob")])
+@pytest.mark.parametrize(
+    "name,manifest", [pytest.param(n, d, id=n) for n, d in documents("RayCluster") + documents("RayJob")]
+)
 def test_kuberay_manifest_validates_against_the_crd(name, manifest):
     assert manifest["apiVersion"] == "ray.io/v1"
     assert schema_errors(manifest) == []
@@ -100,7 +105,9 @@ def test_kuberay_manifest_validates_against_the_crd(name, manifest):
 def test_crd_check_refuses_a_misspelt_field():
     cluster = copy.deepcopy(one("RayCluster"))
     cluster["spec"]["enableInTreeAutoscalng"] = cluster["spec"].pop("enableInTreeAutoscaling")
-    assert schema_errors(cluster) == ["spec: Additional properties are not allowed ('enableInTreeAutoscalng' was unexpected)"]
+    assert schema_errors(cluster) == [
+        "spec: Additional properties are not allowed ('enableInTreeAutoscalng' was unexpected)"
+    ]
 
 
 def test_raycluster_has_token_auth_autoscaling_and_the_installed_ray():
@@ -111,7 +118,9 @@ def test_raycluster_has_token_auth_autoscaling_and_the_installed_ray():
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["rayVersion"] == ray.__version__  # KubeRay refuses token auth below 2.52
     for group, pod in ray_pods(one("RayCluster")):
-        assert pod.get("restartPolicy", "Never") == "Never", f"{group}: autoscaler v2 needs restartPolicy Never or unset"
+        assert pod.get("restartPolicy", "Never") == "Never", (
+            f"{group}: autoscaler v2 needs restartPolicy Never or unset"
+        )
 
 
 def test_head_takes_no_tasks_and_no_gpus():
@@ -128,13 +137,19 @@ def test_every_ray_container_mounts_the_shared_claim_and_knows_the_tracking_serv
         volumes = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
         for c in pod["containers"]:
             mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-            assert volumes.get(mounts.get(MOUNT)) == claim, f"{group}/{c['name']} does not mount claim {claim} at {MOUNT}"
+            assert volumes.get(mounts.get(MOUNT)) == claim, (
+                f"{group}/{c['name']} does not mount claim {claim} at {MOUNT}"
+            )
             assert {"name": "MLFLOW_TRACKING_URI", "value": uri} in c["env"], f"{group}/{c['name']}"
             assert c["image"] == IMAGE
 
 
 def test_gpu_group_requests_gpus_tolerates_their_taint_and_limits_equal_requests():
-    (gpu,) = [g for g in one("RayCluster")["spec"]["workerGroupSpecs"] if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    (gpu,) = [
+        g
+        for g in one("RayCluster")["spec"]["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     pod = gpu["template"]["spec"]
     res = pod["containers"][0]["resources"]
     assert res["limits"] == res["requests"]
@@ -152,7 +167,9 @@ def test_rayjobs_run_on_the_raycluster_and_leave_it_up():
         # KubeRay: a selected cluster is never deleted, and a TTL needs shutdownAfterJobFinishes; no SidecarMode.
         assert spec.get("shutdownAfterJobFinishes", False) is False and not spec.get("ttlSecondsAfterFinished"), name
         assert spec.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode"), name
-        assert len(job["metadata"]["name"]) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"]), name
+        assert len(job["metadata"]["name"]) <= 47 and re.fullmatch(
+            r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"]
+        ), name
 
 
 # --- Core kinds ---------------------------------------------------------------------------------------------
@@ -185,10 +202,14 @@ def test_mlflow_deployment_selects_its_pods_and_the_service_reaches_their_port()
 
 def test_mlflow_server_serves_artifacts_from_the_shared_volume_and_accepts_the_ray_pods_host():
     container = one("Deployment")["spec"]["template"]["spec"]["containers"][0]
-    args = dict(a.removeprefix("--").split("=", 1) if "=" in a else (a.removeprefix("--"), True) for a in container["args"])
+    args = dict(
+        a.removeprefix("--").split("=", 1) if "=" in a else (a.removeprefix("--"), True) for a in container["args"]
+    )
     assert container["command"] == ["mlflow", "server"]
     assert args["host"] == "0.0.0.0" and args["port"] == "5000" and args["serve-artifacts"] is True
-    assert args["artifacts-destination"].startswith(MOUNT + "/") and args["backend-store-uri"].startswith(f"sqlite:///{MOUNT}/")
+    assert args["artifacts-destination"].startswith(MOUNT + "/") and args["backend-store-uri"].startswith(
+        f"sqlite:///{MOUNT}/"
+    )
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     # mlflow.server.security_utils.is_allowed_host_header: exact match, or fnmatch for a pattern with '*'.
     allowed = args["allowed-hosts"].split(",")
@@ -242,7 +263,9 @@ def test_rayjob_entrypoint_names_a_script_its_flags_and_config_keys(name, job):
     assert (ROOT / script).is_file(), f"{name}: {script} does not exist"
     parser, ns = parse(script, argv)
     for flag in (a.split("=", 1)[0] for a in argv if a.startswith("--")):
-        assert flag in parser._option_string_actions, f"{name}: {script} has no flag {flag} (abbreviations do not count)"
+        assert flag in parser._option_string_actions, (
+            f"{name}: {script} has no flag {flag} (abbreviations do not count)"
+        )
     keys = flatten(Config())
     for override in getattr(ns, "overrides", []):
         assert override.split("=", 1)[0] in keys, f"{name}: {override} is not a config key (sagan/config.py)"
@@ -307,7 +330,6 @@ def test_dockerfile_builds_on_the_installed_ray_and_copies_what_the_jobs_run():
 
 def test_runtime_env_pip_list_is_pyprojects_dependencies_without_ray():
     import tomllib
-
     from packaging.requirements import Requirement
 
     def canonical(reqs):
@@ -323,19 +345,34 @@ def test_rayignore_keeps_data_runs_and_stores_out_of_the_upload(tmp_path):
     from ray._private.runtime_env.packaging import _dir_travel
 
     kept = ["pipelines/train.py", "configs/imagenet128.yaml", "sagan/data.py", "benchmarks/results/train_step.json"]
-    dropped = ["data/imagenet128/train/a.tar", "runs/sagan-demo/checkpoint_1/checkpoint.pt", ".venv/bin/python",
-               ".git/HEAD", "mlflow.db", "mlruns/0/meta.yaml", "mlartifacts/1/grid.png", "g.pt"]  # fmt: skip
+    dropped = [
+        "data/imagenet128/train/a.tar",
+        "runs/sagan-demo/checkpoint_1/checkpoint.pt",
+        ".venv/bin/python",
+        ".git/HEAD",
+        "mlflow.db",
+        "mlruns/0/meta.yaml",
+        "mlartifacts/1/grid.png",
+        "g.pt",
+    ]
     for rel in kept + dropped:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x")
     (tmp_path / ".rayignore").write_text((ROOT / ".rayignore").read_text())
     uploaded = []
-    _dir_travel(tmp_path, [], lambda p: p.is_file() and uploaded.append(p.relative_to(tmp_path).as_posix()), include_gitignore=False)
+    _dir_travel(
+        tmp_path,
+        [],
+        lambda p: p.is_file() and uploaded.append(p.relative_to(tmp_path).as_posix()),
+        include_gitignore=False,
+    )
     assert sorted(uploaded) == sorted(kept + [".rayignore"])
 
 
 def test_readme_applies_and_builds_files_that_exist():
     section = (ROOT / "README.md").read_text().split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
-    named = re.findall(r"(?:-f|--runtime-env) (cluster/\S+)", section) + re.findall(r"ray (?:up|dashboard) (cluster/\S+)", section)
+    named = re.findall(r"(?:-f|--runtime-env) (cluster/\S+)", section) + re.findall(
+        r"ray (?:up|dashboard) (cluster/\S+)", section
+    )
     assert "cluster/kuberay/raycluster.yaml" in named and "cluster/Dockerfile" in named
     assert [n for n in named if not (ROOT / n).is_file()] == []

@@ -20,8 +20,17 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["optim.lr_d=4e-4", "model.g_attn=[8,16]", "model.d_attn=[]",
-                             "train.precision=bf16", "model.g_sn=false", "eval.inception_weights=/w.pth"])
+    cfg = load_config(
+        None,
+        [
+            "optim.lr_d=4e-4",
+            "model.g_attn=[8,16]",
+            "model.d_attn=[]",
+            "train.precision=bf16",
+            "model.g_sn=false",
+            "eval.inception_weights=/w.pth",
+        ],
+    )
     assert cfg.optim.lr_d == 4e-4 and isinstance(cfg.optim.lr_d, float)
     assert cfg.model.g_attn == (8, 16) and cfg.model.d_attn == ()
     assert cfg.train.precision == "bf16" and cfg.model.g_sn is False
@@ -133,4 +142,6 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
     path.write_text("model:\n  ch: 8\n   z_dim: 3\n")
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert str(e.value) == f"config file {path} is not valid YAML at line 3, column 9: mapping values are not allowed here"
+    assert (
+        str(e.value) == f"config file {path} is not valid YAML at line 3, column 9: mapping values are not allowed here"
+    )

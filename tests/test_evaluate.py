@@ -20,10 +20,17 @@ from sagan.step import Trainer
 
 
 def base_overrides(digits, eval_cache, tmp_path):
-    return [f"data.train_shards={digits / 'train'}", f"data.val_shards={digits / 'val'}",
-            f"eval.cache_dir={eval_cache}", "eval.feature_extractor=sample-classifier", "eval.batch_size=64",
-            f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "model.ch=8", "train.batch_size=4"]  # fmt: skip
+    return [
+        f"data.train_shards={digits / 'train'}",
+        f"data.val_shards={digits / 'val'}",
+        f"eval.cache_dir={eval_cache}",
+        "eval.feature_extractor=sample-classifier",
+        "eval.batch_size=64",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "model.ch=8",
+        "train.batch_size=4",
+    ]
 
 
 def offline_checkpoint(digits, eval_cache, tmp_path, extra=None) -> Path:
@@ -35,12 +42,26 @@ def offline_checkpoint(digits, eval_cache, tmp_path, extra=None) -> Path:
 
 
 def test_in_loop_fid_and_the_eval_job_land_in_the_training_run(ray_session, digits, eval_cache, tmp_path, capsys):
-    cfg = load_config(None, [*base_overrides(digits, eval_cache, tmp_path), "run.name=evaluated", "train.steps=4",
-                             "train.log_every=2", "train.ckpt_every=4", "train.sample_every=4", "train.eval_every=2",
-                             "eval.loop_samples=40", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *base_overrides(digits, eval_cache, tmp_path),
+            "run.name=evaluated",
+            "train.steps=4",
+            "train.log_every=2",
+            "train.ckpt_every=4",
+            "train.sample_every=4",
+            "train.eval_every=2",
+            "eval.loop_samples=40",
+            "scaling.num_workers=2",
+            "scaling.cpus_per_worker=0.5",
+        ],
+    )
     cfg = resolve_paths(cfg)
     prepare_evaluation(cfg)  # the driver's Ray task that fills the eval cache before workers start
-    assert list(eval_cache.glob("sample-classifier-*.pt")) and list(eval_cache.glob("fid-stats-sample-classifier-32px-*.pt"))
+    assert list(eval_cache.glob("sample-classifier-*.pt")) and list(
+        eval_cache.glob("fid-stats-sample-classifier-32px-*.pt")
+    )
     prepare_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     result = build_trainer(cfg, cfg.mlflow.tracking_uri).fit()
     assert result.metrics["step"] == 4 and result.metrics["loop/fid"] > 0 and 0 <= result.metrics["loop/class_acc"] <= 1
@@ -101,7 +122,9 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
     with socket.socket() as s:  # a port nobody listens on: the download fails at once, as offline
         s.bind(("127.0.0.1", 0))
         monkeypatch.setattr(metrics, "INCEPTION_URL", f"http://127.0.0.1:{s.getsockname()[1]}/w.pth")
-    monkeypatch.setattr(evaluate, "generator_from_state", lambda *a, **k: pytest.fail("generator built before the error"))
+    monkeypatch.setattr(
+        evaluate, "generator_from_state", lambda *a, **k: pytest.fail("generator built before the error")
+    )
     assert main(["--checkpoint", str(ckpt), "eval.feature_extractor=inception-v3-compat"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no Inception weights") and "--inception-weights" in err and len(err.splitlines()) == 1
@@ -115,20 +138,33 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
         (["--checkpoint", "{ckpt}", "eval.num_samples=5"], "eval.num_samples: must be at least 10"),
         (["--checkpoint", "{ckpt}", "eval.feature_extractor=vgg"], "eval.feature_extractor: 'vgg' is not one of"),
         (["--checkpoint", "{ckpt}", "data.val_shards={tmp}/none"], "real images for FID"),
-        (["--checkpoint", "{ckpt}", "eval.real_split=train", "data.train_shards={shards64}"], "but the model makes 10 at 32px"),
+        (
+            ["--checkpoint", "{ckpt}", "eval.real_split=train", "data.train_shards={shards64}"],
+            "but the model makes 10 at 32px",
+        ),
         (["--checkpoint", "{ckpt}", "--run-id", "0123456789abcdef"], "MLflow run 0123456789abcdef is not in"),
         (["--checkpoint", "{ckpt}", "--device", "tpu"], "--device tpu is not one of"),
-        (["--checkpoint", "{ckpt}", "mlflow.tracking_uri=http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 did not answer within 5s"),
+        (
+            ["--checkpoint", "{ckpt}", "mlflow.tracking_uri=http://127.0.0.1:9"],
+            "MLflow tracking server http://127.0.0.1:9 did not answer within 5s",
+        ),
     ],
 )
 def test_bad_input_is_one_line_before_any_sample(digits, eval_cache, tmp_path, capsys, monkeypatch, args, message):
     ckpt = offline_checkpoint(digits, eval_cache, tmp_path)
-    monkeypatch.setattr(evaluate, "generator_from_state", lambda *a, **k: pytest.fail("generator built before the error"))
+    monkeypatch.setattr(
+        evaluate, "generator_from_state", lambda *a, **k: pytest.fail("generator built before the error")
+    )
     shards64 = tmp_path / "digits64"
     if any("shards64" in a for a in args):  # the same digits sharded at another size
         from preprocessing.shard_imagenet import main as shard_main
 
-        assert shard_main(["--src", str(digits.parent / "raw"), "--out", str(shards64), "--size", "64", "--shard-size", "2000"]) == 0
+        assert (
+            shard_main(
+                ["--src", str(digits.parent / "raw"), "--out", str(shards64), "--size", "64", "--shard-size", "2000"]
+            )
+            == 0
+        )
         capsys.readouterr()  # the sharding's own progress output
     assert main([a.format(tmp=tmp_path, ckpt=ckpt, shards64=shards64 / "train") for a in args]) == 2
     err = capsys.readouterr().err.strip()

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 import torch
+from torch_fidelity.utils import create_feature_extractor
 
 import sagan.metrics as metrics
 from sagan.config import load_config
@@ -24,13 +25,21 @@ from sagan.metrics import (
     statistics,
 )
 from sagan.models import build_models
-from torch_fidelity.utils import create_feature_extractor
 
 
 def sample_cfg(digits, eval_cache, *overrides):
-    return load_config(None, [f"data.train_shards={digits / 'train'}", f"data.val_shards={digits / 'val'}",
-                              f"eval.cache_dir={eval_cache}", "eval.feature_extractor=sample-classifier",
-                              "eval.batch_size=128", "model.ch=8", *overrides])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"data.train_shards={digits / 'train'}",
+            f"data.val_shards={digits / 'val'}",
+            f"eval.cache_dir={eval_cache}",
+            "eval.feature_extractor=sample-classifier",
+            "eval.batch_size=128",
+            "model.ch=8",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +47,9 @@ def classifier(digits, eval_cache):
     """(torch-fidelity extractor of the trained sample classifier, its weights file, the val shards)."""
     train, val = find_shards(str(digits / "train")), find_shards(str(digits / "val"), "val")
     path = sample_classifier(train, val, eval_cache, log=lambda m: None)
-    extractor = create_feature_extractor("sample-classifier", ["features", "logits"], cuda=False,
-                                         feature_extractor_weights_path=str(path), verbose=False)  # fmt: skip
+    extractor = create_feature_extractor(
+        "sample-classifier", ["features", "logits"], cuda=False, feature_extractor_weights_path=str(path), verbose=False
+    )
     return extractor, path, val
 
 
@@ -61,7 +71,11 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise_and_shifts(cla
     gen = torch.Generator().manual_seed(0)
     noisy = (images.float() + 40 * torch.randn(images.shape, generator=gen)).clamp(0, 255).to(torch.uint8)
     shifted = torch.roll(images, shifts=(5, 5), dims=(2, 3))
-    same, noise, shift = fid(real, real), fid(statistics(extractor(noisy)[0]), real), fid(statistics(extractor(shifted)[0]), real)
+    same, noise, shift = (
+        fid(real, real),
+        fid(statistics(extractor(noisy)[0]), real),
+        fid(statistics(extractor(shifted)[0]), real),
+    )
     assert abs(same) < 1e-3
     assert noise > 1.0 and shift > 1.0
     assert noise > 1000 * abs(same) and shift > 1000 * abs(same)
@@ -118,13 +132,19 @@ def test_cache_key_changes_with_the_extractor_weights(classifier, tmp_path):
 def test_explicit_stats_file_is_written_then_read_and_must_match(classifier, tmp_path, monkeypatch):
     extractor, _, val = classifier
     file = tmp_path / "val-stats.pt"
-    written = real_statistics(extractor, "id-1", val, tmp_path / "cache", 128, "cpu", stats_file=str(file), log=lambda m: None)
+    written = real_statistics(
+        extractor, "id-1", val, tmp_path / "cache", 128, "cpu", stats_file=str(file), log=lambda m: None
+    )
     assert file.is_file() and not (tmp_path / "cache").exists()
     monkeypatch.setattr(metrics, "extract_features", lambda *a, **k: pytest.fail("feature pass for an existing file"))
-    read = real_statistics(extractor, "id-1", val, tmp_path / "cache", 128, "cpu", stats_file=str(file), log=lambda m: None)
+    read = real_statistics(
+        extractor, "id-1", val, tmp_path / "cache", 128, "cpu", stats_file=str(file), log=lambda m: None
+    )
     assert (written["sigma"] == read["sigma"]).all()
     with pytest.raises(MetricsError, match="other extractor_id"):
-        real_statistics(extractor, "id-2", val, tmp_path / "cache", 128, "cpu", stats_file=str(file), log=lambda m: None)
+        real_statistics(
+            extractor, "id-2", val, tmp_path / "cache", 128, "cpu", stats_file=str(file), log=lambda m: None
+        )
 
 
 def test_extract_features_sees_every_real_image(classifier):
@@ -217,8 +237,13 @@ def test_inception_path_scores_a_generator_with_stand_in_weights(tmp_path, monke
     shared, identity = metrics.feature_weights(cfg)  # copied where every node sharing the cache finds it
     assert shared == tmp_path / "shared-cache" / metrics.INCEPTION_FILE and shared.read_bytes() == file.read_bytes()
 
-    extractor = create_feature_extractor("inception-v3-compat", list(metrics.LAYERS["inception-v3-compat"]),
-                                         cuda=False, feature_extractor_weights_path=str(file), verbose=False)  # fmt: skip
+    extractor = create_feature_extractor(
+        "inception-v3-compat",
+        list(metrics.LAYERS["inception-v3-compat"]),
+        cuda=False,
+        feature_extractor_weights_path=str(file),
+        verbose=False,
+    )
     real = (torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     pool, logits = extractor(real)  # 32px in, resized to 299 inside, as for 128px ImageNet samples
     assert pool.shape == (24, 2048) and logits.shape == (24, 1008)

@@ -73,7 +73,9 @@ def test_seeded_build_gives_the_same_weights_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     (G1, D1), (G2, D2) = build_models(cfg.model, seed=7), build_models(cfg.model, seed=7)
     assert torch.rand(1) == before  # no draws from the caller's RNG
-    for a, b in zip([*G1.state_dict().values(), *D1.state_dict().values()], [*G2.state_dict().values(), *D2.state_dict().values()]):
+    for a, b in zip(
+        [*G1.state_dict().values(), *D1.state_dict().values()], [*G2.state_dict().values(), *D2.state_dict().values()]
+    ):
         assert torch.equal(a, b)
     G3, _ = build_models(cfg.model, seed=8)
     assert not torch.equal(G1.linear.parametrizations.weight.original, G3.linear.parametrizations.weight.original)

@@ -21,8 +21,12 @@ pytestmark = pytest.mark.cluster
 def cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cluster")
     port = free_port()
-    up = subprocess.run([*LOCAL, "up", "--dir", str(folder), "--workers", "1", "--cpus", "1", "--mlflow-port", str(port)],
-                        capture_output=True, text=True, timeout=240)  # fmt: skip
+    up = subprocess.run(
+        [*LOCAL, "up", "--dir", str(folder), "--workers", "1", "--cpus", "1", "--mlflow-port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     try:
         assert up.returncode == 0, up.stderr + up.stdout
         state = json.loads((folder / "cluster.json").read_text())
@@ -36,16 +40,25 @@ def submit(state: dict, folder: Path, *entrypoint: str, token: bool = True) -> s
     if not token:
         env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     ray = str(Path(sys.executable).parent / "ray")
-    return subprocess.run([ray, "job", "submit", "--working-dir", str(REPO), "--", *entrypoint], env=env,
-                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    return subprocess.run(
+        [ray, "job", "submit", "--working-dir", str(REPO), "--", *entrypoint],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def task_nodes(state: dict, folder: Path, name: str) -> set[str]:
     """The ids of the nodes that ran the cluster's tasks called `name` (Ray's state API, with the token)."""
-    script = ("import json\nfrom ray.util.state import list_tasks\n"
-              f"tasks = list_tasks(address={state['address']!r}, filters=[('name', '=', {name!r})], detail=True, limit=10000)\n"
-              "print(json.dumps(sorted({t.node_id for t in tasks})))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", script], env=ray_env(folder), capture_output=True, text=True, timeout=60)
+    script = (
+        "import json\nfrom ray.util.state import list_tasks\n"
+        f"tasks = list_tasks(address={state['address']!r}, filters=[('name', '=', {name!r})], detail=True, limit=10000)\n"
+        "print(json.dumps(sorted({t.node_id for t in tasks})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=ray_env(folder), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -63,17 +76,47 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs(cluster, tmp_path):
 
     write_sample_data(tmp_path / "raw")
     shards, runs = tmp_path / "shards", tmp_path / "runs"
-    out = submit(state, folder, "python", "preprocessing/shard_imagenet.py", "--backend", "ray", "--src", str(tmp_path / "raw"),
-                 "--out", str(shards), "--size", "32", "--shard-size", "200")  # fmt: skip
+    out = submit(
+        state,
+        folder,
+        "python",
+        "preprocessing/shard_imagenet.py",
+        "--backend",
+        "ray",
+        "--src",
+        str(tmp_path / "raw"),
+        "--out",
+        str(shards),
+        "--size",
+        "32",
+        "--shard-size",
+        "200",
+    )
     assert out.returncode == 0, out.stdout[-3000:]
     assert json.loads((shards / "manifest.json").read_text())["complete"]
     assert len(task_nodes(state, folder, "write_shard")) == 2  # one CPU per node: the shards were written on both
 
-    out = submit(state, folder, "python", "pipelines/train.py", f"data.train_shards={shards / 'train'}",
-                 f"data.val_shards={shards / 'val'}", f"run.storage_path={runs}", "run.name=spread",
-                 f"mlflow.tracking_uri={state['mlflow']}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-                 "scaling.placement_strategy=STRICT_SPREAD", "model.ch=8", "train.batch_size=4", "train.steps=2",
-                 "train.log_every=1", "train.ckpt_every=2", "train.sample_every=2", "train.eval_every=0")  # fmt: skip
+    out = submit(
+        state,
+        folder,
+        "python",
+        "pipelines/train.py",
+        f"data.train_shards={shards / 'train'}",
+        f"data.val_shards={shards / 'val'}",
+        f"run.storage_path={runs}",
+        "run.name=spread",
+        f"mlflow.tracking_uri={state['mlflow']}",
+        "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5",
+        "scaling.placement_strategy=STRICT_SPREAD",
+        "model.ch=8",
+        "train.batch_size=4",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+        "train.sample_every=2",
+        "train.eval_every=0",
+    )
     assert out.returncode == 0, out.stdout[-3000:]
     assert list((runs / "spread").glob("checkpoint_*/checkpoint.pt"))
     client = mlflow.MlflowClient(state["mlflow"])
@@ -83,8 +126,17 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs(cluster, tmp_path):
     # The two workers ran on the two nodes: Ray Train's STRICT_SPREAD would not have started them otherwise.
     assert run.data.params["scaling.placement_strategy"] == "STRICT_SPREAD"
 
-    out = submit(state, folder, "python", "pipelines/evaluate.py", "--checkpoint", str(runs / "spread"),
-                 "eval.num_samples=40", "eval.feature_extractor=sample-classifier", f"eval.cache_dir={tmp_path / 'cache'}",
-                 f"mlflow.tracking_uri={state['mlflow']}")  # fmt: skip
+    out = submit(
+        state,
+        folder,
+        "python",
+        "pipelines/evaluate.py",
+        "--checkpoint",
+        str(runs / "spread"),
+        "eval.num_samples=40",
+        "eval.feature_extractor=sample-classifier",
+        f"eval.cache_dir={tmp_path / 'cache'}",
+        f"mlflow.tracking_uri={state['mlflow']}",
+    )
     assert out.returncode == 0, out.stdout[-3000:]
     assert client.get_metric_history(run.info.run_id, "eval/fid")[0].step == 2

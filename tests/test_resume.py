@@ -29,13 +29,24 @@ def write_run(cfg, steps: list[int]) -> list[Path]:
         folder = run_dir / f"checkpoint_2026-01-01_00-00-0{i}.000000"
         save_checkpoint(folder / "checkpoint.pt", trainer, cfg)
         folders.append(folder)
-    (run_dir / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": folders[-1].name}}))
+    (run_dir / RAY_SNAPSHOT).write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": folders[-1].name}})
+    )
     return folders
 
 
 def run_cfg(tmp_path, *overrides):
-    return load_config(None, [f"run.storage_path={tmp_path}", "run.name=r", "model.ch=8", "model.num_classes=4",
-                              "model.z_dim=16", *overrides])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"run.storage_path={tmp_path}",
+            "run.name=r",
+            "model.ch=8",
+            "model.num_classes=4",
+            "model.z_dim=16",
+            *overrides,
+        ],
+    )
 
 
 DAMAGE = {
@@ -98,15 +109,26 @@ def test_state_dict_size_mismatch_is_one_line_naming_the_key_and_shapes(tmp_path
     with pytest.raises(CheckpointError) as e:
         wide.load_state_dict(load_checkpoint(path))
     msg = str(e.value)
-    assert msg.startswith("the checkpoint's G.") and "has shape (" in msg and "but the model's has (" in msg and "\n" not in msg
+    assert (
+        msg.startswith("the checkpoint's G.")
+        and "has shape (" in msg
+        and "but the model's has (" in msg
+        and "\n" not in msg
+    )
 
 
 def test_changed_model_on_a_resumed_run_is_refused_before_any_worker(ray_session, digits, tmp_path, capsys):
     cfg = tiny_cfg(digits, tmp_path, "run.name=changed")
     folders = write_run(cfg, [2])
     capsys.readouterr()  # MLflow's lines from creating the store
-    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}", "run.name=changed",
-            f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "model.ch=16", "train.eval_every=0"]  # fmt: skip
+    args = [
+        f"data.train_shards={digits / 'train'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=changed",
+        f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+        "model.ch=16",
+        "train.eval_every=0",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: run changed was trained with other model settings: model.ch (8 -> 16)")
@@ -120,10 +142,20 @@ def test_truncated_latest_resumes_from_the_older_checkpoint(ray_session, digits,
     older, latest = checkpoint_dirs(Path(cfg.run.storage_path) / "trunc")
     DAMAGE["truncated"](latest / "checkpoint.pt")
     capsys.readouterr()
-    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}", "run.name=trunc",
-            f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "model.ch=8", "train.batch_size=4", "train.log_every=2",
-            "train.ckpt_every=2", "train.sample_every=4", "train.steps=6", "run.keep_checkpoints=2",
-            "train.eval_every=0"]  # fmt: skip
+    args = [
+        f"data.train_shards={digits / 'train'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=trunc",
+        f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+        "model.ch=8",
+        "train.batch_size=4",
+        "train.log_every=2",
+        "train.ckpt_every=2",
+        "train.sample_every=4",
+        "train.steps=6",
+        "run.keep_checkpoints=2",
+        "train.eval_every=0",
+    ]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert f"warning: the latest checkpoint of run trunc ({latest}) is damaged" in err

@@ -14,8 +14,16 @@ from pipelines.run_lock import LOCK_FILE, RunLock, RunLockError, run_lock
 
 def write_lock(run_dir, **fields):
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"host": socket.gethostname(), "pid": 1, "ray_job_id": "raysubmit_abc", "start": time.time() - 60,
-              "heartbeat": time.time(), "heartbeat_s": 30.0, "token": "other", **fields}  # fmt: skip
+    record = {
+        "host": socket.gethostname(),
+        "pid": 1,
+        "ray_job_id": "raysubmit_abc",
+        "start": time.time() - 60,
+        "heartbeat": time.time(),
+        "heartbeat_s": 30.0,
+        "token": "other",
+        **fields,
+    }
     (run_dir / LOCK_FILE).write_text(json.dumps(record))
     return record
 
@@ -48,7 +56,9 @@ def test_lock_left_by_a_dead_pid_is_taken_over_with_a_warning(tmp_path):
 
 def test_lock_from_another_host_with_a_fresh_heartbeat_is_refused(tmp_path):
     write_lock(tmp_path / "r3", host="node-7", pid=4242)
-    with pytest.raises(RunLockError, match="host node-7, pid 4242, Ray job raysubmit_abc, since .*ray job stop raysubmit_abc"):
+    with pytest.raises(
+        RunLockError, match="host node-7, pid 4242, Ray job raysubmit_abc, since .*ray job stop raysubmit_abc"
+    ):
         RunLock(tmp_path / "r3", "r3").acquire()
     assert json.loads((tmp_path / "r3" / LOCK_FILE).read_text())["token"] == "other"  # left alone
 
@@ -58,7 +68,11 @@ def test_lock_from_another_host_with_an_old_heartbeat_is_taken_over(tmp_path):
     warnings = []
     with run_lock(str(tmp_path), "r4", warn=warnings.append):
         pass
-    assert len(warnings) == 1 and "host node-7" in warnings[0] and re.search(r"heartbeat is 10[0-9]s old \(refreshed every 30s\)", warnings[0])
+    assert (
+        len(warnings) == 1
+        and "host node-7" in warnings[0]
+        and re.search(r"heartbeat is 10[0-9]s old \(refreshed every 30s\)", warnings[0])
+    )
     assert not (tmp_path / "r4" / LOCK_FILE).exists()
 
 
@@ -103,8 +117,12 @@ def test_launch_is_refused_with_exit_2_while_the_run_is_locked(entry, digits, tm
 
     module = importlib.import_module(f"pipelines.{entry}")
     monkeypatch.setattr(module, "launch" if entry == "train" else "sweep", lambda *a: pytest.fail("Ray work started"))
-    args = [f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-            f"data.train_shards={digits / 'train'}", f"data.val_shards={digits / 'val'}"]  # fmt: skip
+    args = [
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        f"data.train_shards={digits / 'train'}",
+        f"data.val_shards={digits / 'val'}",
+    ]
     from sagan.config import load_config
 
     cfg = load_config(module.DEMO_CONFIG, [])
@@ -129,8 +147,13 @@ def test_train_releases_the_lock_when_main_ends(outcome, digits, tmp_path, monke
         return 0
 
     monkeypatch.setattr(train, "launch", launch)
-    args = [f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "run.name=r10",
-            f"data.train_shards={digits / 'train'}", f"data.val_shards={digits / 'val'}"]  # fmt: skip
+    args = [
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        "run.name=r10",
+        f"data.train_shards={digits / 'train'}",
+        f"data.val_shards={digits / 'val'}",
+    ]
     if outcome == "raises":
         with pytest.raises(RuntimeError):
             train.main(args)

@@ -50,8 +50,25 @@ def direct(G, classes, seeds, truncation=0.0) -> np.ndarray:
 
 def test_grid_has_a_row_per_class_in_the_order_asked_and_each_image_is_its_seeds(checkpoint, tmp_path):
     out = tmp_path / "s"
-    assert main(["--checkpoint", str(checkpoint.parent.parent), "--out", str(out), "--classes", "2,0", "--per-class", "3",
-                 "--seed", "7", "--images", "--tar"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint.parent.parent),
+                "--out",
+                str(out),
+                "--classes",
+                "2,0",
+                "--per-class",
+                "3",
+                "--seed",
+                "7",
+                "--images",
+                "--tar",
+            ]
+        )
+        == 0
+    )
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape[0] == 2 * (R + PAD) + PAD and grid.shape[2] == 3
     margin = grid.shape[1] - (3 * (R + PAD) + PAD)
@@ -71,7 +88,9 @@ def test_grid_has_a_row_per_class_in_the_order_asked_and_each_image_is_its_seeds
     assert not list(out.rglob(".*tmp*"))  # written under temporary names, then renamed
     umask = os.umask(0)
     os.umask(umask)
-    assert {(out / f).stat().st_mode & 0o777 for f in ("grid.png", "samples.tar", "images/0000_000007.png")} == {0o666 & ~umask}
+    assert {(out / f).stat().st_mode & 0o777 for f in ("grid.png", "samples.tar", "images/0000_000007.png")} == {
+        0o666 & ~umask
+    }
 
 
 def test_many_classes_go_into_one_grid_file_per_group_and_one_tar(checkpoint, tmp_path, monkeypatch):
@@ -85,14 +104,34 @@ def test_many_classes_go_into_one_grid_file_per_group_and_one_tar(checkpoint, tm
     assert [h for h, _ in shapes] == [3 * (R + PAD) + PAD, R + 2 * PAD] and not (tmp_path / "grid.png").exists()
     assert all(w < 2 * (R + PAD) + PAD for _, w in shapes)  # one image column (and a narrow label margin)
     with tarfile.open(tmp_path / "samples.tar") as tar:
-        assert [m.name for m in tar.getmembers() if m.name.endswith(".cls")] == [f"{c:04d}_{j:06d}.cls" for c in range(4) for j in (0, 1)]
+        assert [m.name for m in tar.getmembers() if m.name.endswith(".cls")] == [
+            f"{c:04d}_{j:06d}.cls" for c in range(4) for j in (0, 1)
+        ]
 
 
 def test_the_same_seed_gives_the_same_images_and_another_seed_others(checkpoint, tmp_path):
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / name), "--classes", "1",
-                     "--per-class", "2", "--seed", str(seed), "--images", "--batch-size", "1"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--out",
+                    str(tmp_path / name),
+                    "--classes",
+                    "1",
+                    "--per-class",
+                    "2",
+                    "--seed",
+                    str(seed),
+                    "--images",
+                    "--batch-size",
+                    "1",
+                ]
+            )
+            == 0
+        )
         runs[name] = images_in(tmp_path / name / "images")
     assert all(np.array_equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     # seed 4 is the second image of the seed-3 request: images depend on their own seed, not their neighbours
@@ -113,8 +152,23 @@ def test_truncation_bounds_z_and_keeps_the_entries_already_inside():
 def test_raw_and_ema_generators_differ_and_truncation_changes_the_images(checkpoint, tmp_path):
     outs = {}
     for name, extra in (("ema", []), ("raw", ["--raw"]), ("trunc", ["--truncation", "0.3"])):
-        assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / name), "--classes", "0", "--per-class", "1",
-                     "--images", *extra]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--out",
+                    str(tmp_path / name),
+                    "--classes",
+                    "0",
+                    "--per-class",
+                    "1",
+                    "--images",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         outs[name] = images_in(tmp_path / name / "images")["0000_000000"]
     G, _ = load_generator(checkpoint, ema=False)
     np.testing.assert_array_equal(outs["raw"], direct(G, [0], [0])[0])
@@ -132,14 +186,48 @@ def test_interpolation_endpoints_equal_the_direct_samples_within_and_between_cla
         torch.testing.assert_close(frames[-1], generate(G, z_ends[1:], torch.tensor([b]))[0], atol=1e-5, rtol=0)
         assert (frames[1:] - frames[:-1]).abs().amax(dim=(1, 2, 3)).min() > 0  # every step moves
     out = tmp_path / "i"
-    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--interpolate", "1,3", "--steps", "6",
-                 "--seed", "5", "--seed-b", "9", "--animate", "gif"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--interpolate",
+                "1,3",
+                "--steps",
+                "6",
+                "--seed",
+                "5",
+                "--seed-b",
+                "9",
+                "--animate",
+                "gif",
+            ]
+        )
+        == 0
+    )
     strip = np.asarray(Image.open(out / "interpolation.png"))
     assert strip.shape[0] == R + 2 * PAD and not (out / "grid.png").exists()
     with Image.open(out / "interpolation.gif") as gif:
         assert gif.n_frames == 6 + 4  # there and back: 6 frames out, 4 inner frames back
-    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--interpolate", "2,2", "--steps", "3",
-                 "--animate", "webp"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--interpolate",
+                "2,2",
+                "--steps",
+                "3",
+                "--animate",
+                "webp",
+            ]
+        )
+        == 0
+    )
     with Image.open(out / "interpolation.webp") as webp:
         assert webp.n_frames == 3 + 1 and webp.size == (R, R)
 
@@ -175,16 +263,45 @@ def test_registered_model_gives_the_checkpoints_images(digits, eval_cache, tmp_p
         name, *flags = bad.split()
         assert evaluate_main(["--checkpoint", str(ckpt), "--register", name, *flags, f"mlflow.tracking_uri={uri}"]) == 2
         assert message in capsys.readouterr().err  # before the evaluation, not after it
-    assert evaluate_main(["--checkpoint", str(ckpt), "--register", "sagan-digits", "eval.num_samples=60",
-                          f"mlflow.tracking_uri={uri}"]) == 0  # fmt: skip
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--register",
+                "sagan-digits",
+                "eval.num_samples=60",
+                f"mlflow.tracking_uri={uri}",
+            ]
+        )
+        == 0
+    )
     assert "registered models:/sagan-digits/1" in capsys.readouterr().out
     version = client.get_model_version("sagan-digits", "1")
     assert version.run_id == run_id and version.tags["step"] == "0" and float(version.tags["fid"]) > 0
     assert client.get_run(run_id).info.status == "KILLED"  # registering leaves the run's status as it was
 
     for name, spec in (("ckpt", str(ckpt)), ("model", "models:/sagan-digits/1")):
-        assert main(["--checkpoint", spec, "--tracking-uri", uri, "--out", str(tmp_path / name), "--classes", "3,9",
-                     "--per-class", "2", "--truncation", "1.0", "--images"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "--checkpoint",
+                    spec,
+                    "--tracking-uri",
+                    uri,
+                    "--out",
+                    str(tmp_path / name),
+                    "--classes",
+                    "3,9",
+                    "--per-class",
+                    "2",
+                    "--truncation",
+                    "1.0",
+                    "--images",
+                ]
+            )
+            == 0
+        )
     a, b = images_in(tmp_path / "ckpt" / "images"), images_in(tmp_path / "model" / "images")
     assert len(a) == 4 and list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -197,8 +314,26 @@ def test_registered_model_gives_the_checkpoints_images(digits, eval_cache, tmp_p
         G.out_conv.bias.add_(0.5)  # (a sign flip of a spectrally normalised weight would cancel out)
     assert register_generator(uri, run_id, "sagan-digits", G, cfg, {"step": 7}) == "2"
     for version in ("1", "2"):
-        assert main(["--checkpoint", f"models:/sagan-digits/{version}", "--tracking-uri", uri, "--out",
-                     str(tmp_path / f"v{version}"), "--classes", "3,9", "--per-class", "2", "--truncation", "1.0", "--images"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "--checkpoint",
+                    f"models:/sagan-digits/{version}",
+                    "--tracking-uri",
+                    uri,
+                    "--out",
+                    str(tmp_path / f"v{version}"),
+                    "--classes",
+                    "3,9",
+                    "--per-class",
+                    "2",
+                    "--truncation",
+                    "1.0",
+                    "--images",
+                ]
+            )
+            == 0
+        )
     v1, v2 = images_in(tmp_path / "v1" / "images"), images_in(tmp_path / "v2" / "images")
     assert all(np.array_equal(v1[k], a[k]) for k in a) and not any(np.array_equal(v2[k], a[k]) for k in a)
 
@@ -238,7 +373,10 @@ def foreign_safetensors(tmp_path):
 @pytest.mark.parametrize(
     "make_args, message",
     [
-        (lambda c, t: ["--checkpoint", c, "--classes", "4"], "class 4 is out of range: this generator has 4 classes (0..3)"),
+        (
+            lambda c, t: ["--checkpoint", c, "--classes", "4"],
+            "class 4 is out of range: this generator has 4 classes (0..3)",
+        ),
         (lambda c, t: ["--checkpoint", c, "--classes", "cat"], "is not a comma-separated list of class indices"),
         (lambda c, t: ["--checkpoint", c, "--interpolate", "1,-1"], "class -1 is out of range"),
         (lambda c, t: ["--checkpoint", c, "--interpolate", "1"], "must be two class indices"),
@@ -251,14 +389,20 @@ def foreign_safetensors(tmp_path):
         (lambda c, t: ["--checkpoint", c, "--interpolate", "1,"], "is not a comma-separated list of class indices"),
         (lambda c, t: ["--checkpoint", c, "--interpolate", "0,1", "--images"], "--images applies to grids"),
         (lambda c, t: ["--checkpoint", c, "--seed", "-1"], "--seed -1 is out of range"),
-        (lambda c, t: ["--checkpoint", c, "--export-safetensors", str(t / "G.bin")], "must name a file ending in .safetensors"),
+        (
+            lambda c, t: ["--checkpoint", c, "--export-safetensors", str(t / "G.bin")],
+            "must name a file ending in .safetensors",
+        ),
         (lambda c, t: ["--checkpoint", foreign_torch_file(t)], "is not a SAGAN checkpoint"),
         (lambda c, t: ["--checkpoint", foreign_safetensors(t)], "is a safetensors file but not a SAGAN generator"),
         (lambda c, t: ["--checkpoint", str(t / "nowhere")], "no checkpoint at"),
         (lambda c, t: ["--checkpoint", c, "--out", c], "--out"),  # a file where the folder should be
-        (lambda c, t: ["--checkpoint", "models:/missing/1", "--tracking-uri", f"sqlite:///{t / 'm.db'}"], "m.db does not exist"),
+        (
+            lambda c, t: ["--checkpoint", "models:/missing/1", "--tracking-uri", f"sqlite:///{t / 'm.db'}"],
+            "m.db does not exist",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_one_line_before_any_image(checkpoint, tmp_path, capsys, monkeypatch, make_args, message):
     monkeypatch.chdir(tmp_path)
     assert main(make_args(str(checkpoint), tmp_path)) == 2

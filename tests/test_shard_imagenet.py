@@ -11,13 +11,15 @@ from PIL import Image
 from preprocessing.make_sample_data import write_sample_data
 from preprocessing.shard_imagenet import main
 from preprocessing.shards import sha256_file, to_rgb
-from tests.fake_imagenet import BAD_FILES, WNIDS, make_tree
+from tests.fake_imagenet import WNIDS, make_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def shard(src, out, *extra):
-    return main(["--src", str(src), "--out", str(out), "--shard-size", "4", "--workers", "1", "--max-failures", "3", *extra])
+    return main(
+        ["--src", str(src), "--out", str(out), "--shard-size", "4", "--workers", "1", "--max-failures", "3", *extra]
+    )
 
 
 def read_split(out: Path, split: str) -> list[dict]:
@@ -211,7 +213,9 @@ def test_ray_backend_writes_identical_shards(ray_session, folder_tree, folder_ou
 def test_sample_data_goes_through_the_same_sharding(tmp_path):
     counts = write_sample_data(tmp_path / "raw")
     assert counts == {"train": 1438, "val": 359}
-    assert main(["--src", str(tmp_path / "raw"), "--out", str(tmp_path / "s"), "--size", "32", "--shard-size", "200"]) == 0
+    assert (
+        main(["--src", str(tmp_path / "raw"), "--out", str(tmp_path / "s"), "--size", "32", "--shard-size", "200"]) == 0
+    )
     samples = read_split(tmp_path / "s", "val")
     assert len(samples) == 359 and samples[0]["jpg"].size == (32, 32)
     assert {int(s["cls"]) for s in samples} == set(range(10))
@@ -304,7 +308,9 @@ def test_pool_workers_exit_when_the_parent_is_killed(folder_tree, tmp_path):
         "from preprocessing.shard_imagenet import main\n"
         f"main(['--src', {str(folder_tree[0])!r}, '--out', {str(out)!r}, '--shard-size', '2', '--workers', '2', '--max-failures', '3'])\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", slow], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", slow], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 60
     while not list(out.glob("train/*.tar")) and time.time() < deadline:
         time.sleep(0.1)

@@ -89,9 +89,20 @@ class TrackingServer:
 
     def start(self, timeout: float = 90) -> None:
         mlflow_cli = Path(sys.executable).parent / "mlflow"
-        cmd = [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-               "--artifacts-destination", str(self.folder / "artifacts")]  # fmt: skip
+        cmd = [
+            str(mlflow_cli),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.folder / 'server.db'}",
+            "--artifacts-destination",
+            str(self.folder / "artifacts"),
+        ]
         log = open(self.folder / "server.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
         deadline = time.time() + timeout
@@ -108,16 +119,29 @@ class TrackingServer:
         self.proc.wait()
 
 
-def test_a_tracking_server_killed_and_restarted_mid_run_costs_no_step_and_no_point(ray_session, digits, tmp_path, capsys):
+def test_a_tracking_server_killed_and_restarted_mid_run_costs_no_step_and_no_point(
+    ray_session, digits, tmp_path, capsys
+):
     from pipelines.train import main
 
     server = TrackingServer(tmp_path)
     server.start()
     run_dir = tmp_path / "runs" / "outage"
-    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}", "run.name=outage",
-            f"mlflow.tracking_uri={server.uri}", "model.ch=8", "train.batch_size=4", "train.steps=30",
-            "train.log_every=2", "train.ckpt_every=10", "train.sample_every=10", "train.eval_every=0",
-            "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]  # fmt: skip
+    args = [
+        f"data.train_shards={digits / 'train'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=outage",
+        f"mlflow.tracking_uri={server.uri}",
+        "model.ch=8",
+        "train.batch_size=4",
+        "train.steps=30",
+        "train.log_every=2",
+        "train.ckpt_every=10",
+        "train.sample_every=10",
+        "train.eval_every=0",
+        "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5",
+    ]
     outage = {}
 
     def outage_during_training():

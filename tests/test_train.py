@@ -1,6 +1,5 @@
 """The Ray Train pipeline on a local Ray instance: 2 CPU workers, a tiny model, a few steps."""
 
-import json
 import os
 import signal
 import threading
@@ -20,12 +19,22 @@ from sagan.loader import rank_batches
 
 
 def tiny_cfg(digits, tmp_path, *overrides):
-    cfg = load_config(None, [
-        f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "model.ch=8", "train.batch_size=4",
-        "train.log_every=2", "train.ckpt_every=2", "train.sample_every=4", "scaling.num_workers=2",
-        "scaling.cpus_per_worker=0.5", *overrides,
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data.train_shards={digits / 'train'}",
+            f"run.storage_path={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "model.ch=8",
+            "train.batch_size=4",
+            "train.log_every=2",
+            "train.ckpt_every=2",
+            "train.sample_every=4",
+            "scaling.num_workers=2",
+            "scaling.cpus_per_worker=0.5",
+            *overrides,
+        ],
+    )
     prepare_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     return resolve_paths(cfg)
 
@@ -110,7 +119,10 @@ def test_every_rank_gets_the_same_number_of_batches_with_true_labels(digits):
     import webdataset as wds
 
     for sample in wds.WebDataset(shards.urls[0], shardshuffle=False).decode():
-        assert wnid_of[sample["cls"].decode() if isinstance(sample["cls"], bytes) else str(sample["cls"])] == sample["json"]["wnid"]
+        assert (
+            wnid_of[sample["cls"].decode() if isinstance(sample["cls"], bytes) else str(sample["cls"])]
+            == sample["json"]["wnid"]
+        )
 
 
 @pytest.mark.parametrize(
@@ -132,9 +144,14 @@ def test_every_rank_gets_the_same_number_of_batches_with_true_labels(digits):
 )
 def test_bad_input_fails_before_any_worker(ray_session, digits, tmp_path, capsys, override, message):
     (tmp_path / "empty").mkdir()
-    args = [f"data.train_shards={digits / 'train'}", f"data.val_shards={digits / 'val'}", f"run.storage_path={tmp_path / 'runs'}",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", f"eval.cache_dir={tmp_path / 'cache'}",
-            *override.format(digits=digits, empty=tmp_path / "empty").split()]  # fmt: skip
+    args = [
+        f"data.train_shards={digits / 'train'}",
+        f"data.val_shards={digits / 'val'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        f"eval.cache_dir={tmp_path / 'cache'}",
+        *override.format(digits=digits, empty=tmp_path / "empty").split(),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
@@ -146,10 +163,20 @@ def test_non_finite_loss_stops_the_run_naming_the_step(ray_session, digits, tmp_
     fit(cfg)  # two good steps, checkpointed
     good = checkpoint_dirs(Path(cfg.run.storage_path) / "nan")[-1]
     before = (good / "checkpoint.pt").read_bytes()
-    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
-            f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "model.ch=8", "train.batch_size=4",
-            "run.name=nan", "train.steps=20", "train.ckpt_every=1", "optim.lr_d=1e30", "optim.lr_g=1e30",
-            "run.max_failures=1", "train.eval_every=0"]  # fmt: skip
+    args = [
+        f"data.train_shards={digits / 'train'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+        "model.ch=8",
+        "train.batch_size=4",
+        "run.name=nan",
+        "train.steps=20",
+        "train.ckpt_every=1",
+        "optim.lr_d=1e30",
+        "optim.lr_g=1e30",
+        "run.max_failures=1",
+        "train.eval_every=0",
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: non-finite loss at step ") and "the last good checkpoint is kept" in err
@@ -162,17 +189,33 @@ def test_non_finite_loss_stops_the_run_naming_the_step(ray_session, digits, tmp_
     assert run.info.status == "FAILED"
 
 
-def test_finite_divergence_stops_the_run_and_keeps_the_checkpoints_from_before_it(ray_session, digits, tmp_path, capsys):
+def test_finite_divergence_stops_the_run_and_keeps_the_checkpoints_from_before_it(
+    ray_session, digits, tmp_path, capsys
+):
     cfg = tiny_cfg(digits, tmp_path, "run.name=diverge", "train.steps=4")
     fit(cfg)  # healthy: checkpoints at steps 2 and 4
-    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
-            f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "model.ch=8", "train.batch_size=4", "run.name=diverge",
-            "train.steps=40", "train.log_every=2", "train.ckpt_every=2", "train.sample_every=100", "optim.lr_d=1e6",
-            "optim.lr_g=1e6", "train.eval_every=0", "train.diverge_patience=3"]  # fmt: skip
+    args = [
+        f"data.train_shards={digits / 'train'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+        "model.ch=8",
+        "train.batch_size=4",
+        "run.name=diverge",
+        "train.steps=40",
+        "train.log_every=2",
+        "train.ckpt_every=2",
+        "train.sample_every=100",
+        "optim.lr_d=1e6",
+        "optim.lr_g=1e6",
+        "train.eval_every=0",
+        "train.diverge_patience=3",
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: diverged at step 6: ") and "for 3 readings to step 10" in err
-    steps = [load_checkpoint(d / "checkpoint.pt")["step"] for d in checkpoint_dirs(Path(cfg.run.storage_path) / "diverge")]
+    steps = [
+        load_checkpoint(d / "checkpoint.pt")["step"] for d in checkpoint_dirs(Path(cfg.run.storage_path) / "diverge")
+    ]
     assert steps == [2, 4]  # keep_checkpoints=2: nothing from the diverging steps pushed them out
     assert main(args) == 1  # a relaunch does not replay it
     assert "diverged at step 6" in capsys.readouterr().err
@@ -187,7 +230,10 @@ def test_unreachable_tracking_server_is_one_line_within_seconds_before_ray(entry
     assert main_of([f"run.storage_path={tmp_path / 'runs'}", "mlflow.tracking_uri=http://127.0.0.1:9"]) == 2
     assert time.perf_counter() - start < 15  # MLflow's own retries take minutes
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: MLflow tracking server http://127.0.0.1:9 did not answer within 5s") and len(err.splitlines()) == 1
+    assert (
+        err.startswith("error: MLflow tracking server http://127.0.0.1:9 did not answer within 5s")
+        and len(err.splitlines()) == 1
+    )
     assert "mlflow.tracking_uri" in err and not (tmp_path / "runs").exists()
 
 
@@ -209,8 +255,13 @@ def test_input_checks_come_before_ray_starts(digits, tmp_path, capsys, monkeypat
     import pipelines.train as train
 
     monkeypatch.setattr(train, "launch", lambda cfg: pytest.fail("Ray was started before the inputs were checked"))
-    args = [f"data.train_shards={digits / 'train'}", f"run.storage_path={tmp_path / 'runs'}",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "train.eval_every=0", override.format(tmp=tmp_path)]  # fmt: skip
+    args = [
+        f"data.train_shards={digits / 'train'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        "train.eval_every=0",
+        override.format(tmp=tmp_path),
+    ]
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err

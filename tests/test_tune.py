@@ -22,13 +22,26 @@ REPO = Path(__file__).resolve().parent.parent
 
 def sweep_args(digits, tmp_path, name, *overrides, cache=None):
     return [
-        f"data.train_shards={digits / 'train'}", f"data.val_shards={digits / 'val'}",
-        f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"eval.cache_dir={cache or tmp_path / 'cache'}", "model.ch=8", "train.batch_size=4",
-        "scaling.cpus_per_worker=0.5", "train.log_every=5", "train.ckpt_every=5", "train.eval_every=10",
-        "train.sample_every=20", "eval.loop_samples=100", f"tune.name={name}", "tune.steps=20",
-        "tune.grace_period=10", "tune.attn=[[16]]", "tune.ratio=[1]", *overrides,
-    ]  # fmt: skip
+        f"data.train_shards={digits / 'train'}",
+        f"data.val_shards={digits / 'val'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"eval.cache_dir={cache or tmp_path / 'cache'}",
+        "model.ch=8",
+        "train.batch_size=4",
+        "scaling.cpus_per_worker=0.5",
+        "train.log_every=5",
+        "train.ckpt_every=5",
+        "train.eval_every=10",
+        "train.sample_every=20",
+        "eval.loop_samples=100",
+        f"tune.name={name}",
+        "tune.steps=20",
+        "tune.grace_period=10",
+        "tune.attn=[[16]]",
+        "tune.ratio=[1]",
+        *overrides,
+    ]
 
 
 def sweep_runs(tmp_path, name):
@@ -65,7 +78,10 @@ def test_a_rerun_may_change_how_the_data_is_verified(tmp_path):
 def test_placements_are_tied_or_crossed_and_every_value_makes_a_trial():
     tied = load_config(None, ["tune.attn=[[16],[]]", "tune.ratio=[1,2,4]", "tune.seeds=[0,1]"])
     combos = combinations(tied)
-    assert len(combos) == 2 * 3 * 2 and {(tuple(c["g_attn"]), tuple(c["d_attn"])) for c in combos} == {((16,), (16,)), ((), ())}
+    assert len(combos) == 2 * 3 * 2 and {(tuple(c["g_attn"]), tuple(c["d_attn"])) for c in combos} == {
+        ((16,), (16,)),
+        ((), ()),
+    }
     own = load_config(None, ["model.g_attn=[8]", "model.d_attn=[16]"])  # no placement given: the model's own
     assert {(tuple(c["g_attn"]), tuple(c["d_attn"])) for c in combinations(own)} == {((8,), (16,))}
     crossed = load_config(None, ["tune.g_attn=[[16],[8,16]]", "tune.d_attn=[[],[16]]"])
@@ -93,10 +109,20 @@ def test_bad_search_space_fails_in_one_line_before_any_trial(digits, tmp_path, c
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 
-def test_sweep_stops_a_bad_trial_records_a_failed_one_and_reports_in_mlflow(ray_session, digits, eval_cache, tmp_path, capsys):
+def test_sweep_stops_a_bad_trial_records_a_failed_one_and_reports_in_mlflow(
+    ray_session, digits, eval_cache, tmp_path, capsys
+):
     # lr_g 0.5 wrecks G within 10 steps (ASHA stops it at its rung); 1e30 makes the losses non-finite.
-    args = sweep_args(digits, tmp_path, "study", "tune.lr_g=[4e-4,0.5,1e30]", "tune.max_concurrent_trials=1",
-                      "tune.steps=40", "train.eval_every=10", cache=eval_cache)  # fmt: skip
+    args = sweep_args(
+        digits,
+        tmp_path,
+        "study",
+        "tune.lr_g=[4e-4,0.5,1e30]",
+        "tune.max_concurrent_trials=1",
+        "tune.steps=40",
+        "train.eval_every=10",
+        cache=eval_cache,
+    )
     assert main(args) == 0
     client, parent, children = sweep_runs(tmp_path, "study")
     assert len(children) == 3 and all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
@@ -107,13 +133,17 @@ def test_sweep_stops_a_bad_trial_records_a_failed_one_and_reports_in_mlflow(ray_
     assert by_lr[4e-4].info.status == "FINISHED" and by_lr[4e-4].data.tags["sagan.stop_reason"] == "completed"
     # Stopped at a rung (which one depends on the in-loop FIDs of the trials before it): never completed.
     assert by_lr[0.5].info.status == "KILLED" and by_lr[0.5].data.tags["sagan.stop_reason"].startswith("ASHA at step ")
-    assert by_lr[1e30].info.status == "FAILED" and "non-finite loss at step" in by_lr[1e30].data.tags["sagan.stop_reason"]
+    assert (
+        by_lr[1e30].info.status == "FAILED" and "non-finite loss at step" in by_lr[1e30].data.tags["sagan.stop_reason"]
+    )
     good = by_lr[4e-4].info.run_id
     assert [m.step for m in client.get_metric_history(good, "loop/fid")] == [0, 10, 20, 30, 40]
     assert any("samples" in a.path for a in client.list_artifacts(good, "images"))
 
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert report == {f"report/{f}" for f in ("trials.csv", "trials.md", "heatmap.png", "curves.png", "best_config.yaml")}
+    assert report == {
+        f"report/{f}" for f in ("trials.csv", "trials.md", "heatmap.png", "curves.png", "best_config.yaml")
+    }
     folder = Path(client.download_artifacts(parent.info.run_id, "report", str(tmp_path / "dl")))
     rows = (folder / "trials.csv").read_text().splitlines()
     assert rows[0].startswith("trial,ratio,lr_g,lr_d,g_attn,d_attn,seed,status,steps,stop_reason,best_loop/fid")
@@ -136,14 +166,21 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
     args = sweep_args(digits, tmp_path, "resume", "tune.ratio=[1,2]", "tune.max_concurrent_trials=1", cache=eval_cache)
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "tune.py"), *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "pipelines" / "tune.py"), *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     client, trials, deadline = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), [], time.time() + 300
     while len(trials) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(1)  # one trial at a time: the second child run appears once Tune has ended the first trial
         exp = client.get_experiment_by_name("sagan-tune")
         if exp:
-            trials = client.search_runs([exp.experiment_id], "tags.`sagan.role` = 'trial'", order_by=["attributes.start_time ASC"])
+            trials = client.search_runs(
+                [exp.experiment_id], "tags.`sagan.role` = 'trial'", order_by=["attributes.start_time ASC"]
+            )
     assert len(trials) == 2, (tmp_path / "first.log").read_text()[-3000:]
     proc.send_signal(signal.SIGINT)  # Ctrl-C while the second trial runs
     assert proc.wait(timeout=120) == 130
@@ -189,7 +226,9 @@ def test_asha_rebuilds_its_rungs_from_saved_results_on_restore(tmp_path):
         return SimpleNamespace(trial_id=name, path=str(folder))
 
     def asha():
-        return ResumableASHA(time_attr="step", metric="loop/fid", mode="min", max_t=19, grace_period=10, reduction_factor=2)
+        return ResumableASHA(
+            time_attr="step", metric="loop/fid", mode="min", max_t=19, grace_period=10, reduction_factor=2
+        )
 
     finished = trial("done", [{"step": 5}, {"step": 10, "loop/fid": 100.0}, {"step": 20, "loop/fid": 50.0}])
     worse = {"step": 10, "loop/fid": 200.0}
