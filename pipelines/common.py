@@ -6,11 +6,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from sagan.errors import UsageError, UserError, first_line
+
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class UsageError(Exception):
-    """Bad input found before any expensive work; printed as one line."""
 
 
 def absolute(path: str | None) -> str | None:
@@ -23,7 +21,7 @@ def default_tracking_uri(configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The MLflow store cannot be reached; the message says which and the fix."""
 
 
@@ -56,21 +54,24 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
 
 def prepare_tracking(uri: str, experiment: str) -> str:
     """Create the MLflow store and experiment from the driver, so workers never race on a schema migration.
-    Returns the experiment id. A new experiment in a sqlite store keeps its artifacts next to the database
+    Returns the experiment id; TrackingError when the store cannot be used. A new experiment in a sqlite store keeps its artifacts next to the database
     file (mlartifacts/<experiment>), not in ./mlruns of whatever directory the process started in."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / experiment).as_uri()
-        try:
-            mlflow.create_experiment(experiment, artifact_location=location)
-        except MlflowException:  # another process created it in the meantime
-            pass
-    return mlflow.set_experiment(experiment).experiment_id
+    try:
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / experiment).as_uri()
+            try:
+                mlflow.create_experiment(experiment, artifact_location=location)
+            except MlflowException:  # another process created it in the meantime
+                pass
+        return mlflow.set_experiment(experiment).experiment_id
+    except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
+        raise TrackingError(f"MLflow tracking at {uri} is not usable: {first_line(e)}") from None
 
 
 def git_commit() -> str | None:
@@ -92,12 +93,6 @@ def ray_job_id() -> str | None:
         return json.loads(raw).get("metadata", {}).get("job_submission_id")
     except (ValueError, AttributeError):
         return None
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, or its type name when the message is empty."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def find_checkpoint(path: str) -> Path:

@@ -33,7 +33,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from pipelines.common import (
-    TrackingError,
     UsageError,
     absolute,
     check_tracking,
@@ -45,8 +44,9 @@ from pipelines.common import (
     prepare_tracking,
     ray_job_id,
 )
-from sagan.checkpoint import CheckpointError, generator_from_state, load_checkpoint
-from sagan.config import ConfigError, from_dict, with_overrides
+from sagan.checkpoint import generator_from_state, load_checkpoint
+from sagan.config import from_dict, with_overrides
+from sagan.errors import JobFailed, command
 
 OVERRIDABLE = ("eval.", "data.", "mlflow.tracking_uri=")
 
@@ -94,10 +94,7 @@ def mlflow_target(args, cfg, extra: dict) -> tuple[str, str | None]:
     fix = "pass mlflow.tracking_uri=URI of the training store, or --run-id"
     if run_id and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UsageError(f"MLflow run {run_id} is not in {uri}: that store does not exist; {fix}")
-    try:
-        check_tracking(uri)  # seconds; MLflow's client would retry an unreachable server for minutes
-    except TrackingError as e:
-        raise UsageError(str(e)) from None
+    check_tracking(uri)  # seconds; MLflow's client would retry an unreachable server for minutes
     client = mlflow.MlflowClient(uri)
     try:
         if run_id:
@@ -154,39 +151,36 @@ def log_results(uri: str, run_id: str | None, args, cfg, ckpt: Path, step: int, 
     return run_id
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sagan.metrics import MetricsError, build_evaluator, feature_weights, real_shards
+    from sagan.metrics import build_evaluator, feature_weights, real_shards
     from sagan.viz import grid_inputs, sample_grid
 
-    try:
-        ckpt = find_checkpoint(args.checkpoint).resolve()
-        state = load_checkpoint(ckpt)
-        bad = [o for o in args.overrides if not o.startswith(OVERRIDABLE)]
-        if bad:
-            raise UsageError(
-                f"override {bad[0]} is not allowed here: only eval.*, data.* and mlflow.tracking_uri "
-                "(the model is the checkpoint's)"
-            )
-        cfg = with_overrides(from_dict(state["config"]), args.overrides)
-        if args.register:
-            from pipelines.registry import check_name
+    ckpt = find_checkpoint(args.checkpoint).resolve()
+    state = load_checkpoint(ckpt)
+    bad = [o for o in args.overrides if not o.startswith(OVERRIDABLE)]
+    if bad:
+        raise UsageError(
+            f"override {bad[0]} is not allowed here: only eval.*, data.* and mlflow.tracking_uri "
+            "(the model is the checkpoint's)"
+        )
+    cfg = with_overrides(from_dict(state["config"]), args.overrides)
+    if args.register:
+        from pipelines.registry import check_name
 
-            check_name(args.register)
-            if args.raw:
-                raise UsageError("--register registers the EMA generator, which --raw leaves out: drop one of them")
-        if args.inception_weights:
-            cfg.eval.inception_weights = absolute(args.inception_weights)
-        step = int(state["step"])
-        device = pick_device(args.device)
-        real_shards(cfg)  # the cheap checks first: data, weights (training the sample classifier once), MLflow
-        weights = feature_weights(cfg)
-        uri, run_id = mlflow_target(args, cfg, state["extra"])
-        # The real statistics and the extractor before a single sample is generated.
-        evaluator = build_evaluator(cfg, device, stats_file=args.stats_file, weights=weights)
-    except (UsageError, CheckpointError, ConfigError, MetricsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        check_name(args.register)
+        if args.raw:
+            raise UsageError("--register registers the EMA generator, which --raw leaves out: drop one of them")
+    if args.inception_weights:
+        cfg.eval.inception_weights = absolute(args.inception_weights)
+    step = int(state["step"])
+    device = pick_device(args.device)
+    real_shards(cfg)  # the cheap checks first: data, weights (training the sample classifier once), MLflow
+    weights = feature_weights(cfg)
+    uri, run_id = mlflow_target(args, cfg, state["extra"])
+    # The real statistics and the extractor before a single sample is generated.
+    evaluator = build_evaluator(cfg, device, stats_file=args.stats_file, weights=weights)
     G, _ = generator_from_state(state, ema=not args.raw, device=device)
     del state
     print(
@@ -206,8 +200,7 @@ def main(argv=None) -> int:
     try:
         run_id = log_results(uri, run_id, args, cfg, ckpt, step, scores, grid)
     except Exception as e:  # noqa: BLE001 - the scores are printed above; say what failed in one line
-        print(f"error: the scores could not be logged to MLflow at {uri}: {first_line(e)}", file=sys.stderr)
-        return 1
+        raise JobFailed(f"the scores could not be logged to MLflow at {uri}: {first_line(e)}") from None
     print(f"logged to MLflow run {run_id} at {uri}")
     return register(args, uri, run_id, G, cfg, ckpt, step, scores) if args.register else 0
 
@@ -229,11 +222,7 @@ def register(args, uri: str, run_id: str, G, cfg, ckpt: Path, step: int, scores:
     try:
         version = register_generator(uri, run_id, args.register, G, cfg, meta)
     except Exception as e:  # noqa: BLE001 - the scores are logged; say what failed in one line
-        print(
-            f"error: the generator could not be registered as {args.register} at {uri}: {first_line(e)}",
-            file=sys.stderr,
-        )
-        return 1
+        raise JobFailed(f"the generator could not be registered as {args.register} at {uri}: {first_line(e)}") from None
     print(
         f"registered models:/{args.register}/{version} (run {run_id}); sample it with "
         f"python pipelines/sample.py --checkpoint models:/{args.register}/{version}"

@@ -8,9 +8,10 @@ from pathlib import Path
 from pipelines.common import absolute, git_commit, ray_job_id
 from sagan.config import Config, flatten, to_dict
 from sagan.data import DataError, ShardSet, batches_per_epoch, find_shards, sha256_mismatch, size_mismatch
+from sagan.errors import UserError
 
 
-class PreflightError(Exception):
+class PreflightError(UserError):
     """Bad input found before any worker starts; printed as one line."""
 
 

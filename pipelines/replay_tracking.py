@@ -12,10 +12,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import TrackingError, check_tracking
+from pipelines.common import check_tracking
 from pipelines.tracking import PENDING_DIR, replay
+from sagan.errors import JobFailed, command
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="replay_tracking.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -30,20 +32,14 @@ def main(argv=None) -> int:
         print(f"nothing to deliver: no pending MLflow items in {folder}")
         return 0
     if args.tracking_uri:
-        try:
-            check_tracking(args.tracking_uri)
-        except TrackingError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        check_tracking(args.tracking_uri)
     delivered, left = replay(folder, args.tracking_uri)
     print(f"delivered {delivered} item(s) from {len(files)} file(s) in {folder}")
     if left:
-        print(
-            f"error: {left} item(s) not delivered (the store is still out of reach?); they stay in {folder}: run this "
-            "again when it is back",
-            file=sys.stderr,
+        raise JobFailed(
+            f"{left} item(s) not delivered (the store is still out of reach?); they stay in {folder}: run this "
+            "again when it is back"
         )
-        return 1
     return 0
 
 

@@ -19,13 +19,14 @@ from datetime import datetime
 from pathlib import Path
 
 from pipelines.common import ray_job_id
+from sagan.errors import UserError
 
 LOCK_FILE = ".lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER = 3  # heartbeats missed before a lock from another host counts as abandoned
 
 
-class RunLockError(Exception):
+class RunLockError(UserError):
     """The run folder is held by another live launch, or cannot be written; printed as one line."""
 
 

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from pipelines.common import UsageError, check_writable, first_line, pick_device
 from pipelines.generators import load_source
 from pipelines.image_files import save_animation, save_image, webdataset_writer
-from sagan.checkpoint import CheckpointError
+from sagan.errors import command
 from sagan.sampling import MIN_TRUNCATION
 
 GRID_ROWS = 50  # classes per grid file: 1,000 ImageNet rows would make one unreadable 130,000-pixel picture
@@ -226,6 +226,7 @@ def write_interpolation(args, source, out: Path) -> list[Path]:
     return written
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -255,12 +256,8 @@ def main(argv=None) -> int:
             print(f"sampling {total} images from {source.description} on {device}", flush=True)
             with progress_bar(total) as bar:
                 written, n_images = write_grid(args, source, out, bar.update)
-    except (UsageError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:  # a file that could not be read (--class-names) or written (--out, --export-safetensors)
-        print(f"error: {first_line(e)}: check that path, or choose another --out", file=sys.stderr)
-        return 2
+        raise UsageError(f"{first_line(e)}: check that path, or choose another --out") from None
     extra = f" and {n_images} image files in {out / 'images'}" if n_images else ""
     print("wrote " + ", ".join(str(p) for p in written) + extra)
     return 0

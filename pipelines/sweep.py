@@ -15,6 +15,7 @@ from pathlib import Path
 from pipelines.common import first_line, git_commit, ray_job_id
 from pipelines.tracking import bound_requests, deliver_pending, find_run, log_params, pending_dir
 from sagan.config import TUNE_METRICS, Config, ConfigError, flatten, from_dict, to_dict, with_overrides
+from sagan.errors import UserError
 
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG, REASON_TAG = "sagan.sweep", "sagan.trial_id", "sagan.role", "sagan.stop_reason"
 SWEEP_ID_TAG = "sagan.sweep_id"
@@ -22,7 +23,7 @@ SPACE_FILE = "sweep.json"  # in the sweep's folder: its config and id; a rerun m
 DRIVER_CPU = 0.01  # what a trial's driver function reserves; its Train workers reserve their own
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A search space that cannot run; the message names the key and the fix."""
 
 

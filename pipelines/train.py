@@ -16,21 +16,23 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking
-from pipelines.launch import (  # noqa: F401
-    PreflightError,
+from pipelines.common import check_tracking, default_tracking_uri, prepare_tracking
+from pipelines.launch import (
     build_trainer,
     check_cluster,
     check_inputs,
     multinode_warnings,
     open_tracking_run,
-    preflight,
     prepare_evaluation,
     resolve_paths,
     verify_shards,
 )
-from pipelines.run_lock import RunLockError, run_lock
-from sagan.config import ConfigError, load_config
+from pipelines.resume import ResumePlan, check_resume
+from pipelines.run_lock import run_lock
+from pipelines.tracking import deliver_pending, end_run, pending_dir
+from pipelines.train_loop import raise_if_stopped
+from sagan.config import Config, load_config
+from sagan.errors import command
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -48,52 +50,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
-        check_tracking(default_tracking_uri(cfg.mlflow.tracking_uri))  # seconds, before Ray starts
-        check_inputs(cfg)  # the data against its manifest, the storage: no Ray needed
-    except (ConfigError, TrackingError, PreflightError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        with run_lock(cfg.run.storage_path, cfg.run.name):  # before Ray starts: a refused launch costs nothing
-            return launch(cfg)
-    except RunLockError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
+    uri = default_tracking_uri(cfg.mlflow.tracking_uri)
+    check_tracking(uri)  # seconds, before Ray starts
+    check_inputs(cfg)  # the data against its manifest, the storage: no Ray needed
+    with run_lock(cfg.run.storage_path, cfg.run.name):  # before Ray starts: a refused launch costs nothing
+        return launch(cfg, uri)
 
 
-def launch(cfg) -> int:
+def launch(cfg: Config, uri: str) -> int:
     """Check the resume, start (or join) Ray, check the cluster, verify the data, fill the eval cache, make the
     MLflow experiment, train; the exit status."""
-    from pipelines.resume import check_resume
-
-    uri = default_tracking_uri(cfg.mlflow.tracking_uri)
-    try:
-        resume = check_resume(cfg)  # the checkpoint the workers will load, read once here
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    resume = check_resume(cfg)  # the checkpoint the workers will load, read once here
     if resume.warning:
         print(f"warning: {resume.warning}", file=sys.stderr)
-    import ray
+    import ray  # here, not at the top: a launch refused above costs no Ray import (~1.5 s)
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
-    try:
-        check_cluster(cfg, ray.cluster_resources())
-        verify_shards(cfg)  # sha256 of every shard (data.verify=full), before any worker starts
-        prepare_evaluation(cfg)
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        prepare_tracking(uri, cfg.mlflow.experiment)
-    except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
-        print(f"error: MLflow tracking at {uri} is not usable: {first_line(e)}", file=sys.stderr)
-        return 2
+    check_cluster(cfg, ray.cluster_resources())
+    verify_shards(cfg)  # sha256 of every shard (data.verify=full), before any worker starts
+    prepare_evaluation(cfg)
+    prepare_tracking(uri, cfg.mlflow.experiment)
     for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), bool(os.environ.get("RAY_ADDRESS"))):
         print(f"warning: {line}", file=sys.stderr)
     print(
@@ -105,18 +86,11 @@ def launch(cfg) -> int:
     return train(cfg, uri, resume)
 
 
-def train(cfg, uri: str, resume) -> int:
+def train(cfg: Config, uri: str, resume: ResumePlan) -> int:
     """Fit, with the MLflow run opened here before any worker starts and closed here when the run fails."""
-    from pipelines.tracking import deliver_pending, end_run, pending_dir
-    from pipelines.train_loop import RunStopped, raise_if_stopped
-
     pending = pending_dir(cfg.run.storage_path, cfg.run.name)
     deliver_pending(pending, uri, "the last launch of this run had kept")  # before this launch's points
-    try:
-        raise_if_stopped(cfg)
-    except RunStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    raise_if_stopped(cfg)
     run_id = open_tracking_run(cfg, uri, continuing=resume.checkpoint is not None or "://" in cfg.run.storage_path)
     status = "FAILED"  # unless fit() returns; rank 0 ends a finished run itself, after its last metrics
     try:
@@ -126,11 +100,7 @@ def train(cfg, uri: str, resume) -> int:
         status = "KILLED"
         raise
     except Exception:
-        try:
-            raise_if_stopped(cfg)  # a stopped run: one line naming the step or the file, not the workers' traceback
-        except RunStopped as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        raise_if_stopped(cfg)  # a stopped run: one line naming the step or the file, not the workers' traceback
         raise
     finally:
         deliver_pending(pending, uri, "rank 0 had kept")

@@ -22,6 +22,7 @@ from pipelines.common import CHECKPOINT_FILE
 from sagan.checkpoint import load_checkpoint, save_checkpoint
 from sagan.config import Config, from_dict
 from sagan.data import DataError, find_shards
+from sagan.errors import JobFailed
 from sagan.loader import loader_workers, rank_loader
 from sagan.models import build_models
 from sagan.speed import Speed, prepare_models
@@ -34,7 +35,7 @@ STOPPED_FILE = "STOPPED.json"  # in the run directory: FailureConfig retries mus
 BEST_DIR = "best"  # in the run directory: the checkpoint with the lowest in-loop FID so far, beside Ray's latest N
 
 
-class RunStopped(RuntimeError):
+class RunStopped(JobFailed, RuntimeError):
     """The run cannot go on and a retry would not help (a non-finite loss, a divergence, a damaged shard); the
     message is one line naming the step or the file."""
 

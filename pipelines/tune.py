@@ -20,7 +20,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking
 from pipelines.launch import (
-    PreflightError,
     check_cluster,
     check_inputs,
     multinode_warnings,
@@ -28,9 +27,10 @@ from pipelines.launch import (
     resolve_paths,
     verify_shards,
 )
-from pipelines.run_lock import RunLockError, run_lock
-from pipelines.sweep import SweepError, check_same_sweep, check_sweep
-from sagan.config import ConfigError, load_config
+from pipelines.run_lock import run_lock
+from pipelines.sweep import check_same_sweep, check_sweep
+from sagan.config import load_config
+from sagan.errors import JobFailed, command
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.yaml"
 
@@ -98,22 +98,15 @@ def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_d
     return tuner.fit(), False
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
-        combos = check_sweep(cfg)
-        check_tracking(default_tracking_uri(cfg.mlflow.tracking_uri))  # seconds, before Ray starts
-        check_inputs(cfg)  # the data against its manifest, the storage: no Ray needed
-    except (ConfigError, SweepError, TrackingError, PreflightError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        with run_lock(cfg.run.storage_path, cfg.tune.name):  # before Ray starts: a refused launch costs nothing
-            return sweep(cfg, combos)
-    except RunLockError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
+    combos = check_sweep(cfg)
+    check_tracking(default_tracking_uri(cfg.mlflow.tracking_uri))  # seconds, before Ray starts
+    check_inputs(cfg)  # the data against its manifest, the storage: no Ray needed
+    with run_lock(cfg.run.storage_path, cfg.tune.name):  # before Ray starts: a refused launch costs nothing
+        return sweep(cfg, combos)
 
 
 def sweep(cfg, combos) -> int:
@@ -123,32 +116,27 @@ def sweep(cfg, combos) -> int:
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
-    try:
-        # On remote storage the rerun check is skipped: the sweep is named by tune.name alone there.
-        if "://" in sweep_dir:
-            sweep_id = cfg.tune.name
-        else:
-            from ray import tune
+    # On remote storage the rerun check is skipped: the sweep is named by tune.name alone there.
+    if "://" in sweep_dir:
+        sweep_id = cfg.tune.name
+    else:
+        from ray import tune
 
-            sweep_id = check_same_sweep(Path(sweep_dir), combos, cfg, restorable=tune.Tuner.can_restore(sweep_dir))
-        check_cluster(cfg, ray.cluster_resources())
-        verify_shards(cfg)  # once per sweep, not per trial
-        prepare_evaluation(cfg)
-    except (PreflightError, SweepError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        sweep_id = check_same_sweep(Path(sweep_dir), combos, cfg, restorable=tune.Tuner.can_restore(sweep_dir))
+    check_cluster(cfg, ray.cluster_resources())
+    verify_shards(cfg)  # once per sweep, not per trial
+    prepare_evaluation(cfg)
     uri = default_tracking_uri(cfg.mlflow.tracking_uri)
+    experiment_id = prepare_tracking(uri, cfg.tune.experiment)
     try:
         import mlflow
 
         from pipelines.sweep import parent_run
 
-        experiment_id = prepare_tracking(uri, cfg.tune.experiment)
         client = mlflow.MlflowClient(uri)
         parent_id = parent_run(client, experiment_id, cfg, sweep_id)
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
-        print(f"error: MLflow tracking at {uri} is not usable: {first_line(e)}", file=sys.stderr)
-        return 2
+        raise TrackingError(f"MLflow tracking at {uri} is not usable: {first_line(e)}") from None
     for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), bool(os.environ.get("RAY_ADDRESS"))):
         print(f"warning: {line}", file=sys.stderr)
     print(
@@ -164,12 +152,9 @@ def sweep(cfg, combos) -> int:
     try:
         rows, best = write_report(client, experiment_id, parent_id, cfg, records_from_results(results))
     except Exception as e:  # noqa: BLE001 - the trials' results are safe in Tune and MLflow either way
-        print(
-            f"error: the sweep ran, but its report could not be written: {first_line(e)}; rerun the same command "
-            "to write it",
-            file=sys.stderr,
-        )
-        return 1
+        raise JobFailed(
+            f"the sweep ran, but its report could not be written: {first_line(e)}; rerun the same command to write it"
+        ) from None
     # A trial that reached its last step is finished even when Ctrl-C came before Tune recorded it "done".
     interrupted = any(
         not r.error and not r.metrics.get("done") and r.metrics.get("step", 0) < cfg.tune.steps for r in results

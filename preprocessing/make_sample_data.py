@@ -14,8 +14,13 @@ import shutil
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import numpy as np
 from PIL import Image
+
+from sagan.errors import UsageError, command
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -49,6 +54,7 @@ def write_sample_data(out: str | Path, size: int = 64, val_fraction: float = 0.2
     return counts
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
@@ -57,11 +63,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:
-        print(f"error: --val-fraction must be between 0 and 1, got {args.val_fraction}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if args.size < 8:
-        print(f"error: --size must be at least 8, got {args.size}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--size must be at least 8, got {args.size}")
     counts = write_sample_data(args.out, args.size, args.val_fraction, args.seed)
     print(f"wrote {counts['train']} train and {counts['val']} val digits (10 classes) to {Path(args.out).resolve()}")
     return 0

@@ -28,14 +28,11 @@ from tqdm import tqdm
 
 from preprocessing.shards import RESIZE_FILTERS, ImageOptions, verify_split, write_shard
 from preprocessing.sources import SourceError, detect_source, list_samples, plan_hash, plan_shards
+from sagan.errors import JobFailed, UsageError, command
 
 MANIFEST_FORMAT = "sagan-webdataset-shards"
 # Options that change what the shards hold: a changed one needs --overwrite.
 CONTENT_OPTIONS = ("size", "resize_filter", "quality", "shard_size", "seed", "limit", "prefix")
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
 
 def parse_args(argv=None):
@@ -324,17 +321,13 @@ def verify(out: Path) -> int:
     return len(problems)
 
 
+@command
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        if args.src is not None:
-            build(args)
-        if args.verify and verify(Path(args.out).expanduser().resolve()):
-            print("error: verification failed", file=sys.stderr)
-            return 1
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
+    if args.src is not None:
+        build(args)
+    if args.verify and verify(Path(args.out).expanduser().resolve()):
+        raise JobFailed("verification failed")
     return 0
 
 

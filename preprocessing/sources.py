@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from sagan.errors import UserError
+
 KAGGLE_ROOT = Path("ILSVRC/Data/CLS-LOC")
 NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The source folder is not an ImageNet copy we can read; the message says what is missing."""
 
 

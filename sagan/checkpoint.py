@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, from_dict, to_dict
+from .errors import UserError
 from .files import atomic_output
 from .models import Generator, build_models
 from .step import Trainer
@@ -17,7 +18,7 @@ VERSION = 1
 REQUIRED_KEYS = ("step", "config", "G", "D", "G_ema", "opt_g", "opt_d", "scaler_g", "scaler_d", "extra")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that is missing, truncated, or not one of ours."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
+
 INCEPTION = "inception-v3-compat"  # torch-fidelity's TF-ported Inception v3: the standard FID/IS network
 SAMPLE_CLASSIFIER = "sample-classifier"  # a small CNN trained on the built-in sample set (offline)
 
@@ -143,7 +145,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key that does not exist, or a value of the wrong type; the message names the key."""
 
 

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Shards that cannot be used (none found, a size or hash off the manifest, a sample that does not read);
     the message names the location or the shard file and says what to do."""
 

@@ -35,6 +35,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 from .checkpoint import atomic_save
 from .config import INCEPTION, SAMPLE_CLASSIFIER, Config
 from .data import DataError, ShardSet, find_shards
+from .errors import UserError
 from .files import atomic_output
 from .loader import iter_uint8
 
@@ -46,7 +47,7 @@ INCEPTION_URL = URL_INCEPTION_V3
 LAYERS = {INCEPTION: ("2048", "logits_unbiased"), SAMPLE_CLASSIFIER: ("features", "logits")}
 
 
-class MetricsError(RuntimeError):
+class MetricsError(UserError, RuntimeError):
     """Evaluation cannot start (weights, data or statistics missing or mismatched); the message says the fix."""
 
 

@@ -169,3 +169,27 @@ def test_bad_input_is_one_line_before_any_sample(digits, eval_cache, tmp_path, c
     assert main([a.format(tmp=tmp_path, ckpt=ckpt, shards64=shards64 / "train") for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_damaged_val_shard_is_one_line_when_statistics_are_computed(digits, eval_cache, tmp_path, capsys):
+    """Real statistics not cached yet: the loader meets a damaged image while computing them; exit 2, one line."""
+    import shutil
+    import tarfile
+
+    data = tmp_path / "digits"
+    shutil.copytree(digits, data)
+    shard = sorted((data / "val").glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:  # an image's bytes overwritten in place: the size still matches the manifest
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for classifier in eval_cache.glob("sample-classifier-*.pt"):  # the train shards are intact: no retraining
+        shutil.copy(classifier, cache)
+    ckpt = offline_checkpoint(digits, eval_cache, tmp_path)
+    args = ["--checkpoint", str(ckpt), f"data.val_shards={data / 'val'}", f"eval.cache_dir={cache}"]
+    assert main([*args, "eval.num_samples=30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and shard.name in err and len(err.splitlines()) == 1, err
