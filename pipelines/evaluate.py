@@ -32,21 +32,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from pipelines.common import (
-    UsageError,
-    absolute,
-    check_tracking,
-    default_tracking_uri,
-    find_checkpoint,
-    first_line,
-    git_commit,
-    pick_device,
-    prepare_tracking,
-    ray_job_id,
-)
+from pipelines.common.cli import pick_device
+from pipelines.common.provenance import git_commit, ray_job_id
+from pipelines.common.run_folder import absolute, find_checkpoint
+from pipelines.tracking.store import check_tracking, default_tracking_uri, prepare_tracking
 from sagan.checkpoint import generator_from_state, load_checkpoint
 from sagan.config import from_dict, with_overrides
-from sagan.errors import JobFailed, command
+from sagan.errors import JobFailed, UsageError, command, first_line
 
 OVERRIDABLE = ("eval.", "data.", "mlflow.tracking_uri=")
 
@@ -167,7 +159,7 @@ def main(argv=None) -> int:
         )
     cfg = with_overrides(from_dict(state["config"]), args.overrides)
     if args.register:
-        from pipelines.registry import check_name
+        from pipelines.release.registry import check_name
 
         check_name(args.register)
         if args.raw:
@@ -207,8 +199,8 @@ def main(argv=None) -> int:
 
 def register(args, uri: str, run_id: str, G, cfg, ckpt: Path, step: int, scores: dict) -> int:
     """Log G as an MLflow model in `run_id`, with the scores just measured, and register it under --register."""
-    from pipelines.generators import shard_class_names
-    from pipelines.registry import register_generator
+    from pipelines.release.registry import register_generator
+    from pipelines.release.sources import shard_class_names
 
     names = shard_class_names(cfg.data.train_shards, cfg.model.num_classes)
     meta = {

@@ -12,8 +12,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import check_tracking
-from pipelines.tracking import PENDING_DIR, replay
+from pipelines.common.run_folder import PENDING_DIR
+from pipelines.tracking.pending import replay
+from pipelines.tracking.store import check_tracking
 from sagan.errors import JobFailed, command
 
 

@@ -30,10 +30,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import UsageError, check_writable, first_line, pick_device
-from pipelines.generators import load_source
-from pipelines.image_files import save_animation, save_image, webdataset_writer
-from sagan.errors import command
+from pipelines.common.cli import check_writable, pick_device
+from pipelines.release.image_files import save_animation, save_image, webdataset_writer
+from pipelines.release.sources import load_source
+from sagan.errors import UsageError, command, first_line
 from sagan.sampling import MIN_TRUNCATION
 
 GRID_ROWS = 50  # classes per grid file: 1,000 ImageNet rows would make one unreadable 130,000-pixel picture

@@ -16,21 +16,21 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import check_tracking, default_tracking_uri, prepare_tracking
-from pipelines.launch import (
-    build_trainer,
+from pipelines.common.run_folder import RunFolder
+from pipelines.tracking.pending import deliver_pending
+from pipelines.tracking.store import check_tracking, default_tracking_uri, end_run, prepare_tracking
+from pipelines.training.preflight import (
     check_cluster,
     check_inputs,
     multinode_warnings,
-    open_tracking_run,
     prepare_evaluation,
     resolve_paths,
     verify_shards,
 )
-from pipelines.resume import ResumePlan, check_resume
-from pipelines.run_lock import run_lock
-from pipelines.tracking import deliver_pending, end_run, pending_dir
-from pipelines.train_loop import raise_if_stopped
+from pipelines.training.resume import ResumePlan, check_resume
+from pipelines.training.run_lock import run_lock
+from pipelines.training.stop import raise_if_stopped
+from pipelines.training.trainer import build_trainer, open_tracking_run
 from sagan.config import Config, load_config
 from sagan.errors import command
 
@@ -54,16 +54,16 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
-    uri = default_tracking_uri(cfg.mlflow.tracking_uri)
-    check_tracking(uri)  # seconds, before Ray starts
+    check_tracking(default_tracking_uri(cfg.mlflow.tracking_uri))  # seconds, before Ray starts
     check_inputs(cfg)  # the data against its manifest, the storage: no Ray needed
     with run_lock(cfg.run.storage_path, cfg.run.name):  # before Ray starts: a refused launch costs nothing
-        return launch(cfg, uri)
+        return launch(cfg)
 
 
-def launch(cfg: Config, uri: str) -> int:
+def launch(cfg: Config) -> int:
     """Check the resume, start (or join) Ray, check the cluster, verify the data, fill the eval cache, make the
     MLflow experiment, train; the exit status."""
+    uri = default_tracking_uri(cfg.mlflow.tracking_uri)
     resume = check_resume(cfg)  # the checkpoint the workers will load, read once here
     if resume.warning:
         print(f"warning: {resume.warning}", file=sys.stderr)
@@ -80,7 +80,7 @@ def launch(cfg: Config, uri: str) -> int:
     print(
         f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
         f"{cfg.train.batch_size * cfg.scaling.num_workers}, {cfg.train.steps} steps; "
-        f"checkpoints in {cfg.run.storage_path}/{cfg.run.name}; MLflow at {uri}",
+        f"checkpoints in {RunFolder.of(cfg).uri}; MLflow at {uri}",
         flush=True,
     )
     return train(cfg, uri, resume)
@@ -88,10 +88,11 @@ def launch(cfg: Config, uri: str) -> int:
 
 def train(cfg: Config, uri: str, resume: ResumePlan) -> int:
     """Fit, with the MLflow run opened here before any worker starts and closed here when the run fails."""
-    pending = pending_dir(cfg.run.storage_path, cfg.run.name)
+    folder = RunFolder.of(cfg)
+    pending = folder.pending
     deliver_pending(pending, uri, "the last launch of this run had kept")  # before this launch's points
     raise_if_stopped(cfg)
-    run_id = open_tracking_run(cfg, uri, continuing=resume.checkpoint is not None or "://" in cfg.run.storage_path)
+    run_id = open_tracking_run(cfg, uri, continuing=resume.checkpoint is not None or folder.remote)
     status = "FAILED"  # unless fit() returns; rank 0 ends a finished run itself, after its last metrics
     try:
         result = build_trainer(cfg, uri, run_id, resume=resume).fit()

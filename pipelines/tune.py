@@ -18,8 +18,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import TrackingError, check_tracking, default_tracking_uri, first_line, prepare_tracking
-from pipelines.launch import (
+from pipelines.common.run_folder import RunFolder
+from pipelines.sweep.space import check_same_sweep, check_sweep
+from pipelines.tracking.store import TrackingError, check_tracking, default_tracking_uri, prepare_tracking
+from pipelines.training.preflight import (
     check_cluster,
     check_inputs,
     multinode_warnings,
@@ -27,10 +29,9 @@ from pipelines.launch import (
     resolve_paths,
     verify_shards,
 )
-from pipelines.run_lock import run_lock
-from pipelines.sweep import check_same_sweep, check_sweep
+from pipelines.training.run_lock import run_lock
 from sagan.config import load_config
-from sagan.errors import JobFailed, command
+from sagan.errors import JobFailed, command, first_line
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.yaml"
 
@@ -53,9 +54,10 @@ def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_d
     import ray
     from ray import tune
 
-    from pipelines.asha import ResumableASHA
-    from pipelines.sweep import concurrency, metric_mode, param_space, trainable, trial_dirname
-    from pipelines.sweep_report import ReportOnTrialEnd
+    from pipelines.sweep.asha import ResumableASHA
+    from pipelines.sweep.report import ReportOnTrialEnd
+    from pipelines.sweep.space import concurrency, metric_mode, param_space
+    from pipelines.sweep.trials import trainable, trial_dirname
 
     # Rank 0 reports the in-loop metric at evaluation steps only; the other reports (losses) lack it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -111,13 +113,14 @@ def main(argv=None) -> int:
 
 def sweep(cfg, combos) -> int:
     """Check the cluster and the inputs, run or resume the sweep, report; the exit status."""
-    sweep_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.tune.name}"  # a string: s3://... is no local Path
+    folder = RunFolder(cfg.run.storage_path, cfg.tune.name)
+    sweep_dir = folder.uri  # a string: s3://... is no local Path
     import ray
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
     # On remote storage the rerun check is skipped: the sweep is named by tune.name alone there.
-    if "://" in sweep_dir:
+    if folder.remote:
         sweep_id = cfg.tune.name
     else:
         from ray import tune
@@ -131,7 +134,7 @@ def sweep(cfg, combos) -> int:
     try:
         import mlflow
 
-        from pipelines.sweep import parent_run
+        from pipelines.sweep.trials import parent_run
 
         client = mlflow.MlflowClient(uri)
         parent_id = parent_run(client, experiment_id, cfg, sweep_id)
@@ -147,7 +150,7 @@ def sweep(cfg, combos) -> int:
     )
     results, _ = run_sweep(cfg, combos, uri, experiment_id, parent_id, sweep_dir)
 
-    from pipelines.sweep_report import records_from_results, table_markdown, write_report
+    from pipelines.sweep.report import records_from_results, table_markdown, write_report
 
     try:
         rows, best = write_report(client, experiment_id, parent_id, cfg, records_from_results(results))

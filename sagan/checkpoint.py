@@ -11,7 +11,6 @@ from .config import Config, from_dict, to_dict
 from .errors import UserError
 from .files import atomic_output
 from .models import Generator, build_models
-from .step import Trainer
 
 FORMAT = "sagan-checkpoint"
 VERSION = 1
@@ -22,8 +21,8 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that is missing, truncated, or not one of ours."""
 
 
-def save_checkpoint(path: str | Path, trainer: Trainer, cfg: Config, extra: dict | None = None) -> Path:
-    """Write the trainer's full state and `cfg` to `path` atomically; return the path.
+def save_checkpoint(path: str | Path, trainer, cfg: Config, extra: dict | None = None) -> Path:
+    """Write a `sagan.step.Trainer`'s full state and `cfg` to `path` atomically; return the path.
 
     `extra` holds plain values to keep alongside (an MLflow run id, say). A crash mid-write leaves any
     previous file at `path` untouched.
@@ -111,16 +110,6 @@ def check_fits(model: torch.nn.Module, saved: dict, name: str) -> None:
             f"the checkpoint lacks {name}.{missing[0]} ({len(missing)} key(s) in all): it was written "
             "by another architecture (model.* settings)"
         )
-
-
-def trainer_from_checkpoint(path: str | Path, device="cpu") -> tuple[Trainer, Config]:
-    """A Trainer rebuilt from the checkpoint's own config with every state restored, and that config."""
-    state = load_checkpoint(path, map_location=device)
-    cfg = from_dict(state["config"])
-    G, D = build_models(cfg.model)
-    trainer = Trainer(G.to(device), D.to(device), cfg)
-    trainer.load_state_dict(state)
-    return trainer, cfg
 
 
 def load_generator(path: str | Path, ema: bool = True, device="cpu") -> tuple[Generator, Config]:

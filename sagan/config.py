@@ -349,7 +349,7 @@ TUNE_METRICS = {"loop/fid": "min", "loop/is": "max", "loop/class_acc": "max"}  #
 
 
 def _validate_tune(u: TuneConfig) -> None:
-    """The tune section's own values; the search space against the model is checked by pipelines/sweep.py."""
+    """The tune section's own values; the search space against the model is checked by the sweep (pipelines.sweep.space)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", u.name):
         raise ConfigError(
             f"tune.name: '{u.name}' must be letters, digits, '.', '_' or '-' (it names a folder and MLflow tags)"

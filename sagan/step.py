@@ -8,13 +8,16 @@ The step never waits on the GPU: it returns loss tensors, and `LossMonitor` read
 
 import copy
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import Config
+from .checkpoint import check_fits, load_checkpoint
+from .config import Config, from_dict
 from .losses import hinge_d_loss, hinge_g_loss
+from .models import build_models
 from .speed import Speed, compile_model, is_channels_last, prepare_models
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -256,8 +259,6 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (tensors are moved to the trainer's device); CheckpointError, one
         line, when its tensors do not fit these models."""
-        from .checkpoint import check_fits  # checkpoint.py builds Trainers: imported here, not at the top
-
         for name, model in (("G", unwrap(self.G)), ("D", unwrap(self.D)), ("G_ema", self.ema.model)):
             check_fits(model, state[name], name)
         unwrap(self.G).load_state_dict(state["G"])
@@ -272,3 +273,13 @@ class Trainer:
         if state["scaler_d"]:
             self.scaler_d.load_state_dict(state["scaler_d"])
         self.step = int(state["step"])
+
+
+def trainer_from_checkpoint(path: str | Path, device="cpu") -> tuple[Trainer, Config]:
+    """A Trainer rebuilt from the checkpoint's own config with every state restored, and that config."""
+    state = load_checkpoint(path, map_location=device)
+    cfg = from_dict(state["config"])
+    G, D = build_models(cfg.model)
+    trainer = Trainer(G.to(device), D.to(device), cfg)
+    trainer.load_state_dict(state)
+    return trainer, cfg

@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from sagan.checkpoint import CheckpointError, load_checkpoint, load_generator, save_checkpoint, trainer_from_checkpoint
+from sagan.checkpoint import CheckpointError, load_checkpoint, load_generator, save_checkpoint
+from sagan.step import trainer_from_checkpoint
 from tests.test_step import real_batch, tiny_trainer
 
 

@@ -10,9 +10,10 @@ import torch
 
 import pipelines.evaluate as evaluate
 import sagan.metrics as metrics
-from pipelines.common import prepare_tracking
 from pipelines.evaluate import main
-from pipelines.train import build_trainer, prepare_evaluation, resolve_paths
+from pipelines.tracking.store import prepare_tracking
+from pipelines.training.preflight import prepare_evaluation, resolve_paths
+from pipelines.training.trainer import build_trainer
 from sagan.checkpoint import load_checkpoint, save_checkpoint
 from sagan.config import load_config
 from sagan.models import build_models

@@ -7,9 +7,10 @@ import mlflow
 import pytest
 import torch
 
-from pipelines.launch import PreflightError
-from pipelines.resume import RAY_SNAPSHOT, check_resume
+from pipelines.common.run_folder import RAY_SNAPSHOT
 from pipelines.train import main
+from pipelines.training.preflight import PreflightError
+from pipelines.training.resume import check_resume
 from sagan.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sagan.config import load_config
 from sagan.models import build_models

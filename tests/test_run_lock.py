@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from pipelines.run_lock import LOCK_FILE, RunLock, RunLockError, run_lock
+from pipelines.common.run_folder import LOCK_FILE
+from pipelines.training.run_lock import RunLock, RunLockError, run_lock
 
 
 def write_lock(run_dir, **fields):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipelines.evaluate import main as evaluate_main
-from pipelines.registry import register_generator
+from pipelines.release.registry import register_generator
 from pipelines.sample import main
 from sagan.checkpoint import load_generator, save_checkpoint
 from sagan.export import load_generator_file

@@ -13,9 +13,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from pipelines.common import prepare_tracking
 from pipelines.replay_tracking import main as replay_main
-from pipelines.tracking import Outbox, replay
+from pipelines.tracking.outbox import Outbox
+from pipelines.tracking.pending import replay
+from pipelines.tracking.store import prepare_tracking
 
 UNREACHABLE = "http://127.0.0.1:9"
 

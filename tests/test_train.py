@@ -10,8 +10,10 @@ import mlflow
 import pytest
 import torch
 
-from pipelines.common import prepare_tracking
-from pipelines.train import build_trainer, main, resolve_paths
+from pipelines.tracking.store import prepare_tracking
+from pipelines.train import main
+from pipelines.training.preflight import resolve_paths
+from pipelines.training.trainer import build_trainer
 from sagan.checkpoint import load_checkpoint
 from sagan.config import load_config
 from sagan.data import batches_per_epoch, find_shards
@@ -268,7 +270,7 @@ def test_input_checks_come_before_ray_starts(digits, tmp_path, capsys, monkeypat
 
 
 def test_a_multi_node_cluster_is_warned_of_what_its_nodes_cannot_share(tmp_path):
-    from pipelines.launch import multinode_warnings
+    from pipelines.training.preflight import multinode_warnings
 
     cfg = resolve_paths(load_config(None, [f"run.storage_path={tmp_path / 'runs'}"]))
     sqlite = f"sqlite:///{tmp_path / 'm.db'}"

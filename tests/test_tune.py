@@ -11,7 +11,8 @@ import mlflow
 import pytest
 import torch
 
-from pipelines.sweep import ROLE_TAG, SWEEP_TAG, TRIAL_TAG, combinations
+from pipelines.sweep.space import combinations
+from pipelines.sweep.trials import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from pipelines.tune import main
 from sagan.config import load_config
 from sagan.models import build_models
@@ -54,7 +55,7 @@ def sweep_runs(tmp_path, name):
 
 
 def test_a_rerun_with_changed_settings_is_refused_naming_them(tmp_path):
-    from pipelines.sweep import SweepError, check_same_sweep
+    from pipelines.sweep.space import SweepError, check_same_sweep
 
     cfg = load_config(None, ["tune.attn=[[16]]"])
     sweep_id = check_same_sweep(tmp_path, combinations(cfg), cfg, restorable=False)
@@ -67,7 +68,7 @@ def test_a_rerun_with_changed_settings_is_refused_naming_them(tmp_path):
 
 
 def test_a_rerun_may_change_how_the_data_is_verified(tmp_path):
-    from pipelines.sweep import check_same_sweep
+    from pipelines.sweep.space import check_same_sweep
 
     cfg = load_config(None, ["tune.attn=[[16]]"])
     sweep_id = check_same_sweep(tmp_path, combinations(cfg), cfg, restorable=False)
@@ -217,7 +218,7 @@ def test_asha_rebuilds_its_rungs_from_saved_results_on_restore(tmp_path):
 
     from ray.tune.schedulers import TrialScheduler
 
-    from pipelines.asha import ResumableASHA
+    from pipelines.sweep.asha import ResumableASHA
 
     def trial(name, results):
         folder = tmp_path / name

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
+from pipelines.common.run_folder import is_remote
+
 
 class ResumableASHA(AsyncHyperBandScheduler):
     """ASHAScheduler whose rungs are rebuilt from the trials' result.json files on restore (local storage)."""
@@ -31,7 +33,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
 def saved_results(trial_dir: str | None) -> list[dict]:
     """The results Tune saved for a trial (result.json, one JSON object per line), or [] when there are none."""
     path = Path(trial_dir or "") / "result.json"
-    if not trial_dir or "://" in trial_dir or not path.is_file():
+    if not trial_dir or is_remote(trial_dir) or not path.is_file():
         return []
     results = []
     for line in path.read_text().splitlines():

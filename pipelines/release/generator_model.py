@@ -1,4 +1,4 @@
-"""The trained generator as an MLflow pyfunc model, logged from this file's code (pipelines/registry.py).
+"""The trained generator as an MLflow pyfunc model, logged from this file's code (release.registry).
 
 MLflow copies this file into the model with the `sagan` package beside it, so loading the model needs
 torch, safetensors and pandas, not Ray and not this repository:

@@ -1,10 +1,13 @@
-"""Where a trained generator comes from: a checkpoint, an exported safetensors file or a registered MLflow model."""
+"""A generator to sample from, whatever it is stored as: a checkpoint, a run folder, a safetensors export or a
+registered MLflow model (models:/NAME/VERSION); with its class names when the data has them.
+"""
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.common import UsageError, find_checkpoint, first_line
+from pipelines.common.run_folder import find_checkpoint
 from sagan.checkpoint import generator_from_state, load_checkpoint
+from sagan.errors import UsageError, first_line
 from sagan.export import load_generator_file, save_generator_file
 from sagan.models import generator_kwargs
 from sagan.sampling import class_names
@@ -80,8 +83,8 @@ def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source
 
     import mlflow
 
-    from pipelines.common import TrackingError, check_tracking, default_tracking_uri
-    from pipelines.registry import weights_of
+    from pipelines.release.registry import weights_of
+    from pipelines.tracking.store import TrackingError, check_tracking, default_tracking_uri
 
     if not ema:
         raise UsageError("--raw needs a checkpoint: a registered model holds the EMA generator only")

@@ -1,7 +1,7 @@
 """The generator as a registered MLflow model: `evaluate.py --register NAME` logs it into the run that trained
 it and registers a new version of NAME; `sample.py --checkpoint models:/NAME/VERSION` samples from it.
 
-The model is pipelines/generator_model.py logged as code (no pickled Python objects) with the `sagan`
+The model is release/generator_model.py logged as code (no pickled Python objects) with the `sagan`
 package and the weights as safetensors; its metadata holds the config, the step, the eval scores and the
 git commit, which are also tags of the model version so the registry UI shows them.
 """
@@ -17,8 +17,14 @@ from sagan.export import save_generator_file
 from sagan.models import generator_kwargs
 
 MODEL_CODE = Path(__file__).resolve().with_name("generator_model.py")
-SAGAN_PACKAGE = Path(__file__).resolve().parent.parent / "sagan"
+
+
+SAGAN_PACKAGE = Path(__file__).resolve().parents[2] / "sagan"
+
+
 REQUIREMENTS = ["torch", "safetensors", "numpy", "pandas", "pyyaml"]
+
+
 WEIGHTS_FILE = "generator.safetensors"
 
 
@@ -36,7 +42,7 @@ def signature(resolution: int):
 
 def check_name(name: str) -> None:
     """UsageError for a registered-model name MLflow would refuse only after the whole evaluation."""
-    from pipelines.common import UsageError
+    from sagan.errors import UsageError
 
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
         raise UsageError(

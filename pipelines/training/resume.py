@@ -3,14 +3,11 @@ once here, so a changed model or a damaged file is one line, and a damaged lates
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from pipelines.common import CHECKPOINT_FILE
-from pipelines.launch import PreflightError
+from pipelines.common.run_folder import RunFolder
+from pipelines.training.preflight import PreflightError
 from sagan.checkpoint import CheckpointError, load_checkpoint
 from sagan.config import Config, to_dict
-
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
 
 
 @dataclass
@@ -26,15 +23,6 @@ class ResumePlan:
     def loop_config(self) -> dict:
         """The train loop's keys: the fallback to load when Ray hands a damaged checkpoint."""
         return {"resume_from": self.checkpoint if self.damaged else None, "damaged": list(self.damaged)}
-
-
-def ray_latest(run_dir: Path) -> str | None:
-    """The folder name of the run's latest checkpoint in Ray's snapshot, or None when Ray would start afresh."""
-    try:
-        latest = json.loads((run_dir / RAY_SNAPSHOT).read_text()).get("latest_checkpoint_result")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
 
 
 def _value(v) -> str:
@@ -53,18 +41,17 @@ def check_resume(cfg: Config) -> ResumePlan:
     PreflightError when it was trained with other model.* settings, or when no checkpoint of the run is intact.
     Remote storage (scheme://) is not checked here: the workers load Ray's latest as they always did.
     """
-    if "://" in cfg.run.storage_path:
+    folder = RunFolder.of(cfg)
+    latest = folder.ray_latest()
+    if latest is None:  # a new run, or remote storage
         return ResumePlan()
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    latest = ray_latest(run_dir)
-    if latest is None:
-        return ResumePlan()
+    run_dir = folder.local
     # Newest first: Ray names the folders checkpoint_<date>_<time>.<microseconds>, which sort in time order.
-    older = sorted((p.name for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name < latest), reverse=True)
+    older = folder.checkpoints_before(latest)
     damaged, first_error = [], None
     for name in [latest, *older]:
         try:
-            state = load_checkpoint(run_dir / name / CHECKPOINT_FILE, map_location="cpu")
+            state = load_checkpoint(folder.checkpoint_file(name), map_location="cpu")
             break
         except CheckpointError as e:
             damaged.append(name)

@@ -1,13 +1,8 @@
-"""The per-worker training loop that Ray Train runs on every rank (and Tune reuses per trial).
-
-Everything Ray-specific sits at the edges: the context (rank, device), `prepare_model` for DDP, the
-checkpoint to resume from, and `ray.train.report`. The step itself is `sagan.step.Trainer.train_step`.
+"""One rank's training schedule: batches in, steps, and at their intervals logging, samples, in-loop FID and
+checkpoints; rank 0's MLflow logging through the Outbox.
 """
 
-import dataclasses
-import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,51 +13,19 @@ import ray.train.torch
 import torch
 from PIL import Image
 
-from pipelines.common import CHECKPOINT_FILE
-from sagan.checkpoint import load_checkpoint, save_checkpoint
-from sagan.config import Config, from_dict
+from pipelines.common.run_folder import CHECKPOINT_FILE, RunFolder
+from pipelines.training.best import best_so_far, save_best
+from pipelines.training.ddp import agree, param_spread
+from pipelines.training.stop import stop_run
+from sagan.checkpoint import save_checkpoint
+from sagan.config import Config
 from sagan.data import DataError, find_shards
-from sagan.errors import JobFailed
 from sagan.loader import loader_workers, rank_loader
-from sagan.models import build_models
-from sagan.speed import Speed, prepare_models
 from sagan.step import DivergenceGuard, LossMonitor, Trainer, unwrap
 from sagan.viz import attention_figures, grid_inputs, sample_grid
 
 # Console lines go through logging: Ray Train's patched print() would show each of them twice.
 log = logging.getLogger("sagan.train")
-STOPPED_FILE = "STOPPED.json"  # in the run directory: FailureConfig retries must not replay a stopped run
-BEST_DIR = "best"  # in the run directory: the checkpoint with the lowest in-loop FID so far, beside Ray's latest N
-
-
-class RunStopped(JobFailed, RuntimeError):
-    """The run cannot go on and a retry would not help (a non-finite loss, a divergence, a damaged shard); the
-    message is one line naming the step or the file."""
-
-
-def stop_marker(cfg: Config) -> Path | None:
-    """Where a stopped run records why (local storage only), or None for remote storage."""
-    return None if "://" in cfg.run.storage_path else Path(cfg.run.storage_path) / cfg.run.name / STOPPED_FILE
-
-
-def stop_run(cfg: Config, message: str) -> RunStopped:
-    """Record `message` for the retries and the driver, and return the error to raise. Every rank that stops
-    writes it (the same message where they agreed), so it is there whichever rank Ray tears down first."""
-    marker = stop_marker(cfg)
-    if marker is not None:
-        message += f". Fix the cause and start a new run.name (or delete {marker} to resume this one)"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"message": message}))
-        os.replace(tmp, marker)  # a reader never sees half a file
-    return RunStopped(message)
-
-
-def raise_if_stopped(cfg: Config) -> None:
-    """Raise RunStopped when this run was stopped already, so a retry ends at once instead of replaying it."""
-    marker = stop_marker(cfg)
-    if marker and marker.is_file():
-        raise RunStopped(json.loads(marker.read_text())["message"])
 
 
 def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
@@ -97,9 +60,9 @@ class Tracker:
         self.tracking_uri = loop_config["tracking_uri"]
         self.outbox = None
         if enabled:
-            from pipelines.tracking import Outbox, pending_dir
+            from pipelines.tracking.outbox import Outbox
 
-            self.outbox = Outbox(self.tracking_uri, self.run_id, pending_dir(cfg.run.storage_path, cfg.run.name))
+            self.outbox = Outbox(self.tracking_uri, self.run_id, RunFolder.of(cfg).pending)
 
     def checkpoint_extra(self) -> dict:
         """What a checkpoint records of the MLflow run, so evaluation can log into it."""
@@ -138,94 +101,6 @@ def _gammas(G, D) -> dict[str, float]:
         for name, module in model.attn.items():
             out[f"gamma/{net}_block{name}"] = module.gamma.item()
     return out
-
-
-def param_spread(G, D) -> float:
-    """Max minus min over ranks of a checksum of G's and D's weights: 0 while DDP keeps ranks in step."""
-    total = sum(p.detach().double().sum() for p in [*unwrap(G).parameters(), *unwrap(D).parameters()])
-    local = total.reshape(1)  # on the model's device: NCCL gathers GPU tensors only
-    if not torch.distributed.is_initialized():
-        return 0.0
-    gathered = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, local)
-    values = torch.cat(gathered)
-    return float(values.max() - values.min())
-
-
-def _quiet_ray_reports() -> None:
-    """Silence Ray Train's INFO line per ray.train.report: Ray 2.60 names that logger by its file path, so
-    RunConfig's LoggingConfig level does not reach it."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: leave its logging alone
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def prepare_eval_cache(config: dict) -> str:
-    """Ray task run by the driver before training: resolve the feature extractor's weights and compute the
-    real statistics into the eval cache, on the device a worker would use. Returns the weights file."""
-    from sagan.metrics import build_evaluator, feature_weights
-
-    cfg = from_dict(config)
-    torch.set_num_threads(os.cpu_count() or 1)  # alone on its node: training has not started yet
-    weights = feature_weights(cfg)
-    build_evaluator(cfg, "cuda" if cfg.scaling.use_gpu else "cpu", weights=weights)
-    return str(weights[0])
-
-
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Train SAGAN on this rank. `loop_config`: {"config": to_dict(cfg), "tracking_uri": ..., "mlflow_run_id":
-    the run the driver made}."""
-    _quiet_ray_reports()
-    cfg = from_dict(loop_config["config"])
-    raise_if_stopped(cfg)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    G, D = build_models(cfg.model, seed=cfg.train.seed)  # the same initial weights on every rank
-    speed = Speed.from_config(cfg.train, device)
-    prepare_models(speed, G, D)  # memory layout before DDP lays out its gradient buckets
-    G, D = ray.train.torch.prepare_model(G), ray.train.torch.prepare_model(D)
-    trainer = Trainer(G, D, cfg, speed)
-    extra = {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint and Path(checkpoint.path).name in loop_config.get("damaged", ()):  # found so by the driver
-        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])  # a retry's newer one from Ray is used as is
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
-        trainer.load_state_dict(state)
-        extra = state["extra"]
-        if rank == 0:
-            log.info(f"resumed from step {trainer.step} ({checkpoint.path})")
-    if rank == 0:
-        log.info(f"step settings on {device.type}: {speed}")
-        if speed.compile:
-            log.info("torch.compile: the first steps compile G and D (about 2.5 minutes for SAGAN-128 on an H200)")
-    # In-loop FID on rank 0, while the others wait in the next collective. The driver filled the eval cache
-    # (weights, real statistics), so this loads them. sagan.metrics is imported only where it is used: with
-    # torch-fidelity and torchvision it takes about 1 s, which the other ranks and Ray Train's controller (it
-    # unpickles this function) would spend for nothing.
-    evaluator = None
-    if cfg.train.eval_every and rank == 0:
-        from sagan.metrics import build_evaluator
-
-        evaluator = build_evaluator(cfg, device, log=log.info)
-    tracker = Tracker(rank == 0, cfg, loop_config)
-    tracker.tags({f"speed.{k}": str(v) for k, v in dataclasses.asdict(speed).items()})  # what "auto" resolved to
-    loop = Loop(cfg, trainer, rank, world, device, tracker, evaluator, extra)
-    finished = False
-    try:
-        loop.run()
-        finished = True
-    finally:
-        try:
-            loop.stream.close()  # the loader's processes end with the loop
-        finally:
-            tracker.close(finished)  # what MLflow has not taken yet goes to the run's pending file
-    if rank == 0:
-        log.info(f"finished {cfg.train.steps} steps; MLflow run {tracker.run_id}")
 
 
 class Loop:
@@ -333,8 +208,8 @@ class Loop:
         with torch.no_grad():
             grid = sample_grid(G_ema(*self.fixed), nrow=8)
         self.tracker.image(grid, "samples", step)
-        if "://" not in self.cfg.run.storage_path:  # also as files a person can open
-            folder = Path(self.cfg.run.storage_path) / self.cfg.run.name / "samples"
+        folder = RunFolder.of(self.cfg).samples
+        if folder is not None:  # also as files a person can open
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(grid).save(folder / f"samples_{step:06d}.png")
         for size, fig in attention_figures(G_ema, *self.fixed).items():
@@ -353,7 +228,7 @@ class Loop:
         )
         if step and not self.guard.suspect and (self.best is None or scores["loop/fid"] < self.best["loop/fid"]):
             best = {"step": step, "loop/fid": scores["loop/fid"]}
-            target = f"{self.cfg.run.storage_path}/{self.cfg.run.name}/{BEST_DIR}"
+            target = RunFolder.of(self.cfg).best
             try:
                 save_best(target, self.cfg, self.trainer, {**self.tracker.checkpoint_extra(), "best": best})
                 self.best = best  # only once it is on disk
@@ -392,51 +267,3 @@ class Loop:
         if ckpt is not None:
             saved = ray.train.get_checkpoint()  # where Ray persisted it
             log.info(f"step {step}: checkpoint {saved.path if saved else 'saved'}")
-
-
-def best_so_far(cfg: Config, from_checkpoint: dict | None) -> dict | None:
-    """The better of the best recorded in the checkpoint resumed from and <run dir>/best/best.json, which may be
-    newer (an evaluation after that checkpoint): a resumed run must not replace a better best with a worse."""
-    found = [from_checkpoint] if from_checkpoint else []
-    marker = (
-        None if "://" in cfg.run.storage_path else Path(cfg.run.storage_path) / cfg.run.name / BEST_DIR / "best.json"
-    )
-    if marker is not None and marker.is_file():
-        try:
-            found.append(json.loads(marker.read_text()))
-        except ValueError:
-            pass
-    found = [b for b in found if isinstance(b, dict) and isinstance(b.get("loop/fid"), (int, float))]
-    return min(found, key=lambda b: b["loop/fid"]) if found else None
-
-
-def agree(values: dict[str, float], bad_step: int | None, device) -> tuple[dict[str, float], int | None]:
-    """The losses averaged over ranks, and the first non-finite step on any rank: every rank then takes the
-    same decision (go on, or stop), and none is left waiting in a collective for a rank that stopped."""
-    if not torch.distributed.is_initialized() or not values:
-        return values, bad_step
-    mean = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    first_bad = torch.tensor([float("inf") if bad_step is None else bad_step], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(mean)
-    torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
-    mean = (mean / torch.distributed.get_world_size()).tolist()
-    first = first_bad.item()
-    return dict(zip(values, mean)), (None if first == float("inf") else int(first))
-
-
-def save_best(target: str, cfg: Config, trainer: Trainer, extra: dict) -> None:
-    """Write the best checkpoint so far to `target` (checkpoint.pt, then best.json), replacing the last one.
-    Ray's retention keeps the latest run.keep_checkpoints; this one is kept beside them whatever its age."""
-    info = json.dumps(extra["best"])
-    if "://" not in target:
-        save_checkpoint(Path(target) / CHECKPOINT_FILE, trainer, cfg, extra=extra)  # atomic: temp file + rename
-        tmp = Path(target) / ".best.json.tmp"
-        tmp.write_text(info)
-        os.replace(tmp, Path(target) / "best.json")
-        return
-    import pyarrow.fs
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer, cfg, extra=extra)
-        (Path(tmp) / "best.json").write_text(info)
-        pyarrow.fs.copy_files(tmp, target)

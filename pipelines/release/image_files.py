@@ -1,5 +1,4 @@
-"""The files pipelines/sample.py writes: PNG images, a looping animation and a WebDataset tar, each under a
-temporary name until it is complete."""
+"""Writing sampled images: PNG files, GIF/WebP animations and WebDataset tars, each written atomically."""
 
 import io
 from contextlib import contextmanager

@@ -1,12 +1,13 @@
-"""Launching a training run on Ray, shared by train.py and tune.py: absolute paths, pre-flight checks, the
-eval cache filled before workers start, and the TorchTrainer that runs `train_loop_per_worker`."""
+"""Checks a launch runs before any worker starts, shared by train.py and tune.py: absolute paths, the data against
+its manifest, the storage, the cluster's resources, the shards' hashes, and the eval cache filled in a Ray task.
+"""
 
 import os
 import time
 from pathlib import Path
 
-from pipelines.common import absolute, git_commit, ray_job_id
-from sagan.config import Config, flatten, to_dict
+from pipelines.common.run_folder import absolute, is_remote
+from sagan.config import Config, to_dict
 from sagan.data import DataError, ShardSet, batches_per_epoch, find_shards, sha256_mismatch, size_mismatch
 from sagan.errors import UserError
 
@@ -71,7 +72,7 @@ def check_inputs(cfg: Config) -> None:
         if problem:
             raise PreflightError(f"{key}: {problem}")
     storage = cfg.run.storage_path
-    if "://" not in storage:
+    if not is_remote(storage):
         try:
             Path(storage).mkdir(parents=True, exist_ok=True)
             probe = Path(storage) / f".write-test-{os.getpid()}"
@@ -144,7 +145,7 @@ def multinode_warnings(cfg: Config, tracking_uri: str, nodes: int, submitted: bo
             f"MLflow store {tracking_uri} is a file on this node, but {where}: set mlflow.tracking_uri to a "
             "tracking server (mlflow server ...; cluster/kuberay/mlflow.yaml)"
         )
-    if nodes > 1 and "://" not in cfg.run.storage_path:
+    if nodes > 1 and not is_remote(cfg.run.storage_path):
         out.append(
             f"run.storage_path {cfg.run.storage_path} is a local path and {where}: every node must see the "
             "same folder (an NFS/EFS/Filestore mount on all of them) or use a bucket (s3://..., gs://...)"
@@ -164,7 +165,7 @@ def prepare_evaluation(cfg: Config) -> None:
         return
     import ray
 
-    from pipelines.train_loop import prepare_eval_cache
+    from pipelines.training.worker import prepare_eval_cache
     from sagan.config import INCEPTION
     from sagan.metrics import MetricsError
 
@@ -178,64 +179,3 @@ def prepare_evaluation(cfg: Config) -> None:
         raise
     if cfg.eval.feature_extractor == INCEPTION:
         cfg.eval.inception_weights = weights  # the copy in the shared cache, for rank 0 wherever it runs
-
-
-def open_tracking_run(cfg: Config, tracking_uri: str, continuing: bool | None = None) -> str:
-    """The MLflow run this training run logs into, made or, when the run resumes from a checkpoint
-    (`continuing`; default: Ray has a checkpoint of it), continued by the driver; its id."""
-    from pipelines.common import prepare_tracking
-    from pipelines.resume import ray_latest
-    from pipelines.tracking import open_run
-
-    if continuing is None:
-        continuing = "://" in cfg.run.storage_path or ray_latest(Path(cfg.run.storage_path) / cfg.run.name) is not None
-    experiment_id = prepare_tracking(tracking_uri, cfg.mlflow.experiment)
-    tags = {"git_commit": git_commit(), "ray_job_id": ray_job_id()}
-    return open_run(
-        tracking_uri,
-        experiment_id,
-        cfg.run.name,
-        f"{cfg.run.storage_path}/{cfg.run.name}",
-        flatten(cfg),
-        tags,
-        continuing,
-    )
-
-
-def build_trainer(
-    cfg: Config, tracking_uri: str, run_id: str | None = None, callbacks: list | None = None, resume=None
-):
-    """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name). `run_id`: the MLflow run
-    rank 0 logs into (a Tune trial's child run, or train.py's), else one is opened; `callbacks`: Ray Train's;
-    `resume`: the driver's ResumePlan (pipelines/resume.py), whose fallback the workers load instead of a damaged latest."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines.train_loop import train_loop_per_worker
-
-    run_id = run_id or open_tracking_run(cfg, tracking_uri)
-    s = cfg.scaling
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": to_dict(cfg),
-            "tracking_uri": tracking_uri,
-            "mlflow_run_id": run_id,
-            **(resume.loop_config() if resume else {}),
-        },
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=s.num_workers,
-            use_gpu=s.use_gpu,
-            placement_strategy=s.placement_strategy,
-            resources_per_worker={"CPU": s.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO lines drown the loop's own
-            callbacks=callbacks,
-        ),
-    )

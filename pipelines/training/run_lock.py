@@ -18,11 +18,13 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from pipelines.common import ray_job_id
+from pipelines.common.provenance import ray_job_id
+from pipelines.common.run_folder import LOCK_FILE, RunFolder
 from sagan.errors import UserError
 
-LOCK_FILE = ".lock"
 HEARTBEAT_S = 30.0
+
+
 STALE_AFTER = 3  # heartbeats missed before a lock from another host counts as abandoned
 
 
@@ -231,9 +233,10 @@ class RunLock:
 def run_lock(storage_path: str, name: str, heartbeat_s: float = HEARTBEAT_S, warn=_warn):
     """Hold the lock on `<storage_path>/<name>` for the `with` block; RunLockError when another launch holds it.
     Remote storage (scheme://) is not locked: one warning line says so."""
-    if "://" in storage_path:
+    folder = RunFolder(storage_path, name)
+    if folder.remote:
         warn(f"{storage_path} is remote storage, which cannot be locked: make sure no other launch of {name} runs")
         yield None
         return
-    with RunLock(Path(storage_path) / name, name, heartbeat_s, warn) as lock:
+    with RunLock(folder.local, name, heartbeat_s, warn) as lock:
         yield lock

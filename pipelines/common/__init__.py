@@ -1,0 +1,1 @@
+"""What every stage shares: the run folder's layout, provenance tags, entry-script helpers."""

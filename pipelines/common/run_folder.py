@@ -1,0 +1,135 @@
+"""The run folder's layout, in one place. A run (or a sweep) keeps everything under `run.storage_path/NAME/`:
+
+    checkpoint_<time>/checkpoint.pt     Ray Train's checkpoints, the latest run.keep_checkpoints
+    checkpoint_manager_snapshot.json    Ray Train's record of them: its latest is what a relaunch resumes
+    best/checkpoint.pt, best/best.json  the checkpoint with the lowest in-loop FID so far
+    samples/step_NNNNNN.png             sample grids, as files a person can open
+    STOPPED.json                        why a stopped run stopped: Ray's retries and later launches stop at once
+    mlflow-pending/                     MLflow items the store had not taken when the run ended
+    .lock                               the live launch that holds the folder
+
+The storage may be a local (or mounted) folder or object storage (`s3://bucket/prefix`); `is_remote` tells
+them apart, and the parts that need a local file (the lock, the stop marker) say so with `local`.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sagan.errors import UsageError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+SAMPLES_DIR = "samples"
+STOPPED_FILE = "STOPPED.json"
+PENDING_DIR = "mlflow-pending"
+LOCK_FILE = ".lock"
+
+
+def is_remote(path: str) -> bool:
+    """Whether `path` names object storage or another filesystem by URI (s3://, gs://, ...), not a local path."""
+    return "://" in path
+
+
+def absolute(path: str | None) -> str | None:
+    """Local paths made absolute (Ray workers run in another directory); URIs (s3://...) and "" as they are."""
+    return path if not path or is_remote(path) else str(Path(path).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The folder of run `name` under `storage_path`, and where each of its parts lives."""
+
+    storage_path: str
+    name: str
+
+    @classmethod
+    def of(cls, cfg) -> "RunFolder":
+        """The folder of a config's run (run.storage_path / run.name)."""
+        return cls(cfg.run.storage_path, cfg.run.name)
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.storage_path)
+
+    @property
+    def uri(self) -> str:
+        """The folder as a string: a local path or a URI, as Ray's storage_path/name takes it."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    @property
+    def local(self) -> Path | None:
+        """The folder as a local Path, or None on remote storage."""
+        return None if self.remote else Path(self.storage_path) / self.name
+
+    def _local_part(self, *parts: str) -> Path | None:
+        return None if self.local is None else self.local.joinpath(*parts)
+
+    @property
+    def stopped(self) -> Path | None:
+        return self._local_part(STOPPED_FILE)
+
+    @property
+    def best_marker(self) -> Path | None:
+        return self._local_part(BEST_DIR, BEST_FILE)
+
+    @property
+    def best(self) -> str:
+        return f"{self.uri}/{BEST_DIR}"
+
+    @property
+    def samples(self) -> Path | None:
+        return self._local_part(SAMPLES_DIR)
+
+    @property
+    def lock(self) -> Path | None:
+        return self._local_part(LOCK_FILE)
+
+    @property
+    def pending(self) -> Path:
+        """Where undelivered MLflow items wait: in the run folder, or a local cache for remote storage."""
+        if self.remote:
+            return Path.home() / ".cache" / "sagan" / PENDING_DIR / self.name
+        return self.local / PENDING_DIR
+
+    def ray_latest(self) -> str | None:
+        """The folder name of the run's latest checkpoint in Ray's snapshot, or None when Ray would start afresh
+        (or the storage is remote)."""
+        if self.local is None:
+            return None
+        try:
+            latest = json.loads((self.local / RAY_SNAPSHOT).read_text()).get("latest_checkpoint_result")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+
+    def checkpoints_before(self, name: str) -> list[str]:
+        """The checkpoint folders older than `name`, newest first (Ray names them checkpoint_<date>_<time>.<us>,
+        which sort in time order)."""
+        found = self.local.glob("checkpoint_*") if self.local else []
+        return sorted((p.name for p in found if p.is_dir() and p.name < name), reverse=True)
+
+    def checkpoint_file(self, checkpoint: str) -> Path:
+        """The checkpoint file in the checkpoint folder `checkpoint` of this (local) run."""
+        return self.local / checkpoint / CHECKPOINT_FILE
+
+
+def find_checkpoint(path: str) -> Path:
+    """The checkpoint file at `path`: the file itself, <dir>/checkpoint.pt, or the newest checkpoint_* of a run."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if (p / CHECKPOINT_FILE).is_file():
+        return p / CHECKPOINT_FILE
+    found = (
+        sorted(d / CHECKPOINT_FILE for d in p.glob("checkpoint_*") if (d / CHECKPOINT_FILE).is_file())
+        if p.is_dir()
+        else []
+    )
+    if not found:
+        raise UsageError(
+            f"no checkpoint at {p}: give a checkpoint.pt, a checkpoint_* directory or a run directory holding them"
+        )
+    return found[-1]  # Ray names checkpoints by time: the last in order is the newest

@@ -1,0 +1,1 @@
+"""MLflow for every stage: the store and its runs, and delivery that never stops training."""

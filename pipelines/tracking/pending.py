@@ -1,0 +1,118 @@
+"""Tracking items the store had not taken: written to `<run dir>/mlflow-pending/<run id>.jsonl` (images as PNG
+files beside it), replayed in order later; items the store refuses for good are set aside with a warning.
+"""
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines.tracking.delivery import bound_requests, brief_error, deliver, permanent
+
+log = logging.getLogger("sagan.tracking")
+
+
+def reject(folder: Path, uri: str, run_id: str, item: dict, error: BaseException) -> None:
+    """Set aside an item the store refused: one warning, and a line in <folder>/rejected-<run_id>.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {k: v for k, v in item.items() if k not in ("array", "png")}
+    with open(folder / f"rejected-{run_id}.txt", "a") as f:
+        f.write(json.dumps({"error": brief_error(error), **record}) + "\n")
+    log.warning(
+        f"MLflow at {uri} refused a {item.get('kind')} item of run {run_id} ({brief_error(error)}); set "
+        f"aside in {folder / f'rejected-{run_id}.txt'}"
+    )
+
+
+def deliver_pending(pending: Path, uri: str, whose: str) -> None:
+    """Deliver the MLflow items waiting in `pending` (a spill of an outage); a warning, never an error."""
+    if not pending.is_dir():
+        return
+    try:
+        delivered, left = replay(pending)
+    except Exception as e:  # noqa: BLE001 - tracking must not stop a launch
+        delivered, left = 0, f"some ({type(e).__name__}: {brief_error(e)})"
+    if delivered:
+        print(f"MLflow: delivered {delivered} item(s) {whose} in {pending}", flush=True)
+    if left:
+        print(
+            f"warning: MLflow at {uri} has not taken {left} item(s) kept in {pending}; the next launch of this "
+            f"run or `python pipelines/replay_tracking.py {pending}` delivers them",
+            file=sys.stderr,
+        )
+
+
+# ---------------------------------------------------------------- pending files: written, then replayed
+
+
+def spill(folder: Path, uri: str, run_id: str, items: list[dict]) -> Path:
+    """Append `items` to `<folder>/<run_id>.jsonl` (images as PNG files beside it); returns the file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{run_id}.jsonl"
+    with open(path, "a") as f:
+        for item in items:
+            item = dict(item, tracking_uri=uri, run_id=run_id)
+            if "array" in item:
+                png = folder / f"{run_id}-{time.time_ns()}.png"
+                tmp = png.with_suffix(".png.tmp")
+                Image.fromarray(np.asarray(item.pop("array"))).save(tmp, format="PNG")
+                os.replace(tmp, png)
+                item["png"] = png.name
+            f.write(json.dumps(item) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def replay(folder: Path, tracking_uri: str | None = None) -> tuple[int, int]:
+    """Deliver every pending file in `folder` in order; returns (delivered, still pending). A file is
+    removed once all its items are in the store; when the store is out of reach the undelivered rest is kept
+    for next time. Lines that cannot be read (a spill cut short) and items the store refuses are set aside."""
+    import mlflow
+
+    bound_requests()
+    folder, delivered, left = Path(folder), 0, 0
+    for path in sorted(folder.glob("*.jsonl")):
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        done = 0
+        for line in lines:
+            try:
+                item = json.loads(line)
+                if "png" in item:
+                    item["array"] = np.asarray(Image.open(folder / item["png"]).convert("RGB"))
+            except (ValueError, OSError) as e:  # a line cut short by a crash, an image lost: unusable, set aside
+                reject(folder, tracking_uri or "?", path.stem, {"line": line[:2000]}, e)
+                done += 1
+                continue
+            try:
+                deliver(mlflow.MlflowClient(tracking_uri or item["tracking_uri"]), item["run_id"], item)
+            except Exception as e:  # noqa: BLE001 - sorted below: the store is away, or this item is refused
+                if not (permanent(e) or isinstance(e, KeyError)):  # the store is away
+                    log.warning(f"replay of {path} stopped at item {done + 1} of {len(lines)}: {brief_error(e)}")
+                    break
+                reject(folder, tracking_uri or "?", path.stem, {"line": line[:2000]}, e)
+            done += 1
+        rest = lines[done:]
+        for line in lines[:done]:
+            png = re.search(r'"png": "([^"]+)"', line)
+            if png:
+                (folder / png.group(1)).unlink(missing_ok=True)
+        if rest:
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in rest))
+            os.replace(tmp, path)
+        else:
+            path.unlink()
+        delivered, left = delivered + done, left + len(rest)
+    if not left and folder.is_dir() and not any(folder.glob("*.jsonl")):
+        for leftover in [*folder.glob("*.png"), *folder.glob("*.tmp")]:  # from a spill cut short
+            leftover.unlink()
+        if not any(folder.iterdir()):  # a rejected-*.txt stays for the user to read
+            folder.rmdir()
+    return delivered, left

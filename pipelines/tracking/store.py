@@ -1,0 +1,130 @@
+"""The MLflow store: its URI, reaching it within seconds, the experiment, and the one MLflow run of each training
+run (opened by the driver before any worker starts, found again when the run resumes, ended however it ends).
+"""
+
+import logging
+import os
+from pathlib import Path
+
+from pipelines.tracking.delivery import bound_requests, brief_error
+from pipelines.tracking.pending import spill
+from sagan.errors import UserError, first_line
+
+log = logging.getLogger("sagan.tracking")
+
+
+def default_tracking_uri(configured: str | None = None) -> str:
+    """`configured`, else MLFLOW_TRACKING_URI, else a sqlite file at an absolute path in the working directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+class TrackingError(UserError, RuntimeError):
+    """The MLflow store cannot be reached; the message says which and the fix."""
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError within `timeout` seconds when the MLflow store at `uri` is out of reach: MLflow's
+    own client retries an unreachable server for minutes before it fails, with nothing printed."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            return  # it answered (an auth proxy, an older server without /health): it is there
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(
+                f"MLflow tracking server {uri} did not answer within {timeout:g}s ({reason}); start it "
+                "(mlflow server --host 0.0.0.0 --port 5000 ...) or set mlflow.tracking_uri to a "
+                "reachable server or a sqlite:///ABSOLUTE/PATH.db file"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise TrackingError(
+                f"MLflow store {uri}: the folder {folder} does not exist; create it or set "
+                "mlflow.tracking_uri to another sqlite:/// file or a tracking server"
+            )
+
+
+def prepare_tracking(uri: str, experiment: str) -> str:
+    """Create the MLflow store and experiment from the driver, so workers never race on a schema migration.
+    Returns the experiment id; TrackingError when the store cannot be used. A new experiment in a sqlite store keeps its artifacts next to the database
+    file (mlartifacts/<experiment>), not in ./mlruns of whatever directory the process started in."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / experiment).as_uri()
+            try:
+                mlflow.create_experiment(experiment, artifact_location=location)
+            except MlflowException:  # another process created it in the meantime
+                pass
+        return mlflow.set_experiment(experiment).experiment_id
+    except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
+        raise TrackingError(f"MLflow tracking at {uri} is not usable: {first_line(e)}") from None
+
+
+# ---------------------------------------------------------------- the driver's side: one MLflow run per run.name
+
+
+def find_run(client, experiment_id: str, newest: bool = False, **tags) -> str | None:
+    """The id of the run in the experiment carrying all of `tags` (the oldest, or the newest), or None."""
+    quoted = {k: str(v).replace("\\", "\\\\").replace("'", "\\'") for k, v in tags.items()}
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in quoted.items())
+    order = "DESC" if newest else "ASC"
+    runs = client.search_runs([experiment_id], query, order_by=[f"attributes.start_time {order}"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    """Log `params` (values as strings, at most 6000 characters) in batches of 100, MLflow's limit."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def open_run(
+    tracking_uri: str, experiment_id: str, run_name: str, location: str, params: dict, tags: dict, continuing: bool
+) -> str:
+    """The MLflow run of the training run at `location` (storage/run.name), made by the driver before any
+    worker starts, so a retry after a worker failure logs into the same run. A run that resumes from a
+    checkpoint (`continuing`) continues the newest MLflow run of that location (status RUNNING again);
+    otherwise a new run with `params` and `tags`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    tags = {"checkpoint_location": location, **{k: str(v) for k, v in tags.items() if v}}
+    found = find_run(client, experiment_id, newest=True, checkpoint_location=location) if continuing else None
+    if found:
+        client.update_run(found, status="RUNNING")
+        for k in ("ray_job_id", "git_commit"):  # this launch's
+            if k in tags:
+                client.set_tag(found, k, tags[k])
+        return found
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str, spill_to: Path) -> None:
+    """Set the run's status now, or, with the store out of reach, leave it in the pending file for replay."""
+    import mlflow
+
+    bound_requests()
+    try:
+        mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status)
+    except Exception as e:  # noqa: BLE001 - the run's outcome stands; its record follows when the store is back
+        spill(spill_to, tracking_uri, run_id, [{"kind": "terminate", "status": status}])
+        log.warning(
+            f"MLflow at {tracking_uri} did not take status {status} of run {run_id} ({brief_error(e)}); "
+            f"kept in {spill_to}"
+        )

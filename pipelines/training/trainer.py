@@ -1,0 +1,66 @@
+"""The Ray Train TorchTrainer of a run, and the MLflow run it logs into, made by the driver; train.py and the
+sweep's trials both launch through here.
+"""
+
+from pipelines.common.provenance import git_commit, ray_job_id
+from pipelines.common.run_folder import RunFolder
+from sagan.config import Config, flatten, to_dict
+
+
+def open_tracking_run(cfg: Config, tracking_uri: str, continuing: bool | None = None) -> str:
+    """The MLflow run this training run logs into, made or, when the run resumes from a checkpoint
+    (`continuing`; default: Ray has a checkpoint of it), continued by the driver; its id."""
+    from pipelines.tracking.store import open_run, prepare_tracking
+
+    if continuing is None:
+        continuing = RunFolder.of(cfg).remote or RunFolder.of(cfg).ray_latest() is not None
+    experiment_id = prepare_tracking(tracking_uri, cfg.mlflow.experiment)
+    tags = {"git_commit": git_commit(), "ray_job_id": ray_job_id()}
+    return open_run(
+        tracking_uri,
+        experiment_id,
+        cfg.run.name,
+        RunFolder.of(cfg).uri,
+        flatten(cfg),
+        tags,
+        continuing,
+    )
+
+
+def build_trainer(
+    cfg: Config, tracking_uri: str, run_id: str | None = None, callbacks: list | None = None, resume=None
+):
+    """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name). `run_id`: the MLflow run
+    rank 0 logs into (a Tune trial's child run, or train.py's), else one is opened; `callbacks`: Ray Train's;
+    `resume`: the driver's ResumePlan (training.resume), whose fallback the workers load instead of a damaged latest."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.training.worker import train_loop_per_worker
+
+    run_id = run_id or open_tracking_run(cfg, tracking_uri)
+    s = cfg.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_dict(cfg),
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": run_id,
+            **(resume.loop_config() if resume else {}),
+        },
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            placement_strategy=s.placement_strategy,
+            resources_per_worker={"CPU": s.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO lines drown the loop's own
+            callbacks=callbacks,
+        ),
+    )
