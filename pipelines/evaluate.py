@@ -22,7 +22,6 @@ checkpoint's eval.* and data.* keys and mlflow.tracking_uri (the model is the ch
 """
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -33,12 +32,16 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from pipelines.common.cli import pick_device
-from pipelines.common.provenance import git_commit, ray_job_id
+from pipelines.common.provenance import git_commit
 from pipelines.common.run_folder import absolute, find_checkpoint
-from pipelines.tracking.store import check_tracking, default_tracking_uri, prepare_tracking
+from pipelines.release.registry import check_name, register_generator
+from pipelines.release.sources import shard_class_names
+from pipelines.tracking.evaluations import evaluation_target, log_evaluation
 from sagan.checkpoint import generator_from_state, load_checkpoint
 from sagan.config import from_dict, with_overrides
 from sagan.errors import JobFailed, UsageError, command, first_line
+from sagan.metrics import build_evaluator, feature_weights, real_shards
+from sagan.viz import grid_inputs, sample_grid
 
 OVERRIDABLE = ("eval.", "data.", "mlflow.tracking_uri=")
 
@@ -76,78 +79,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def mlflow_target(args, cfg, extra: dict) -> tuple[str, str | None]:
-    """(tracking URI, run id to log into or None): the training run's unless told otherwise; checked now,
-    so an unreachable store or a missing run stops the job before any sample is generated."""
-    import mlflow
-
-    uri = cfg.mlflow.tracking_uri or extra.get("mlflow_tracking_uri") or default_tracking_uri()
-    run_id = args.run_id or extra.get("mlflow_run_id")
-    fix = "pass mlflow.tracking_uri=URI of the training store, or --run-id"
-    if run_id and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UsageError(f"MLflow run {run_id} is not in {uri}: that store does not exist; {fix}")
-    check_tracking(uri)  # seconds; MLflow's client would retry an unreachable server for minutes
-    client = mlflow.MlflowClient(uri)
-    try:
-        if run_id:
-            client.get_run(run_id)
-        else:
-            client.search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001 - a missing run and an unreachable store have the same fix
-        where = f"MLflow run {run_id} is not in {uri}" if run_id else f"MLflow store {uri} is not usable"
-        raise UsageError(f"{where} ({first_line(e)}); {fix}") from None
-    return uri, run_id
-
-
-def log_results(uri: str, run_id: str | None, args, cfg, ckpt: Path, step: int, scores: dict, grid) -> str:
-    """Metrics at `step`, settings as params, a sample grid and a JSON record into the run; returns its id."""
-    import mlflow
-    from mlflow.entities import Metric, Param
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient(uri)
-    settings = {
-        "num_samples": cfg.eval.num_samples,
-        "feature_extractor": cfg.eval.feature_extractor,
-        "real_split": cfg.eval.real_split,
-        "generator": "raw" if args.raw else "ema",
-        "seed": cfg.eval.seed,
-        "checkpoint": str(ckpt),
-    }
-    new_run = run_id is None
-    if new_run:
-        exp = client.get_experiment(prepare_tracking(uri, args.experiment))  # artifacts next to a sqlite store
-        tags = {"checkpoint": str(ckpt), "git_commit": git_commit(), "ray_job_id": ray_job_id()}
-        run_id = client.create_run(
-            exp.experiment_id, run_name=f"eval-{cfg.run.name}-step{step}", tags={k: v for k, v in tags.items() if v}
-        ).info.run_id
-    # The training run's params already hold its config's eval.* keys: settings of an evaluation go by step.
-    prefix = "eval." if new_run else f"eval_step_{step}."
-    now = mlflow.utils.time.get_current_time_millis()
-    client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, step) for k, v in scores.items()])
-    # One record per step and settings, so a re-evaluation with other settings keeps both.
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    record = f"evaluations/step_{step:06d}-{digest}.json"
-    client.log_dict(run_id, {"step": step, "settings": settings, "scores": scores}, record)
-    try:
-        client.log_batch(run_id, params=[Param(prefix + k, str(v)) for k, v in settings.items()])
-    except MlflowException as e:
-        if e.error_code != "INVALID_PARAMETER_VALUE":
-            raise
-        print(
-            f"note: step {step} was evaluated before with other settings (params keep the first); this one is {record}"
-        )
-    client.log_image(run_id, grid, key="eval_samples", step=step)
-    if new_run:
-        client.set_terminated(run_id)
-    return run_id
-
-
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sagan.metrics import build_evaluator, feature_weights, real_shards
-    from sagan.viz import grid_inputs, sample_grid
 
     ckpt = find_checkpoint(args.checkpoint).resolve()
     state = load_checkpoint(ckpt)
@@ -159,8 +93,6 @@ def main(argv=None) -> int:
         )
     cfg = with_overrides(from_dict(state["config"]), args.overrides)
     if args.register:
-        from pipelines.release.registry import check_name
-
         check_name(args.register)
         if args.raw:
             raise UsageError("--register registers the EMA generator, which --raw leaves out: drop one of them")
@@ -170,7 +102,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     real_shards(cfg)  # the cheap checks first: data, weights (training the sample classifier once), MLflow
     weights = feature_weights(cfg)
-    uri, run_id = mlflow_target(args, cfg, state["extra"])
+    uri, run_id = evaluation_target(cfg, state["extra"], args.run_id)
     # The real statistics and the extractor before a single sample is generated.
     evaluator = build_evaluator(cfg, device, stats_file=args.stats_file, weights=weights)
     G, _ = generator_from_state(state, ema=not args.raw, device=device)
@@ -190,7 +122,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         grid = sample_grid(G(z.to(device), y.to(device)))
     try:
-        run_id = log_results(uri, run_id, args, cfg, ckpt, step, scores, grid)
+        run_id = log_evaluation(uri, run_id, cfg, ckpt, step, scores, grid, args.raw, args.experiment)
     except Exception as e:  # noqa: BLE001 - the scores are printed above; say what failed in one line
         raise JobFailed(f"the scores could not be logged to MLflow at {uri}: {first_line(e)}") from None
     print(f"logged to MLflow run {run_id} at {uri}")
@@ -199,9 +131,6 @@ def main(argv=None) -> int:
 
 def register(args, uri: str, run_id: str, G, cfg, ckpt: Path, step: int, scores: dict) -> int:
     """Log G as an MLflow model in `run_id`, with the scores just measured, and register it under --register."""
-    from pipelines.release.registry import register_generator
-    from pipelines.release.sources import shard_class_names
-
     names = shard_class_names(cfg.data.train_shards, cfg.model.num_classes)
     meta = {
         "step": step,

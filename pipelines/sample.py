@@ -22,23 +22,25 @@ A = B walks through latent space within a class, --seed-b = --seed morphs the cl
 
 import argparse
 import math
-import re
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.common.cli import check_writable, pick_device
-from pipelines.release.image_files import save_animation, save_image, webdataset_writer
+from pipelines.release.sample_files import (
+    GRID_COLS,
+    grid_columns,
+    parse_classes,
+    progress_bar,
+    write_grid,
+    write_interpolation,
+)
 from pipelines.release.sources import load_source
 from sagan.errors import UsageError, command, first_line
 from sagan.sampling import MIN_TRUNCATION
 
-GRID_ROWS = 50  # classes per grid file: 1,000 ImageNet rows would make one unreadable 130,000-pixel picture
-GRID_COLS = 32  # seeds per grid row; --images and --tar hold them all
-CHUNK = 1024  # images generated and written at a time: memory stays bounded for any request
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 
 
@@ -82,28 +84,6 @@ def parse_args(argv=None):
     )
     p.add_argument("--tracking-uri", help="MLflow store of a models:/ URI (default MLFLOW_TRACKING_URI)")
     return p.parse_args(argv)
-
-
-def parse_classes(text: str, num_classes: int | None = None, flag: str = "--classes") -> list[int]:
-    """`all` or comma-separated indices; with `num_classes`, each checked against the generator's classes."""
-    if text.strip() == "all" and flag == "--classes":
-        return list(range(num_classes or 0))
-    parts = [c.strip() for c in text.split(",")]
-    if not all(re.fullmatch(r"-?\d+", c) for c in parts):
-        raise UsageError(
-            f"{flag} {text!r} is not a comma-separated list of class indices (e.g. 207,208)"
-            + (" or all" if flag == "--classes" else "")
-        )
-    classes = [int(c) for c in parts]
-    twice = [c for c in set(classes) if classes.count(c) > 1]
-    if twice and flag == "--classes":
-        raise UsageError(f"--classes lists class {twice[0]} twice; list each class once")
-    bad = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
-    if bad:
-        raise UsageError(
-            f"class {bad[0]} is out of range: this generator has {num_classes} classes (0..{num_classes - 1})"
-        )
-    return classes
 
 
 def check_args(args) -> None:
@@ -151,81 +131,6 @@ def check_args(args) -> None:
             )
 
 
-def write_grid(args, source, out: Path, progress) -> tuple[list[Path], int]:
-    """Grid files of GRID_ROWS classes x GRID_COLS seeds each and, with --images / --tar, every image; generated
-    CHUNK images at a time (only the grid's seeds when nothing else wants the rest). Returns (grid and tar paths,
-    number of image files)."""
-    import numpy as np
-    import torch
-
-    from sagan.sampling import noise
-    from sagan.viz import labelled_grid
-
-    G = source.G
-    classes = parse_classes(args.classes, G.num_classes)
-    groups = [classes[i : i + GRID_ROWS] for i in range(0, len(classes), GRID_ROWS)]
-    cols, per = grid_columns(args)
-    z_cols = noise(range(args.seed, args.seed + per), G.z_dim, args.truncation)  # once: 512 bytes a seed
-    written, n_images = [], 0
-    with ExitStack() as stack:
-        tar = stack.enter_context(webdataset_writer(out / "samples.tar")) if args.tar else None
-        for n, group in enumerate(groups):
-            shown = []
-            for start in range(0, len(group) * per, CHUNK):
-                index = torch.arange(start, min(start + CHUNK, len(group) * per))
-                seeds, y = (args.seed + index % per).tolist(), torch.tensor(group)[index // per]
-                images = generate_uint8(G, z_cols[index % per], y, args.batch_size, progress)
-                for seed, cls, image in zip(seeds, y.tolist(), images):
-                    key = f"{cls:04d}_{seed:06d}"
-                    shown += [image] if seed - args.seed < cols else []
-                    if args.images:
-                        save_image(image, out / "images" / f"{key}.png")
-                        n_images += 1
-                    if tar:
-                        tar(key, image, cls)
-            name = "grid.png" if len(groups) == 1 else f"grid-{n:03d}.png"
-            written.append(
-                save_image(labelled_grid(np.stack(shown), cols, [label(source, c) for c in group]), out / name)
-            )
-    return written + ([out / "samples.tar"] if args.tar else []), n_images
-
-
-def grid_columns(args) -> tuple[int, int]:
-    """(seeds per grid row, seeds generated per class): all of them only when --images or --tar keeps them."""
-    cols = min(args.per_class, GRID_COLS)
-    return cols, args.per_class if args.images or args.tar else cols
-
-
-def generate_uint8(G, z, y, batch_size: int, progress=None):
-    """G's images as (N, R, R, 3) uint8."""
-    from sagan.sampling import generate, to_uint8
-
-    return to_uint8(generate(G, z, y, batch_size, progress))
-
-
-def label(source, c: int) -> str:
-    return f"{c} {source.names[c]}" if source.names else str(c)
-
-
-def write_interpolation(args, source, out: Path) -> list[Path]:
-    from sagan.sampling import interpolation_inputs, noise
-    from sagan.viz import labelled_grid
-
-    G = source.G
-    a, b = parse_classes(args.interpolate, G.num_classes, flag="--interpolate")
-    seed_b = args.seed + 1 if args.seed_b is None else args.seed_b
-    z_ends = noise([args.seed, seed_b], G.z_dim, args.truncation)
-    z, y = interpolation_inputs(z_ends[0], z_ends[1], a, b, args.steps, G.num_classes)
-    frames = generate_uint8(G, z, y, args.batch_size)
-    title = (
-        f"{label(source, a)} -> {label(source, b)}" if a != b else f"{label(source, a)}: seed {args.seed} -> {seed_b}"
-    )
-    written = [save_image(labelled_grid(frames, args.steps, [title]), out / "interpolation.png")]
-    if args.animate:
-        written.append(save_animation(frames, out / f"interpolation.{args.animate}"))
-    return written
-
-
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -261,13 +166,6 @@ def main(argv=None) -> int:
     extra = f" and {n_images} image files in {out / 'images'}" if n_images else ""
     print("wrote " + ", ".join(str(p) for p in written) + extra)
     return 0
-
-
-def progress_bar(total: int):
-    """A tqdm bar on stderr for requests of a few batches or more, else a silent stand-in."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", disable=total < 256, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -49,57 +49,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_dir: str):
-    """Start the sweep, or restore it from `sweep_dir`; returns Tune's ResultGrid and whether it was restored."""
-    import ray
-    from ray import tune
-
-    from pipelines.sweep.asha import ResumableASHA
-    from pipelines.sweep.report import ReportOnTrialEnd
-    from pipelines.sweep.space import concurrency, metric_mode, param_space
-    from pipelines.sweep.trials import trainable, trial_dirname
-
-    # Rank 0 reports the in-loop metric at evaluation steps only; the other reports (losses) lack it.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    fn = trainable(cfg, uri, parent_id, sweep_dir)
-    if tune.Tuner.can_restore(sweep_dir):
-        print(f"resuming sweep {cfg.tune.name} from {sweep_dir}", flush=True)
-        tuner = tune.Tuner.restore(sweep_dir, trainable=fn, resume_unfinished=True, resume_errored=False)
-        return tuner.fit(), True
-    # Rungs sit at grace_period x reduction_factor^k up to max_t. With max_t one below the trial length, no rung
-    # falls on a trial's last report, and stop_last_trials=False lets a trial that reached it finish by itself
-    # instead of Tune killing its workers while they write the last checkpoint.
-    asha = ResumableASHA(
-        time_attr="step",
-        metric=cfg.tune.metric,
-        mode=metric_mode(cfg),
-        max_t=cfg.tune.steps - 1,
-        grace_period=cfg.tune.grace_period,
-        reduction_factor=cfg.tune.reduction_factor,
-        stop_last_trials=False,
-    )
-    tuner = tune.Tuner(
-        fn,
-        param_space=param_space(cfg, combos),
-        tune_config=tune.TuneConfig(
-            scheduler=asha,
-            num_samples=cfg.tune.num_samples,
-            reuse_actors=False,
-            max_concurrent_trials=concurrency(cfg, ray.cluster_resources()),
-            trial_dirname_creator=trial_dirname,
-            trial_name_creator=trial_dirname,
-        ),
-        run_config=tune.RunConfig(
-            name=cfg.tune.name,
-            storage_path=cfg.run.storage_path,
-            verbose=1,
-            failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
-            callbacks=[ReportOnTrialEnd(cfg, uri, experiment_id, parent_id)],
-        ),
-    )
-    return tuner.fit(), False
-
-
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -113,18 +62,23 @@ def main(argv=None) -> int:
 
 def sweep(cfg, combos) -> int:
     """Check the cluster and the inputs, run or resume the sweep, report; the exit status."""
+    # Ray Tune and MLflow load here, not at the top: a launch refused by main's checks costs no import (seconds).
+    import mlflow
+    import ray
+    from ray import tune
+
+    from pipelines.sweep.report import records_from_results, table_markdown, write_report
+    from pipelines.sweep.trials import parent_run
+    from pipelines.sweep.tuner import run_sweep
+
     folder = RunFolder(cfg.run.storage_path, cfg.tune.name)
     sweep_dir = folder.uri  # a string: s3://... is no local Path
-    import ray
-
     if not ray.is_initialized():
         ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
     # On remote storage the rerun check is skipped: the sweep is named by tune.name alone there.
     if folder.remote:
         sweep_id = cfg.tune.name
     else:
-        from ray import tune
-
         sweep_id = check_same_sweep(Path(sweep_dir), combos, cfg, restorable=tune.Tuner.can_restore(sweep_dir))
     check_cluster(cfg, ray.cluster_resources())
     verify_shards(cfg)  # once per sweep, not per trial
@@ -132,10 +86,6 @@ def sweep(cfg, combos) -> int:
     uri = default_tracking_uri(cfg.mlflow.tracking_uri)
     experiment_id = prepare_tracking(uri, cfg.tune.experiment)
     try:
-        import mlflow
-
-        from pipelines.sweep.trials import parent_run
-
         client = mlflow.MlflowClient(uri)
         parent_id = parent_run(client, experiment_id, cfg, sweep_id)
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
@@ -149,8 +99,6 @@ def sweep(cfg, combos) -> int:
         flush=True,
     )
     results, _ = run_sweep(cfg, combos, uri, experiment_id, parent_id, sweep_dir)
-
-    from pipelines.sweep.report import records_from_results, table_markdown, write_report
 
     try:
         rows, best = write_report(client, experiment_id, parent_id, cfg, records_from_results(results))

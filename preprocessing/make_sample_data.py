@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from sagan.errors import UsageError, command
 
@@ -27,8 +28,6 @@ NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 def write_sample_data(out: str | Path, size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
     """Write the digits under `out` (replacing an earlier copy atomically); return {split: image count}."""
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     out = Path(out).resolve()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -16,6 +16,7 @@ import platform
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -117,7 +118,7 @@ def run_tasks(tasks: list[tuple[str, list, ImageOptions]], backend: str, workers
     if not tasks:
         return
     if backend == "ray":
-        import ray
+        import ray  # lazy: only --backend ray needs Ray (seconds to import; benchmarks/import_times.py)
 
         if not ray.is_initialized():
             ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
@@ -135,8 +136,6 @@ def run_tasks(tasks: list[tuple[str, list, ImageOptions]], backend: str, workers
         for t in tasks:
             yield write_shard(*t)
         return
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     with ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)), initializer=exit_with_parent, initargs=(os.getpid(),)
     ) as pool:

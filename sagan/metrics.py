@@ -31,6 +31,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_generative_model
+from tqdm import tqdm
 
 from .checkpoint import atomic_save
 from .config import INCEPTION, SAMPLE_CLASSIFIER, Config
@@ -329,8 +330,6 @@ def extract_features(
 ) -> dict[str, torch.Tensor]:
     """{layer: (N, D)} features of every real image in `shards`, decoded by `workers` processes (default: up
     to 4, one per core) while the extractor runs."""
-    from tqdm import tqdm
-
     out: dict[str, list] = {name: [] for name in extractor.get_requested_features_list()}
     with tqdm(total=shards.num_samples, unit="img", desc="real features", disable=not progress, leave=False) as bar:
         workers = min(4, os.cpu_count() or 1) if workers is None else workers

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 from .sampling import to_uint8
 
@@ -33,8 +34,6 @@ def sample_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
 def labelled_grid(images: np.ndarray, ncol: int, labels: list[str] | None = None, pad: int = 2) -> np.ndarray:
     """(N, H, W, 3) uint8 images -> one uint8 grid of `ncol` columns on white, spaced by `pad` pixels as
     `sample_grid` spaces them, with labels[r] written left of row r when given."""
-    from PIL import Image, ImageDraw, ImageFont
-
     n, h, w, _ = images.shape
     rows = -(-n // ncol)
     font = ImageFont.load_default(size=max(10, min(h // 3, 16)))

@@ -94,7 +94,7 @@ def test_grid_has_a_row_per_class_in_the_order_asked_and_each_image_is_its_seeds
 
 
 def test_many_classes_go_into_one_grid_file_per_group_and_one_tar(checkpoint, tmp_path, monkeypatch):
-    import pipelines.sample as sample
+    import pipelines.release.sample_files as sample
 
     monkeypatch.setattr(sample, "GRID_ROWS", 3)  # 4 classes: a file of 3 rows and one of 1
     monkeypatch.setattr(sample, "GRID_COLS", 1)  # the first seed of each class in the grid; the tar has both

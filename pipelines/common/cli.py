@@ -3,13 +3,13 @@
 import tempfile
 from pathlib import Path
 
+import torch
+
 from sagan.errors import UsageError, first_line
 
 
 def pick_device(name: str):
     """cuda when asked for or (auto) available, else cpu; UsageError for cuda on a machine without it."""
-    import torch
-
     if name not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {name} is not one of auto, cpu, cuda")
     if name == "cuda" and not torch.cuda.is_available():

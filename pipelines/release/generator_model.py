@@ -16,19 +16,18 @@ import numpy as np
 import torch
 from mlflow.pyfunc import PythonModel
 
+from sagan.export import load_generator_file
+from sagan.sampling import generate, noise, to_uint8
+
 COLUMNS = ("class_id", "seed", "truncation")
 
 
 class GeneratorModel(PythonModel):
     def load_context(self, context):
-        from sagan.export import load_generator_file
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.G, self.meta = load_generator_file(context.artifacts["generator"], device=device)
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        from sagan.sampling import generate, noise, to_uint8
-
         if len(model_input) == 0:
             raise ValueError("input has no rows: give one row (class_id, seed[, truncation]) per image")
         missing = [c for c in COLUMNS[:2] if c not in model_input.columns]

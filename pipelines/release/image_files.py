@@ -4,6 +4,7 @@ import io
 from contextlib import contextmanager
 from pathlib import Path
 
+import webdataset as wds
 from PIL import Image
 
 from sagan.files import atomic_output
@@ -30,7 +31,6 @@ def save_animation(frames, path: Path, ms_per_frame: int = 120) -> Path:
 def webdataset_writer(path: Path):
     """A function (key, image, class) adding KEY.png and KEY.cls to the tar at `path` (webdataset reads it:
     `wds.WebDataset(path).decode("rgb").to_tuple("png", "cls")`); the tar appears when the block ends cleanly."""
-    import webdataset as wds
 
     def write(key: str, image, cls: int) -> None:
         png = io.BytesIO()

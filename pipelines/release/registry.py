@@ -11,8 +11,16 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+from sagan.checkpoint import CheckpointError
+from sagan.config import to_dict
+from sagan.errors import UsageError
 from sagan.export import save_generator_file
 from sagan.models import generator_kwargs
 
@@ -30,9 +38,6 @@ WEIGHTS_FILE = "generator.safetensors"
 
 def signature(resolution: int):
     """Input: class_id, seed and optional truncation per row; output: (rows, R, R, 3) uint8 images."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
-
     inputs = Schema(
         [ColSpec("long", "class_id"), ColSpec("long", "seed"), ColSpec("double", "truncation", required=False)]
     )
@@ -42,8 +47,6 @@ def signature(resolution: int):
 
 def check_name(name: str) -> None:
     """UsageError for a registered-model name MLflow would refuse only after the whole evaluation."""
-    from sagan.errors import UsageError
-
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
         raise UsageError(
             f"--register {name!r} is not a usable model name: use letters, digits, '-', '_' or '.' "
@@ -56,12 +59,6 @@ def register_generator(uri: str, run_id: str, name: str, G, cfg, meta: dict) -> 
     (generator-step<step>-<id>/, so a later registration from the same run leaves this one as it is), register it
     as a new version of `name` and return that version. `meta` (step, scores, commit, class names...) goes into
     the model's metadata, its scalars also into the version's tags. The run is not reopened: its status stays."""
-    import mlflow
-    import pandas as pd
-    from mlflow.exceptions import MlflowException
-
-    from sagan.config import to_dict
-
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     example = pd.DataFrame({"class_id": [0, cfg.model.num_classes - 1], "seed": [0, 1], "truncation": [0.0, 0.5]})
     folder = f"generator-step{meta.get('step', 0):07d}-{uuid.uuid4().hex[:8]}"
@@ -93,8 +90,6 @@ def weights_of(model_dir: Path, uri: str) -> Path:
     """The one safetensors file inside a downloaded model folder (as save_model lays artifacts out)."""
     found = sorted(Path(model_dir).rglob(WEIGHTS_FILE))
     if len(found) != 1:
-        from sagan.checkpoint import CheckpointError
-
         raise CheckpointError(
             f"{uri} holds {len(found)} {WEIGHTS_FILE} files, not one: it is not a SAGAN generator "
             "model (register one with evaluate.py --register NAME)"

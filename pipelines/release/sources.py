@@ -2,10 +2,12 @@
 registered MLflow model (models:/NAME/VERSION); with its class names when the data has them.
 """
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.common.run_folder import find_checkpoint
+from pipelines.tracking.store import TrackingError, check_tracking, default_tracking_uri
 from sagan.checkpoint import generator_from_state, load_checkpoint
 from sagan.errors import UsageError, first_line
 from sagan.export import load_generator_file, save_generator_file
@@ -79,12 +81,11 @@ def class_names_file(path: str, num_classes: int) -> list[str]:
 def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source:
     """The generator of a model registered by evaluate.py --register: the model is downloaded and only its
     safetensors weights are read (its code is not run here; mlflow.pyfunc.load_model runs it for its users)."""
-    import tempfile
-
+    # MLflow (and the registry module, which needs it) load only for a models:/ source, not for a checkpoint's
+    # samples (benchmarks/import_times.py).
     import mlflow
 
     from pipelines.release.registry import weights_of
-    from pipelines.tracking.store import TrackingError, check_tracking, default_tracking_uri
 
     if not ema:
         raise UsageError("--raw needs a checkpoint: a registered model holds the EMA generator only")

@@ -7,10 +7,12 @@ more when the sweep ends, so the parent shows the state of the sweep while it ru
 
 import csv
 import io
+import logging
 import math
 import tempfile
 from pathlib import Path
 
+import mlflow
 import numpy as np
 from PIL import Image
 from ray.tune import Callback
@@ -246,10 +248,6 @@ class ReportOnTrialEnd(Callback):
         self.config, self.uri, self.experiment_id, self.parent_id = to_dict(cfg), tracking_uri, experiment_id, parent_id
 
     def _write(self, trials, ended, status: str) -> None:
-        import logging
-
-        import mlflow
-
         records = [record_from_trial(t, status if t is ended else None) for t in trials]
         try:
             write_report(

@@ -140,7 +140,7 @@ def concurrency(cfg: Config, cluster: dict) -> int:
 
 def param_space(cfg: Config, combos: list[dict]) -> dict:
     """Tune's param_space: the combinations as one grid (or one choice, for random search)."""
-    from ray import tune
+    from ray import tune  # here, not at the top: tune.py checks the space before Ray Tune loads (seconds)
 
     return {"trial": tune.grid_search(combos) if cfg.tune.search == "grid" else tune.choice(combos)}
 

@@ -7,12 +7,21 @@ adds none), with rank 0's reports forwarded to Tune for ASHA.
 import sys
 from pathlib import Path
 
+import mlflow
+from ray import tune
+from ray.train import TrainingFailedError
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from pipelines.common.provenance import git_commit, ray_job_id
 from pipelines.common.run_folder import RunFolder
 from pipelines.sweep.space import DRIVER_CPU, lr_d_of, trial_config
 from pipelines.tracking.delivery import bound_requests
 from pipelines.tracking.pending import deliver_pending
 from pipelines.tracking.store import find_run, log_params
+from pipelines.training.preflight import PreflightError
+from pipelines.training.resume import check_resume
+from pipelines.training.stop import RunStopped, raise_if_stopped
+from pipelines.training.trainer import build_trainer
 from sagan.config import Config, flatten, from_dict, to_dict
 from sagan.errors import first_line
 
@@ -88,16 +97,6 @@ def child_run(client, experiment_id: str, parent_id: str, sweep: str, trial_id: 
 def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sweep_dir: str) -> None:
     """Run one trial as a Ray Train run; rank 0's reports reach Tune. A failure is recorded on the child run
     (status FAILED, its reason as a tag) and raised, so Tune marks the trial ERROR and the sweep goes on."""
-    import mlflow
-    from ray import tune
-    from ray.train import TrainingFailedError
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipelines.training.preflight import PreflightError
-    from pipelines.training.resume import check_resume
-    from pipelines.training.stop import RunStopped, raise_if_stopped
-    from pipelines.training.trainer import build_trainer
-
     bound_requests()  # a store that went away fails a request in seconds, not minutes
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(base), params["trial"])
@@ -146,8 +145,6 @@ def failure_reason(error: Exception) -> str:
 
 def trainable(cfg: Config, tracking_uri: str, parent_id: str, sweep_dir: Path):
     """The Tune trainable: `run_trial` with the sweep's fixed arguments, taking a negligible CPU share itself."""
-    from ray import tune
-
     fn = tune.with_parameters(
         run_trial, base=to_dict(cfg), tracking_uri=tracking_uri, parent_id=parent_id, sweep_dir=str(sweep_dir)
     )

@@ -1,5 +1,9 @@
 """One tracking item delivered to MLflow, with bounded requests, and whether a failure is the store refusing it
 for good or being out of reach.
+
+MLflow is imported inside the functions that talk to the store, not at the top: train.py and tune.py import
+this module before their checks, which refuse a bad launch without paying MLflow's import (about a second or
+more; benchmarks/import_times.py).
 """
 
 import json
@@ -18,7 +22,7 @@ def bound_requests(max_retries: int = 1) -> None:
 
 def deliver(client, run_id: str, item: dict) -> None:
     """Send one item to the store; raises whatever the client raises."""
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import Metric, RunTag  # lazy: see the module docstring
 
     kind = item["kind"]
     if kind == "metrics":
@@ -29,7 +33,7 @@ def deliver(client, run_id: str, item: dict) -> None:
     elif kind == "image":
         client.log_image(run_id, item["array"], key=item["key"], step=item["step"], timestamp=item["timestamp"])
     elif kind == "curve":
-        from sagan.viz import metric_curve
+        from sagan.viz import metric_curve  # lazy: matplotlib loads for a curve, not in every logging process
 
         history = client.get_metric_history(run_id, item["metric"])
         # A resumed run replays the steps after its last checkpoint: the latest value of each step counts.
@@ -47,7 +51,7 @@ def deliver(client, run_id: str, item: dict) -> None:
 def permanent(error: BaseException) -> bool:
     """Whether the store refused an item for good (a 400 or 404-like answer to the request itself, a value MLflow
     cannot take) rather than being out of reach (no answer, a 5xx, a rate limit, a proxy in the way)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: see the module docstring
 
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+import mlflow
 import numpy as np
 
 from pipelines.tracking.delivery import bound_requests, brief_error, deliver, permanent
@@ -37,8 +38,6 @@ class Outbox:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, spill_to: Path, max_backoff: float = 30.0):
-        import mlflow
-
         bound_requests(max_retries=0)
         self.client = mlflow.MlflowClient(tracking_uri)
         self.uri, self.run_id, self.spill_to = tracking_uri, run_id, Path(spill_to)

@@ -1,5 +1,9 @@
 """Tracking items the store had not taken: written to `<run dir>/mlflow-pending/<run id>.jsonl` (images as PNG
 files beside it), replayed in order later; items the store refuses for good are set aside with a warning.
+
+MLflow is imported inside the functions that talk to the store, not at the top: train.py and tune.py import
+this module before their checks, which refuse a bad launch without paying MLflow's import (about a second or
+more; benchmarks/import_times.py).
 """
 
 import json
@@ -74,7 +78,7 @@ def replay(folder: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     """Deliver every pending file in `folder` in order; returns (delivered, still pending). A file is
     removed once all its items are in the store; when the store is out of reach the undelivered rest is kept
     for next time. Lines that cannot be read (a spill cut short) and items the store refuses are set aside."""
-    import mlflow
+    import mlflow  # lazy: see the module docstring
 
     bound_requests()
     folder, delivered, left = Path(folder), 0, 0

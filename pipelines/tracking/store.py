@@ -1,9 +1,15 @@
 """The MLflow store: its URI, reaching it within seconds, the experiment, and the one MLflow run of each training
 run (opened by the driver before any worker starts, found again when the run resumes, ended however it ends).
+
+MLflow is imported inside the functions that talk to the store, not at the top: train.py and tune.py import
+this module before their checks, which refuse a bad launch without paying MLflow's import (about a second or
+more; benchmarks/import_times.py).
 """
 
 import logging
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from pipelines.tracking.delivery import bound_requests, brief_error
@@ -26,9 +32,6 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingError within `timeout` seconds when the MLflow store at `uri` is out of reach: MLflow's
     own client retries an unreachable server for minutes before it fails, with nothing printed."""
     if uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
         except urllib.error.HTTPError:
@@ -53,8 +56,8 @@ def prepare_tracking(uri: str, experiment: str) -> str:
     """Create the MLflow store and experiment from the driver, so workers never race on a schema migration.
     Returns the experiment id; TrackingError when the store cannot be used. A new experiment in a sqlite store keeps its artifacts next to the database
     file (mlartifacts/<experiment>), not in ./mlruns of whatever directory the process started in."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    import mlflow  # lazy: see the module docstring
+    from mlflow.exceptions import MlflowException  # lazy: see the module docstring
 
     try:
         mlflow.set_tracking_uri(uri)
@@ -85,7 +88,7 @@ def find_run(client, experiment_id: str, newest: bool = False, **tags) -> str | 
 
 def log_params(client, run_id: str, params: dict) -> None:
     """Log `params` (values as strings, at most 6000 characters) in batches of 100, MLflow's limit."""
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # lazy: see the module docstring
 
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
@@ -99,7 +102,7 @@ def open_run(
     worker starts, so a retry after a worker failure logs into the same run. A run that resumes from a
     checkpoint (`continuing`) continues the newest MLflow run of that location (status RUNNING again);
     otherwise a new run with `params` and `tags`."""
-    import mlflow
+    import mlflow  # lazy: see the module docstring
 
     client = mlflow.MlflowClient(tracking_uri)
     tags = {"checkpoint_location": location, **{k: str(v) for k, v in tags.items() if v}}
@@ -117,7 +120,7 @@ def open_run(
 
 def end_run(tracking_uri: str, run_id: str, status: str, spill_to: Path) -> None:
     """Set the run's status now, or, with the store out of reach, leave it in the pending file for replay."""
-    import mlflow
+    import mlflow  # lazy: see the module docstring
 
     bound_requests()
     try:

@@ -35,7 +35,7 @@ def save_best(target: str, cfg: Config, trainer: Trainer, extra: dict) -> None:
         tmp.write_text(info)
         os.replace(tmp, Path(target) / BEST_FILE)
         return
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: only remote storage needs it, and every rank imports this module
 
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer, cfg, extra=extra)

@@ -60,7 +60,7 @@ class Tracker:
         self.tracking_uri = loop_config["tracking_uri"]
         self.outbox = None
         if enabled:
-            from pipelines.tracking.outbox import Outbox
+            from pipelines.tracking.outbox import Outbox  # here: MLflow's import is rank 0's alone (import_times.py)
 
             self.outbox = Outbox(self.tracking_uri, self.run_id, RunFolder.of(cfg).pending)
 

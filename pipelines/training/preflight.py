@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from pipelines.common.run_folder import absolute, is_remote
-from sagan.config import Config, to_dict
+from sagan.config import INCEPTION, Config, to_dict
 from sagan.data import DataError, ShardSet, batches_per_epoch, find_shards, sha256_mismatch, size_mismatch
 from sagan.errors import UserError
 
@@ -90,7 +90,7 @@ def planned_shards(cfg: Config, train: ShardSet | None = None) -> dict[str, Shar
     except DataError as e:
         raise PreflightError(f"data.train_shards: {e}") from None
     if cfg.train.eval_every:  # in-loop FID compares against these
-        from sagan.metrics import MetricsError, real_shards
+        from sagan.metrics import MetricsError, real_shards  # torch-fidelity loads only with in-loop FID on
 
         try:
             real = real_shards(cfg)
@@ -110,7 +110,7 @@ def verify_shards(cfg: Config) -> None:
     """
     if cfg.data.verify != "full":
         return
-    import ray
+    import ray  # here, not at the top: train.py and tune.py run the checks above before Ray loads (seconds)
 
     urls, sha256s, total = [], [], 0
     for shard_set in planned_shards(cfg).values():
@@ -163,10 +163,11 @@ def prepare_evaluation(cfg: Config) -> None:
     """
     if not cfg.train.eval_every:
         return
+    # Ray, Ray Train (with the task's function) and torch-fidelity load only when in-loop FID is on
+    # (benchmarks/import_times.py): the checks above run before any of them.
     import ray
 
     from pipelines.training.worker import prepare_eval_cache
-    from sagan.config import INCEPTION
     from sagan.metrics import MetricsError
 
     s = cfg.scaling

@@ -4,14 +4,13 @@ sweep's trials both launch through here.
 
 from pipelines.common.provenance import git_commit, ray_job_id
 from pipelines.common.run_folder import RunFolder
+from pipelines.tracking.store import open_run, prepare_tracking
 from sagan.config import Config, flatten, to_dict
 
 
 def open_tracking_run(cfg: Config, tracking_uri: str, continuing: bool | None = None) -> str:
     """The MLflow run this training run logs into, made or, when the run resumes from a checkpoint
     (`continuing`; default: Ray has a checkpoint of it), continued by the driver; its id."""
-    from pipelines.tracking.store import open_run, prepare_tracking
-
     if continuing is None:
         continuing = RunFolder.of(cfg).remote or RunFolder.of(cfg).ray_latest() is not None
     experiment_id = prepare_tracking(tracking_uri, cfg.mlflow.experiment)
@@ -33,6 +32,8 @@ def build_trainer(
     """The TorchTrainer for `cfg`; fit() runs it (and resumes a run of the same name). `run_id`: the MLflow run
     rank 0 logs into (a Tune trial's child run, or train.py's), else one is opened; `callbacks`: Ray Train's;
     `resume`: the driver's ResumePlan (training.resume), whose fallback the workers load instead of a damaged latest."""
+    # Ray Train loads here, not at the top: train.py and tune.py import this module before their checks, and a
+    # launch they refuse costs no Ray import (benchmarks/import_times.py: ray.train.torch, seconds).
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -29,7 +29,7 @@ log = logging.getLogger("sagan.train")
 def _quiet_ray_reports() -> None:
     """Silence Ray Train's INFO line per ray.train.report: Ray 2.60 names that logger by its file path, so
     RunConfig's LoggingConfig level does not reach it."""
-    try:
+    try:  # a private module of Ray's: guarded, so another Ray layout only leaves the lines on
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: leave its logging alone
         return
@@ -39,6 +39,8 @@ def _quiet_ray_reports() -> None:
 def prepare_eval_cache(config: dict) -> str:
     """Ray task run by the driver before training: resolve the feature extractor's weights and compute the
     real statistics into the eval cache, on the device a worker would use. Returns the weights file."""
+    # Here, not at the top: sagan.metrics (torch-fidelity, torchvision; benchmarks/import_times.py) is needed only in
+    # this task and on rank 0, not by Ray Train's controller, which unpickles this module's loop function.
     from sagan.metrics import build_evaluator, feature_weights
 
     cfg = from_dict(config)
@@ -83,7 +85,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # unpickles this function) would spend for nothing.
     evaluator = None
     if cfg.train.eval_every and rank == 0:
-        from sagan.metrics import build_evaluator
+        from sagan.metrics import build_evaluator  # here, not at the top: see above
 
         evaluator = build_evaluator(cfg, device, log=log.info)
     tracker = Tracker(rank == 0, cfg, loop_config)

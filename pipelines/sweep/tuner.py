@@ -1,0 +1,55 @@
+"""The sweep on Ray Tune: a new Tuner over the trials with ASHA on the in-loop metric, or the sweep restored
+from its folder (unfinished trials resume from their checkpoints)."""
+
+import os
+
+import ray
+from ray import tune
+
+from pipelines.sweep.asha import ResumableASHA
+from pipelines.sweep.report import ReportOnTrialEnd
+from pipelines.sweep.space import concurrency, metric_mode, param_space
+from pipelines.sweep.trials import trainable, trial_dirname
+
+
+def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_dir: str):
+    """Start the sweep, or restore it from `sweep_dir`; returns Tune's ResultGrid and whether it was restored."""
+    # Rank 0 reports the in-loop metric at evaluation steps only; the other reports (losses) lack it.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    fn = trainable(cfg, uri, parent_id, sweep_dir)
+    if tune.Tuner.can_restore(sweep_dir):
+        print(f"resuming sweep {cfg.tune.name} from {sweep_dir}", flush=True)
+        tuner = tune.Tuner.restore(sweep_dir, trainable=fn, resume_unfinished=True, resume_errored=False)
+        return tuner.fit(), True
+    # Rungs sit at grace_period x reduction_factor^k up to max_t. With max_t one below the trial length, no rung
+    # falls on a trial's last report, and stop_last_trials=False lets a trial that reached it finish by itself
+    # instead of Tune killing its workers while they write the last checkpoint.
+    asha = ResumableASHA(
+        time_attr="step",
+        metric=cfg.tune.metric,
+        mode=metric_mode(cfg),
+        max_t=cfg.tune.steps - 1,
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+        stop_last_trials=False,
+    )
+    tuner = tune.Tuner(
+        fn,
+        param_space=param_space(cfg, combos),
+        tune_config=tune.TuneConfig(
+            scheduler=asha,
+            num_samples=cfg.tune.num_samples,
+            reuse_actors=False,
+            max_concurrent_trials=concurrency(cfg, ray.cluster_resources()),
+            trial_dirname_creator=trial_dirname,
+            trial_name_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.tune.name,
+            storage_path=cfg.run.storage_path,
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
+            callbacks=[ReportOnTrialEnd(cfg, uri, experiment_id, parent_id)],
+        ),
+    )
+    return tuner.fit(), False
