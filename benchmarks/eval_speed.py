@@ -24,8 +24,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sagan.config import INCEPTION
-from sagan.metrics import LAYERS, Evaluator, statistics
+from sagan.metrics import Evaluator
 from sagan.models import Generator
+from sagan.real_stats import LAYERS, statistics
 
 
 def parse_args(argv=None):

@@ -48,3 +48,7 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
 
 class UsageError(UserError):
     """A command-line flag or argument that cannot work; the message names it and the fix."""
+
+
+class MetricsError(UserError, RuntimeError):
+    """Evaluation cannot start (weights, data or statistics missing or mismatched); the message says the fix."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pipelines.evaluate as evaluate
-import sagan.metrics as metrics
+import sagan.inception as inception
 from pipelines.evaluate import main
 from pipelines.tracking.store import prepare_tracking
 from pipelines.training.preflight import prepare_evaluation, resolve_paths
@@ -122,7 +122,7 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     with socket.socket() as s:  # a port nobody listens on: the download fails at once, as offline
         s.bind(("127.0.0.1", 0))
-        monkeypatch.setattr(metrics, "INCEPTION_URL", f"http://127.0.0.1:{s.getsockname()[1]}/w.pth")
+        monkeypatch.setattr(inception, "INCEPTION_URL", f"http://127.0.0.1:{s.getsockname()[1]}/w.pth")
     monkeypatch.setattr(
         evaluate, "generator_from_state", lambda *a, **k: pytest.fail("generator built before the error")
     )

@@ -8,23 +8,18 @@ import pytest
 import torch
 from torch_fidelity.utils import create_feature_extractor
 
+import sagan.inception as inception
 import sagan.metrics as metrics
+import sagan.real_stats as real_stats
+import sagan.sample_classifier as classifier_module
 from sagan.config import load_config
 from sagan.data import find_shards
-from sagan.metrics import (
-    Evaluator,
-    MetricsError,
-    balanced_labels,
-    build_evaluator,
-    extract_features,
-    fid,
-    inception_score,
-    inception_weights,
-    real_statistics,
-    sample_classifier,
-    statistics,
-)
+from sagan.inception import inception_weights
+from sagan.loader import iter_uint8
+from sagan.metrics import Evaluator, MetricsError, balanced_labels, build_evaluator, fid, inception_score
 from sagan.models import build_models
+from sagan.real_stats import extract_features, real_statistics, statistics
+from sagan.sample_classifier import sample_classifier
 
 
 def sample_cfg(digits, eval_cache, *overrides):
@@ -57,7 +52,7 @@ def test_sample_classifier_is_accurate_and_trained_once(digits, eval_cache, clas
     _, path, val = classifier
     saved = torch.load(path, weights_only=True)
     assert saved["val_accuracy"] > 0.95 and saved["num_classes"] == 10
-    monkeypatch.setattr(metrics, "train_sample_classifier", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(classifier_module, "train_sample_classifier", lambda *a, **k: pytest.fail("retrained"))
     lines = []
     train = find_shards(str(digits / "train"))
     assert sample_classifier(train, val, eval_cache, log=lines.append) == path
@@ -66,7 +61,7 @@ def test_sample_classifier_is_accurate_and_trained_once(digits, eval_cache, clas
 
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise_and_shifts(classifier):
     extractor, _, val = classifier
-    images = torch.cat([b[0] for b in metrics.iter_uint8(val, 128)])
+    images = torch.cat([b[0] for b in iter_uint8(val, 128)])
     real = statistics(extractor(images)[0])
     gen = torch.Generator().manual_seed(0)
     noisy = (images.float() + 40 * torch.randn(images.shape, generator=gen)).clamp(0, 255).to(torch.uint8)
@@ -104,7 +99,7 @@ def test_real_statistics_are_cached_and_the_second_call_makes_no_feature_pass(cl
     first = real_statistics(extractor, "id-1", val, tmp_path, 128, "cpu", log=lambda m: None)
     (cached,) = tmp_path.glob("fid-stats-sample-classifier-32px-*.pt")
     assert set(torch.load(cached, weights_only=True)) >= {"mu", "sigma", "key", "data_key", "num_samples"}
-    monkeypatch.setattr(metrics, "extract_features", lambda *a, **k: pytest.fail("feature pass on a cache hit"))
+    monkeypatch.setattr(real_stats, "extract_features", lambda *a, **k: pytest.fail("feature pass on a cache hit"))
     second = real_statistics(extractor, "id-1", val, tmp_path, 128, "cpu", log=lambda m: None)
     assert (first["mu"] == second["mu"]).all() and (first["sigma"] == second["sigma"]).all()
     assert first["mu"].dtype == second["mu"].dtype  # torch-fidelity's FID insists on equal dtypes
@@ -136,7 +131,9 @@ def test_explicit_stats_file_is_written_then_read_and_must_match(classifier, tmp
         extractor, "id-1", val, tmp_path / "cache", 128, "cpu", stats_file=str(file), log=lambda m: None
     )
     assert file.is_file() and not (tmp_path / "cache").exists()
-    monkeypatch.setattr(metrics, "extract_features", lambda *a, **k: pytest.fail("feature pass for an existing file"))
+    monkeypatch.setattr(
+        real_stats, "extract_features", lambda *a, **k: pytest.fail("feature pass for an existing file")
+    )
     read = real_statistics(
         extractor, "id-1", val, tmp_path / "cache", 128, "cpu", stats_file=str(file), log=lambda m: None
     )
@@ -169,7 +166,7 @@ def test_a_generator_replaying_real_images_scores_like_real_data(digits, eval_ca
     """A 'generator' that returns real val images of the asked class: the classifier's own accuracy, FID ~0,
     IS near the class count (50 images per split keep it a little below)."""
     _, _, val = classifier
-    images, labels = metrics.load_images(val)
+    images, labels = classifier_module.load_images(val)
     by_class = [images[labels == c] for c in range(10)]
 
     class Replay(torch.nn.Module):
@@ -186,7 +183,7 @@ def test_a_generator_replaying_real_images_scores_like_real_data(digits, eval_ca
 
 def test_without_inception_weights_or_network_the_error_says_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.setattr(metrics, "INCEPTION_URL", f"http://127.0.0.1:{_closed_port()}/weights.pth")
+    monkeypatch.setattr(inception, "INCEPTION_URL", f"http://127.0.0.1:{_closed_port()}/weights.pth")
     with pytest.raises(MetricsError) as err:
         inception_weights(None)
     message = str(err.value)
@@ -228,14 +225,16 @@ def test_inception_path_scores_a_generator_with_stand_in_weights(tmp_path, monke
         skeleton = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     home = tmp_path / "torch-home"
     monkeypatch.setenv("TORCH_HOME", str(home))
-    file = home / "hub" / "checkpoints" / metrics.INCEPTION_FILE
+    file = home / "hub" / "checkpoints" / inception.INCEPTION_FILE
     file.parent.mkdir(parents=True)
     torch.save(skeleton.state_dict(), file)
-    monkeypatch.setattr(metrics, "INCEPTION_SHA256_PREFIX", hashlib.sha256(file.read_bytes()).hexdigest()[:8])
+    prefix = hashlib.sha256(file.read_bytes()).hexdigest()[:8]
+    monkeypatch.setattr(inception, "INCEPTION_SHA256_PREFIX", prefix)  # the file check
+    monkeypatch.setattr(metrics, "INCEPTION_SHA256_PREFIX", prefix)  # the cache key
     assert inception_weights(None) == file
     cfg = load_config(None, ["model.ch=8", f"eval.cache_dir={tmp_path / 'shared-cache'}"])
     shared, identity = metrics.feature_weights(cfg)  # copied where every node sharing the cache finds it
-    assert shared == tmp_path / "shared-cache" / metrics.INCEPTION_FILE and shared.read_bytes() == file.read_bytes()
+    assert shared == tmp_path / "shared-cache" / inception.INCEPTION_FILE and shared.read_bytes() == file.read_bytes()
 
     extractor = create_feature_extractor(
         "inception-v3-compat",
