@@ -9,6 +9,7 @@ pages' relative links and anchors resolve, and the README stays a front door of 
 
 import ast
 import importlib
+import importlib.util
 import re
 import shlex
 import subprocess
@@ -123,10 +124,18 @@ def shell_commands(page: Path) -> list[Command]:
     return commands
 
 
-def split_commands(text: str) -> list[list[str]]:
+def shell_tokens(text: str) -> list[str]:
+    """The shell words and operators of `text`; ValueError for an unclosed quote."""
     lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
-    tokens = list(lexer)
+    return list(lexer)
+
+
+def split_commands(text: str) -> list[list[str]]:
+    try:
+        tokens = shell_tokens(text)
+    except ValueError:  # test_every_documented_command_parses_as_shell names it
+        return []
     commands, current = [], []
     for token in tokens:
         if token and set(token) <= set("();<>|&"):
@@ -289,6 +298,17 @@ def test_pages_name_entry_scripts_not_library_modules(page):
 
 
 # --- the commands ----------------------------------------------------------------------------------------------
+
+
+@by_page
+def test_every_documented_command_parses_as_shell(page):
+    problems = []
+    for command in page_commands(page):
+        try:
+            shell_tokens(command.text)
+        except ValueError as e:
+            problems.append(f"{command.where()}: {e}")
+    assert problems == [], "\n".join(problems)
 
 
 @by_page
