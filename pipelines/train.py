@@ -4,7 +4,7 @@
     python pipelines/train.py --config configs/imagenet128.yaml scaling.num_workers=16
     ray job submit --working-dir . -- python pipelines/train.py --config configs/imagenet128.yaml
 
-Overrides are dotted key=value pairs (see sagan/config.py for every key). Running again with the same
+Overrides are dotted key=value pairs (docs/configuration.md lists every key; --print-config prints them resolved). Running again with the same
 run.name resumes from the run's last checkpoint. The global batch is train.batch_size x scaling.num_workers.
 """
 

@@ -7,7 +7,7 @@ reported in MLflow: one parent run per sweep, one child run per trial, a table, 
 
 Each trial is a full Ray Train run (pipelines/train.py's loop) with its own workers. Interrupt a sweep
 (Ctrl-C, or the driver killed) and run the same command again to continue it: finished trials are kept,
-unfinished ones resume from their last checkpoint. The search space is the `tune` section (sagan/config.py).
+unfinished ones resume from their last checkpoint. The search space is the `tune` section (docs/configuration.md).
 """
 
 import argparse

@@ -17,7 +17,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        # More logical CPUs than cores, a small object store, and the dashboard on (REFERENCE.md).
+        # More logical CPUs than cores, a small object store, and the dashboard on (Ray on a 2-core machine: logical CPUs may exceed cores; a small store fits its memory).
         ray.init(
             num_cpus=4,
             object_store_memory=200 * 1024**2,

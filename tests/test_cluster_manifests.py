@@ -268,7 +268,7 @@ def test_rayjob_entrypoint_names_a_script_its_flags_and_config_keys(name, job):
         )
     keys = flatten(Config())
     for override in getattr(ns, "overrides", []):
-        assert override.split("=", 1)[0] in keys, f"{name}: {override} is not a config key (sagan/config.py)"
+        assert override.split("=", 1)[0] in keys, f"{name}: {override} is not a config key (docs/configuration.md)"
     if getattr(ns, "config", None):
         assert ns.config.startswith(APP + "/") and (ROOT / Path(ns.config).relative_to(APP)).is_file(), ns.config
     if script.name == "evaluate.py":

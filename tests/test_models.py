@@ -9,7 +9,7 @@ def _count(model):
 
 
 def test_parameter_counts_match_released_sagan_at_128():
-    # StudioGAN's SAGAN, ch 64, 1000 classes, attention at 64x64 in G and D (REFERENCE.md).
+    # StudioGAN's SAGAN, ch 64, 1000 classes, attention at 64x64 in G and D (PyTorch-StudioGAN, configs/ImageNet/SAGAN.yaml).
     G = Generator(resolution=128, ch=64, z_dim=128, num_classes=1000, attn_resolutions=(64,))
     D = Discriminator(resolution=128, ch=64, num_classes=1000, attn_resolutions=(64,))
     assert _count(G) == 42_017_412
