@@ -286,14 +286,13 @@ def test_every_docs_page_opens_with_a_title_and_a_one_sentence_summary(page):
 
 
 @by_page
-def test_pages_name_entry_scripts_not_library_modules(page):
-    """Library modules under pipelines/ and sagan/ move; the entry scripts (run as `python X.py`) stay."""
+def test_every_named_module_exists(page):
+    """A module of pipelines/ or sagan/ named on a page is there: a page that outlives a move fails here."""
     problems = []
     for number, line in enumerate(page.read_text().splitlines(), 1):
         for path in SCRIPT_MODULE.findall(line):
-            file = ROOT / path
-            if not file.is_file() or "__main__" not in file.read_text():
-                problems.append(f"{rel(page)}:{number}: names {path}, not an entry script; name a script or a key")
+            if not (ROOT / path).is_file():
+                problems.append(f"{rel(page)}:{number}: names {path}, which does not exist")
     assert problems == [], "\n".join(problems)
 
 
