@@ -31,7 +31,7 @@ from pipelines.training.resume import ResumePlan, check_resume
 from pipelines.training.run_lock import run_lock
 from pipelines.training.stop import raise_if_stopped
 from pipelines.training.trainer import build_trainer, open_tracking_run
-from sagan.config import Config, load_config
+from sagan.config import Config, dump_yaml, load_config
 from sagan.errors import command
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -45,6 +45,11 @@ def parse_args(argv=None):
         "--config", default=None, help=f"YAML config (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})"
     )
     p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the fully resolved config (defaults, then --config, then the overrides) as YAML and exit",
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr_d=4e-4 model.g_attn=[32,64]"
     )
     return p.parse_args(argv)
@@ -54,6 +59,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
     check_tracking(default_tracking_uri(cfg.mlflow.tracking_uri))  # seconds, before Ray starts
     check_inputs(cfg)  # the data against its manifest, the storage: no Ray needed
     with run_lock(cfg.run.storage_path, cfg.run.name):  # before Ray starts: a refused launch costs nothing

@@ -30,7 +30,7 @@ from pipelines.training.preflight import (
     verify_shards,
 )
 from pipelines.training.run_lock import run_lock
-from sagan.config import load_config
+from sagan.config import dump_yaml, load_config
 from sagan.errors import JobFailed, command, first_line
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.yaml"
@@ -44,6 +44,11 @@ def parse_args(argv=None):
         "--config", default=None, help=f"YAML config (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})"
     )
     p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the fully resolved config (defaults, then --config, then the overrides) as YAML and exit",
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tune.ratio=[1,4] tune.steps=2000"
     )
     return p.parse_args(argv)
@@ -53,6 +58,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = resolve_paths(load_config(args.config or DEMO_CONFIG, args.overrides))
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
     combos = check_sweep(cfg)
     check_tracking(default_tracking_uri(cfg.mlflow.tracking_uri))  # seconds, before Ray starts
     check_inputs(cfg)  # the data against its manifest, the storage: no Ray needed

@@ -280,3 +280,15 @@ def test_a_multi_node_cluster_is_warned_of_what_its_nodes_cannot_share(tmp_path)
     assert storage.startswith(f"run.storage_path {tmp_path / 'runs'} is a local path and the cluster has 2 nodes")
     cfg.run.storage_path = "s3://bucket/runs"
     assert multinode_warnings(cfg, "http://mlflow:5000", nodes=2, submitted=True) == []
+
+
+@pytest.mark.parametrize("script", ["train", "tune"])
+def test_print_config_prints_the_resolved_config_as_yaml_that_loads_back(script, tmp_path, capsys):
+    import importlib
+
+    module = importlib.import_module(f"pipelines.{script}")
+    assert module.main(["--print-config", "model.ch=32", "optim.lr_d=3e-4"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    expected = resolve_paths(load_config(module.DEMO_CONFIG, ["model.ch=32", "optim.lr_d=3e-4"]))
+    assert load_config(printed) == expected and expected.model.ch == 32
