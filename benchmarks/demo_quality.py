@@ -17,10 +17,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from pipelines.common.config import from_dict
 from pipelines.common.run_folder import find_checkpoint
 from pipelines.tracking.store import default_tracking_uri
 from sagan.checkpoint import load_checkpoint, load_generator
-from sagan.config import SAMPLE_CLASSIFIER, from_dict
+from sagan.config import SAMPLE_CLASSIFIER
 from sagan.errors import UsageError
 from sagan.metrics import build_evaluator
 from sagan.models import build_models

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.learning_check import Batches, learning_check
-from sagan.config import load_config
+from pipelines.common.config import load_config
 from sagan.models import build_models
 from sagan.speed import Speed, prepare_models
 from sagan.step import LossMonitor, Trainer

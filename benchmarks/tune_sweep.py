@@ -20,11 +20,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.common.config import load_config
 from pipelines.sweep.trials import ROLE_TAG, SWEEP_TAG
 from pipelines.tracking.store import default_tracking_uri
 from pipelines.tune import DEMO_CONFIG
 from pipelines.tune import main as tune_main
-from sagan.config import load_config
 
 
 def trial_times(client, run, log_every: int) -> dict:

@@ -32,13 +32,14 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from pipelines.common.cli import pick_device
+from pipelines.common.config import from_dict
 from pipelines.common.provenance import git_commit
 from pipelines.common.run_folder import absolute, find_checkpoint
 from pipelines.release.registry import check_name, register_generator
 from pipelines.release.sources import shard_class_names
 from pipelines.tracking.evaluations import evaluation_target, log_evaluation
 from sagan.checkpoint import generator_from_state, load_checkpoint
-from sagan.config import from_dict, with_overrides
+from sagan.config import with_overrides
 from sagan.errors import JobFailed, UsageError, command, first_line
 from sagan.metrics import build_evaluator, feature_weights, real_shards
 from sagan.viz import grid_inputs, sample_grid

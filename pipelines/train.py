@@ -16,6 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.common.config import Config, load_config
 from pipelines.common.run_folder import RunFolder
 from pipelines.tracking.pending import deliver_pending
 from pipelines.tracking.store import check_tracking, default_tracking_uri, end_run, prepare_tracking
@@ -31,7 +32,7 @@ from pipelines.training.resume import ResumePlan, check_resume
 from pipelines.training.run_lock import run_lock
 from pipelines.training.stop import raise_if_stopped
 from pipelines.training.trainer import build_trainer, open_tracking_run
-from sagan.config import Config, dump_yaml, load_config
+from sagan.config import dump_yaml
 from sagan.errors import command
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"

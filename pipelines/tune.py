@@ -18,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.common.config import load_config
 from pipelines.common.run_folder import RunFolder
 from pipelines.sweep.space import check_same_sweep, check_sweep
 from pipelines.tracking.store import TrackingError, check_tracking, default_tracking_uri, prepare_tracking
@@ -30,7 +31,7 @@ from pipelines.training.preflight import (
     verify_shards,
 )
 from pipelines.training.run_lock import run_lock
-from sagan.config import dump_yaml, load_config
+from sagan.config import dump_yaml
 from sagan.errors import JobFailed, command, first_line
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.yaml"

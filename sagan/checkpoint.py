@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, from_dict, to_dict
+from .config import SaganConfig, saved_config, to_dict
 from .errors import UserError
 from .files import atomic_output
 from .models import Generator, build_models
@@ -21,7 +21,7 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that is missing, truncated, or not one of ours."""
 
 
-def save_checkpoint(path: str | Path, trainer, cfg: Config, extra: dict | None = None) -> Path:
+def save_checkpoint(path: str | Path, trainer, cfg: SaganConfig, extra: dict | None = None) -> Path:
     """Write a `sagan.step.Trainer`'s full state and `cfg` to `path` atomically; return the path.
 
     `extra` holds plain values to keep alongside (an MLflow run id, say). A crash mid-write leaves any
@@ -112,15 +112,15 @@ def check_fits(model: torch.nn.Module, saved: dict, name: str) -> None:
         )
 
 
-def load_generator(path: str | Path, ema: bool = True, device="cpu") -> tuple[Generator, Config]:
+def load_generator(path: str | Path, ema: bool = True, device="cpu") -> tuple[Generator, SaganConfig]:
     """The checkpoint's generator (its EMA weights unless `ema` is False) in eval mode, and its config."""
     return generator_from_state(load_checkpoint(path), ema, device)
 
 
-def generator_from_state(state: dict, ema: bool = True, device="cpu") -> tuple[Generator, Config]:
+def generator_from_state(state: dict, ema: bool = True, device="cpu") -> tuple[Generator, SaganConfig]:
     """The generator in a loaded checkpoint `state` (EMA weights unless `ema` is False), in eval mode on
     `device`, and its config; only G travels to the device, not D or the optimizer states."""
-    cfg = from_dict(state["config"])
+    cfg = saved_config(state["config"])
     G, _ = build_models(cfg.model)
     check_fits(G, state["G_ema" if ema else "G"], "G_ema" if ema else "G")
     G.load_state_dict(state["G_ema" if ema else "G"])

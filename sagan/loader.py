@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .config import Config
+from .config import SaganConfig
 from .data import DataError, ShardSet, _fix, batches_per_epoch
 
 SHUFFLE_SHARDS = 4  # a rank's samples are shuffled within groups of this many shards (~4,000 ImageNet samples)
@@ -95,9 +95,9 @@ def decode_jpeg(data: bytes) -> torch.Tensor:
         return _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
-def loader_workers(cfg: Config) -> int:
-    """Decoding processes per rank: data.loader_workers, else the rank's CPUs (at least 1)."""
-    return cfg.data.loader_workers if cfg.data.loader_workers is not None else max(1, int(cfg.scaling.cpus_per_worker))
+def loader_workers(cfg: SaganConfig, cpus: float) -> int:
+    """Decoding processes per rank: data.loader_workers, else the rank's `cpus` (at least 1)."""
+    return cfg.data.loader_workers if cfg.data.loader_workers is not None else max(1, int(cpus))
 
 
 class ShardReader:

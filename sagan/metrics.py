@@ -22,7 +22,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_generative_model
 
-from .config import INCEPTION, SAMPLE_CLASSIFIER, Config
+from .config import INCEPTION, SAMPLE_CLASSIFIER, SaganConfig
 from .data import DataError, ShardSet, find_shards
 from .errors import MetricsError
 from .files import copy_into, sha256_file
@@ -118,12 +118,12 @@ class Evaluator:
         return out
 
 
-def eval_cache_dir(cfg: Config) -> Path:
+def eval_cache_dir(cfg: SaganConfig) -> Path:
     """eval.cache_dir, else the default next to the real shards (see `default_cache_dir`)."""
     return Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else default_cache_dir(real_shards(cfg))
 
 
-def feature_weights(cfg: Config, log=print) -> tuple[Path, str]:
+def feature_weights(cfg: SaganConfig, log=print) -> tuple[Path, str]:
     """(weights file in the eval cache, identity for cache keys) of cfg.eval.feature_extractor: the Inception
     file found or downloaded and copied into the cache (so every node sharing it finds it), or the sample
     classifier, trained if it is not cached. Raises MetricsError when the weights cannot be had."""
@@ -138,7 +138,7 @@ def feature_weights(cfg: Config, log=print) -> tuple[Path, str]:
     return path, sha256_file(path)
 
 
-def real_shards(cfg: Config) -> ShardSet:
+def real_shards(cfg: SaganConfig) -> ShardSet:
     """The real images FID compares against: data.val_shards or data.train_shards (eval.real_split),
     checked against the model's classes and resolution."""
     split = cfg.eval.real_split
@@ -158,7 +158,7 @@ def real_shards(cfg: Config) -> ShardSet:
 
 
 def build_evaluator(
-    cfg: Config, device, stats_file: str | None = None, weights: tuple[Path, str] | None = None, log=print
+    cfg: SaganConfig, device, stats_file: str | None = None, weights: tuple[Path, str] | None = None, log=print
 ) -> Evaluator:
     """An Evaluator for cfg.eval's extractor against eval.real_split's statistics (cached or computed now).
     `weights`: what `feature_weights(cfg)` returned, when the caller has it already."""

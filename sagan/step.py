@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import check_fits, load_checkpoint
-from .config import Config, from_dict
+from .config import SaganConfig, saved_config
 from .losses import hinge_d_loss, hinge_g_loss
 from .models import build_models
 from .speed import Speed, compile_model, is_channels_last, prepare_models
@@ -47,7 +47,7 @@ class EMA:
 
 
 def make_optimizers(
-    G: nn.Module, D: nn.Module, cfg: Config, fused: bool = False
+    G: nn.Module, D: nn.Module, cfg: SaganConfig, fused: bool = False
 ) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """TTUR: Adam for G at optim.lr_g and for D at optim.lr_d, with optim.betas; `fused`: one kernel per step."""
     # YAML reads `[0, 0.999]` with an int 0, which newer torch's Adam rejects: force floats.
@@ -149,7 +149,7 @@ class Trainer:
     before wrapping). Compiling happens here, after the EMA copy is taken, and leaves state_dict keys as they are.
     """
 
-    def __init__(self, G: nn.Module, D: nn.Module, cfg: Config, speed: Speed | None = None):
+    def __init__(self, G: nn.Module, D: nn.Module, cfg: SaganConfig, speed: Speed | None = None):
         self.G, self.D = G, D
         self.device = next(unwrap(G).parameters()).device
         self.speed = speed or Speed.from_config(cfg.train, self.device)
@@ -275,10 +275,10 @@ class Trainer:
         self.step = int(state["step"])
 
 
-def trainer_from_checkpoint(path: str | Path, device="cpu") -> tuple[Trainer, Config]:
+def trainer_from_checkpoint(path: str | Path, device="cpu") -> tuple[Trainer, SaganConfig]:
     """A Trainer rebuilt from the checkpoint's own config with every state restored, and that config."""
     state = load_checkpoint(path, map_location=device)
-    cfg = from_dict(state["config"])
+    cfg = saved_config(state["config"])
     G, D = build_models(cfg.model)
     trainer = Trainer(G.to(device), D.to(device), cfg)
     trainer.load_state_dict(state)

@@ -248,7 +248,7 @@ def parse(script, argv):
 
 def job_config(job):
     """The Config a train or tune RayJob runs with (its --config file and overrides)."""
-    from sagan.config import load_config
+    from pipelines.common.config import load_config
 
     script, argv = entrypoint(job)
     _, ns = parse(script, argv)
@@ -257,7 +257,8 @@ def job_config(job):
 
 @pytest.mark.parametrize("name,job", [pytest.param(n, d, id=n) for n, d in documents("RayJob")])
 def test_rayjob_entrypoint_names_a_script_its_flags_and_config_keys(name, job):
-    from sagan.config import Config, flatten
+    from pipelines.common.config import Config
+    from sagan.config import flatten
 
     script, argv = entrypoint(job)
     assert (ROOT / script).is_file(), f"{name}: {script} does not exist"

@@ -1,7 +1,13 @@
+import json
+import re
+
+import jsonschema
 import pytest
 import torch
+import yaml
 
-from sagan.config import Config, ConfigError, dump_yaml, flatten, load_config
+from pipelines.common.config import SCHEMA_COMMAND, SCHEMA_FILE, Config, from_dict, load_config, schema_text
+from sagan.config import ConfigError, dump_yaml, flatten, to_dict, validate, with_overrides
 from sagan.models import build_models
 from sagan.step import make_optimizers
 
@@ -145,3 +151,119 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
     assert (
         str(e.value) == f"config file {path} is not valid YAML at line 3, column 9: mapping values are not allowed here"
     )
+
+
+def test_unknown_key_lists_the_valid_keys_of_its_section():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.lr_q=1"])
+    assert str(e.value) == "unknown config key 'optim.lr_q'; valid keys here: betas, lr_d, lr_g, n_dis"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('train:\n  steps: "16"\n', "train.steps: expected int, got '16' ({path} line 2, column 10)"),
+        ("train:\n  steps: true\n", "train.steps: expected int, got True ({path} line 2, column 10)"),
+        (
+            "optim:\n  lr_q: 1\n",
+            "unknown config key 'optim.lr_q'; valid keys here: betas, lr_d, lr_g, n_dis ({path} line 2, column 3)",
+        ),
+        (
+            "optim:\n  betas: [0.5, 2]\n",
+            "optim.betas: each value must be in [0, 1), got 2.0 ({path} line 2, column 16)",
+        ),
+        ("model: [1]\n", "model: expected a mapping of keys, got [1] ({path} line 1, column 8)"),
+        (
+            "model:\n  ch: 1\n",
+            "model.ch: attention at G@16 would have 4 channels; it needs a multiple of 8 ({path} line 2, column 7)",
+        ),
+        (
+            "model:\n  g_attn: [4]\n",
+            "model.g_attn has no [4] feature map for attention; valid sizes are [8, 16, 32] ({path} line 2, column 11)",
+        ),
+        ("data:\n  verify: md5\n", "data.verify: 'md5' is not one of full, size, off ({path} line 2, column 11)"),
+    ],
+)
+def test_a_bad_value_in_the_file_names_its_line_and_column(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == message.format(path=path)
+
+
+def test_a_bad_override_names_no_position_even_over_a_file_value(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\nmodel:\n  ch: 8\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.steps=x"])
+    assert str(e.value) == "train.steps: expected int, got 'x'"
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["model.ch=1"])  # a check across keys, on the overridden key
+    assert str(e.value).endswith("it needs a multiple of 8")
+
+
+def test_yaml_1_1_readings_are_kept(tmp_path):
+    path = tmp_path / "c.yaml"
+    # PyYAML reads 1e-4 (no dot) as a string, 2 as an int, an unquoted off as false.
+    path.write_text(
+        "optim:\n  lr_g: 1e-4\n  lr_d: 2\ndata:\n  verify: off\ntrain:\n  compile: auto\n  channels_last: auto\n"
+    )
+    cfg = load_config(path)
+    assert cfg.optim.lr_g == 1e-4 and cfg.optim.lr_d == 2.0 and isinstance(cfg.optim.lr_d, float)
+    assert cfg.data.verify == "off" and cfg.train.compile is None and cfg.train.channels_last is None
+    assert load_config(None, ["run.name=2024", "model.g_attn=8"]).run.name == "2024"  # numbers as text; one size
+    assert load_config(None, ["model.g_attn=8"]).model.g_attn == (8,)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.resolution=48", "model.resolution: 48 is not one of 32, 64, 128"),
+        ("model.resolution='32'", "model.resolution: expected int, got '32'"),
+        ("optim.lr_g=true", "optim.lr_g: expected float, got True"),
+        ("eval.num_samples=5", "eval.num_samples: must be at least 10 (IS uses 10 splits), got 5"),
+        ("data.loader_workers=-1", "data.loader_workers: must be 0 or more (or null for the rank's CPUs), got -1"),
+        ("train.diverge_factor=0.5", "train.diverge_factor: must be 0 (off) or above 1, got 0.5"),
+        ("train.ema_decay=1", "train.ema_decay: must be in [0, 1), got 1.0"),
+        ("tune.reduction_factor=1", "tune.reduction_factor: must be above 1, got 1.0"),
+        ("tune.lr_g=[1e-4,-1]", "tune.lr_g: each value must be a finite number above 0, got -1.0"),
+        ("tune.name=it's", "tune.name: 'it's' must be letters, digits"),
+        ("tune.metric=loop/acc", "tune.metric: 'loop/acc' is not reported by the training loop; use one of loop/fid"),
+        ("model=5", "model: expected a mapping of keys, got 5"),
+    ],
+)
+def test_each_refusal_is_one_line_naming_the_key_value_and_rule(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        load_config(None, [override])
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_config_objects_compare_copy_and_take_assignments():
+    cfg = load_config(None, ["tune.attn=[[16],[]]", "model.g_attn=[8,16]"])
+    assert cfg.model.g_attn == (8, 16) and hash(cfg.model.g_attn) == hash((8, 16))
+    assert from_dict(to_dict(cfg)) == cfg and from_dict(to_dict(cfg)) is not cfg
+    assert to_dict(cfg)["tune"]["attn"] == [[16], []] and to_dict(cfg)["model"]["g_attn"] == [8, 16]
+    assert with_overrides(cfg, ["train.steps=5"]).train.steps == 5 and cfg.train.steps == 1000
+    cfg.run.name = "renamed"  # the pipelines set paths and names on a loaded config
+    assert cfg.run.name == "renamed" and cfg != load_config(None, ["tune.attn=[[16],[]]", "model.g_attn=[8,16]"])
+    assert flatten(Config())["model.g_attn"] == [16]
+    cfg.train.steps = 0  # assignments are not checked; validate() checks the whole tree again
+    with pytest.raises(ConfigError, match="train.steps: must be positive"):
+        validate(cfg)
+
+
+def test_schema_file_is_current():
+    assert SCHEMA_FILE.read_text() == schema_text(), f"configs/schema.json is stale; regenerate it: {SCHEMA_COMMAND}"
+
+
+def test_every_config_file_validates_against_the_schema():
+    schema = json.loads(SCHEMA_FILE.read_text())
+    files = sorted(SCHEMA_FILE.parent.glob("*.yaml"))
+    assert files
+    for path in files:
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    for bad in ({"train": {"steps": "x"}}, {"train": {"stpes": 5}}, {"model": {"resolution": 48}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    jsonschema.validate({"model": None, "train": {"compile": "auto"}}, schema)  # as load_config reads them

@@ -9,9 +9,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from pipelines.common.config import load_config
 from pipelines.train import main
 from pipelines.training.preflight import PreflightError, preflight, verify_shards
-from sagan.config import load_config
 from sagan.data import DataError, ShardSet, find_shards
 from sagan.loader import iter_uint8, rank_batches
 

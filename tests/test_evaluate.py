@@ -10,12 +10,12 @@ import torch
 
 import pipelines.evaluate as evaluate
 import sagan.inception as inception
+from pipelines.common.config import load_config
 from pipelines.evaluate import main
 from pipelines.tracking.store import prepare_tracking
 from pipelines.training.preflight import prepare_evaluation, resolve_paths
 from pipelines.training.trainer import build_trainer
 from sagan.checkpoint import load_checkpoint, save_checkpoint
-from sagan.config import load_config
 from sagan.models import build_models
 from sagan.step import Trainer
 

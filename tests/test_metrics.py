@@ -12,7 +12,7 @@ import sagan.inception as inception
 import sagan.metrics as metrics
 import sagan.real_stats as real_stats
 import sagan.sample_classifier as classifier_module
-from sagan.config import load_config
+from pipelines.common.config import load_config
 from sagan.data import find_shards
 from sagan.inception import inception_weights
 from sagan.loader import iter_uint8

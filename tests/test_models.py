@@ -65,7 +65,7 @@ def test_unsupported_resolution_raises():
 
 
 def test_seeded_build_gives_the_same_weights_and_leaves_the_global_rng_alone():
-    from sagan.config import load_config
+    from pipelines.common.config import load_config
 
     cfg = load_config(None, ["model.ch=8"])
     torch.manual_seed(123)

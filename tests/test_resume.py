@@ -7,12 +7,12 @@ import mlflow
 import pytest
 import torch
 
+from pipelines.common.config import load_config
 from pipelines.common.run_folder import RAY_SNAPSHOT
 from pipelines.train import main
 from pipelines.training.preflight import PreflightError
 from pipelines.training.resume import check_resume
 from sagan.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from sagan.config import load_config
 from sagan.models import build_models
 from sagan.step import Trainer
 from tests.test_step import tiny_trainer

@@ -124,7 +124,7 @@ def test_launch_is_refused_with_exit_2_while_the_run_is_locked(entry, digits, tm
         f"data.train_shards={digits / 'train'}",
         f"data.val_shards={digits / 'val'}",
     ]
-    from sagan.config import load_config
+    from pipelines.common.config import load_config
 
     cfg = load_config(module.DEMO_CONFIG, [])
     name = cfg.run.name if entry == "train" else cfg.tune.name

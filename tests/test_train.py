@@ -10,12 +10,12 @@ import mlflow
 import pytest
 import torch
 
+from pipelines.common.config import load_config
 from pipelines.tracking.store import prepare_tracking
 from pipelines.train import main
 from pipelines.training.preflight import resolve_paths
 from pipelines.training.trainer import build_trainer
 from sagan.checkpoint import load_checkpoint
-from sagan.config import load_config
 from sagan.data import batches_per_epoch, find_shards
 from sagan.loader import rank_batches
 

@@ -11,10 +11,10 @@ import mlflow
 import pytest
 import torch
 
+from pipelines.common.config import load_config
 from pipelines.sweep.space import combinations
 from pipelines.sweep.trials import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from pipelines.tune import main
-from sagan.config import load_config
 from sagan.models import build_models
 from sagan.step import Trainer
 

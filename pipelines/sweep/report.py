@@ -17,10 +17,11 @@ import numpy as np
 from PIL import Image
 from ray.tune import Callback
 
+from pipelines.common.config import Config, from_dict
 from pipelines.sweep.space import lr_d_of, metric_mode, trial_config
 from pipelines.sweep.trials import REASON_TAG, SWEEP_TAG, TRIAL_TAG
 from pipelines.tracking.store import find_run
-from sagan.config import Config, dump_yaml, from_dict, to_dict
+from sagan.config import dump_yaml, to_dict
 from sagan.viz import heatmap, metric_curves
 
 COLUMNS = [

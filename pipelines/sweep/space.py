@@ -7,7 +7,8 @@ import json
 import uuid
 from pathlib import Path
 
-from sagan.config import TUNE_METRICS, Config, ConfigError, flatten, to_dict, with_overrides
+from pipelines.common.config import TUNE_METRICS, Config
+from sagan.config import ConfigError, flatten, to_dict, with_overrides
 from sagan.errors import UserError
 
 SPACE_FILE = "sweep.json"  # in the sweep's folder: its config and id; a rerun must not silently change them

@@ -12,6 +12,7 @@ from ray import tune
 from ray.train import TrainingFailedError
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from pipelines.common.config import Config, from_dict
 from pipelines.common.provenance import git_commit, ray_job_id
 from pipelines.common.run_folder import RunFolder
 from pipelines.sweep.space import DRIVER_CPU, lr_d_of, trial_config
@@ -22,7 +23,7 @@ from pipelines.training.preflight import PreflightError
 from pipelines.training.resume import check_resume
 from pipelines.training.stop import RunStopped, raise_if_stopped
 from pipelines.training.trainer import build_trainer
-from sagan.config import Config, flatten, from_dict, to_dict
+from sagan.config import flatten, to_dict
 from sagan.errors import first_line
 
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG, REASON_TAG = "sagan.sweep", "sagan.trial_id", "sagan.role", "sagan.stop_reason"

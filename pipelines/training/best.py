@@ -5,9 +5,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from pipelines.common.config import Config
 from pipelines.common.run_folder import BEST_FILE, CHECKPOINT_FILE, RunFolder, is_remote
 from sagan.checkpoint import save_checkpoint
-from sagan.config import Config
 from sagan.step import Trainer
 
 

@@ -13,12 +13,12 @@ import ray.train.torch
 import torch
 from PIL import Image
 
+from pipelines.common.config import Config
 from pipelines.common.run_folder import CHECKPOINT_FILE, RunFolder
 from pipelines.training.best import best_so_far, save_best
 from pipelines.training.ddp import agree, param_spread
 from pipelines.training.stop import stop_run
 from sagan.checkpoint import save_checkpoint
-from sagan.config import Config
 from sagan.data import DataError, find_shards
 from sagan.loader import loader_workers, rank_loader
 from sagan.step import DivergenceGuard, LossMonitor, Trainer, unwrap
@@ -40,7 +40,7 @@ def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
         cfg.train.batch_size,
         cfg.train.seed,
         start_batch,
-        loader_workers(cfg),
+        loader_workers(cfg, cfg.scaling.cpus_per_worker),
         cfg.data.prefetch,
         pin=device.type == "cuda",
     )

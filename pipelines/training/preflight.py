@@ -6,8 +6,9 @@ import os
 import time
 from pathlib import Path
 
+from pipelines.common.config import Config
 from pipelines.common.run_folder import absolute, is_remote
-from sagan.config import INCEPTION, Config, to_dict
+from sagan.config import INCEPTION, to_dict
 from sagan.data import DataError, ShardSet, batches_per_epoch, find_shards, sha256_mismatch, size_mismatch
 from sagan.errors import UserError
 

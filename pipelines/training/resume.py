@@ -4,10 +4,11 @@ once here, so a changed model or a damaged file is one line, and a damaged lates
 import json
 from dataclasses import dataclass, field
 
+from pipelines.common.config import Config
 from pipelines.common.run_folder import RunFolder
 from pipelines.training.preflight import PreflightError
 from sagan.checkpoint import CheckpointError, load_checkpoint
-from sagan.config import Config, to_dict
+from sagan.config import to_dict
 
 
 @dataclass

@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from pipelines.common.config import Config
 from pipelines.common.run_folder import RunFolder
-from sagan.config import Config
 from sagan.errors import JobFailed
 
 

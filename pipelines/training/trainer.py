@@ -2,10 +2,11 @@
 sweep's trials both launch through here.
 """
 
+from pipelines.common.config import Config
 from pipelines.common.provenance import git_commit, ray_job_id
 from pipelines.common.run_folder import RunFolder
 from pipelines.tracking.store import open_run, prepare_tracking
-from sagan.config import Config, flatten, to_dict
+from sagan.config import flatten, to_dict
 
 
 def open_tracking_run(cfg: Config, tracking_uri: str, continuing: bool | None = None) -> str:

@@ -13,11 +13,11 @@ import ray.train
 import ray.train.torch
 import torch
 
+from pipelines.common.config import from_dict
 from pipelines.common.run_folder import CHECKPOINT_FILE
 from pipelines.training.loop import Loop, Tracker
 from pipelines.training.stop import raise_if_stopped
 from sagan.checkpoint import load_checkpoint
-from sagan.config import from_dict
 from sagan.models import build_models
 from sagan.speed import Speed, prepare_models
 from sagan.step import Trainer
