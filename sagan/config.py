@@ -36,6 +36,7 @@ from .config_loading import (
     plain,
 )
 from .config_loading import ConfigError as ConfigError  # re-exported: what every function here raises
+from .models import attention_channels, check_attn_resolutions, d_block_resolutions, g_block_resolutions
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's TF-ported Inception v3: the standard FID/IS network
 SAMPLE_CLASSIFIER = "sample-classifier"  # a small CNN trained on the built-in sample set (offline)
@@ -176,8 +177,6 @@ class SaganConfig(ConfigModel):
 
 def _check_attention(m: ModelConfig) -> None:
     """Attention only after blocks the networks have, and at a width its query/key projections can divide."""
-    from .models import attention_channels, check_attn_resolutions, d_block_resolutions, g_block_resolutions
-
     for key, attn, sizes in (
         ("model.g_attn", m.g_attn, g_block_resolutions(m.resolution)),
         ("model.d_attn", m.d_attn, d_block_resolutions(m.resolution)),

@@ -4,6 +4,7 @@ overrides into this whole tree; configs/schema.json is its JSON schema, for edit
 pipelines.common.config --schema > configs/schema.json` regenerates it; a test checks that it is current).
 """
 
+import argparse
 import json
 from pathlib import Path
 from typing import Annotated, Literal
@@ -141,8 +142,6 @@ def schema_text() -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m pipelines.common.config", description="The config's JSON schema.")
     parser.add_argument("--schema", action="store_true", required=True, help=f"print it: {SCHEMA_COMMAND}")
     parser.parse_args()
