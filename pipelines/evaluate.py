@@ -13,7 +13,7 @@ statistics are computed once and cached by content (or read from / written to --
 splits. eval.feature_extractor: inception-v3-compat (standard; weights downloaded once, or
 --inception-weights for offline clusters) or sample-classifier (the built-in digits; adds class accuracy).
 
---register NAME also logs the generator into that run as an MLflow model (pipelines/generator_model.py:
+--register NAME also logs the generator into that run as an MLflow model (pipelines/release/generator_model.py:
 class ids, seeds and truncation in, images out) and registers it as a new version of NAME.
 
 Results land in the MLflow run that wrote the checkpoint, at the checkpoint's step (or in --run-id); with

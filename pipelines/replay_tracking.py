@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default=None, help="deliver to this store instead of the one the run logged to")
     args = p.parse_args(argv)
     folder = Path(args.run_dir).expanduser().resolve()
-    folder = folder if folder.name == PENDING_DIR else folder / PENDING_DIR
+    folder = folder if folder.name == PENDING_DIR or any(folder.glob("*.jsonl")) else folder / PENDING_DIR
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         print(f"nothing to deliver: no pending MLflow items in {folder}")

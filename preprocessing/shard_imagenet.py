@@ -290,8 +290,8 @@ def build(args) -> dict:
     print(f"done: {counts}; {len(failures)} failure(s); {elapsed:.1f}s, {rate:.0f} images/s -> {out}")
     if len(failures) > args.max_failures:
         first = failures[0]
-        raise SystemExit(
-            f"error: {len(failures)} unreadable image(s), more than --max-failures {args.max_failures} "
+        raise JobFailed(
+            f"{len(failures)} unreadable image(s), more than --max-failures {args.max_failures} "
             f"(first: {first['path']}: {first['reason']}); see {out / 'failures.jsonl'}"
         )
     return manifest

@@ -86,7 +86,7 @@ class OptimConfig(ConfigModel):
 
 
 class TrainConfig(ConfigModel):
-    """The training loop (pipelines/train_loop.py) and how its step runs (sagan/step.py, sagan/speed.py)."""
+    """The training loop (pipelines/training/loop.py) and how its step runs (sagan/step.py, sagan/speed.py)."""
 
     steps: Positive = 1000
     """G updates in total"""

@@ -22,11 +22,11 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_generative_model
 
+from . import inception
 from .config import INCEPTION, SAMPLE_CLASSIFIER, SaganConfig
 from .data import DataError, ShardSet, find_shards
 from .errors import MetricsError
 from .files import copy_into, sha256_file
-from .inception import INCEPTION_SHA256_PREFIX, inception_weights
 from .real_stats import LAYERS, default_cache_dir, on_device, real_statistics, statistics
 from .sample_classifier import accuracy, sample_classifier
 
@@ -129,7 +129,9 @@ def feature_weights(cfg: SaganConfig, log=print) -> tuple[Path, str]:
     classifier, trained if it is not cached. Raises MetricsError when the weights cannot be had."""
     e = cfg.eval
     if e.feature_extractor == INCEPTION:
-        return copy_into(inception_weights(e.inception_weights), eval_cache_dir(cfg)), INCEPTION_SHA256_PREFIX
+        return copy_into(
+            inception.inception_weights(e.inception_weights), eval_cache_dir(cfg)
+        ), inception.INCEPTION_SHA256_PREFIX
     try:
         train, val = find_shards(cfg.data.train_shards, "train"), find_shards(cfg.data.val_shards, "val")
     except DataError as err:

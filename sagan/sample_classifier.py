@@ -60,7 +60,7 @@ class SampleClassifierFeatures(FeatureExtractorBase):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
             raise MetricsError(
-                "the sample classifier needs its weights file (sagan.metrics.sample_classifier makes it)"
+                "the sample classifier needs its weights file (sagan.sample_classifier.sample_classifier makes it)"
             )
         saved = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
         self.net = SampleClassifier(saved["num_classes"], saved["width"])

@@ -229,8 +229,7 @@ def test_inception_path_scores_a_generator_with_stand_in_weights(tmp_path, monke
     file.parent.mkdir(parents=True)
     torch.save(skeleton.state_dict(), file)
     prefix = hashlib.sha256(file.read_bytes()).hexdigest()[:8]
-    monkeypatch.setattr(inception, "INCEPTION_SHA256_PREFIX", prefix)  # the file check
-    monkeypatch.setattr(metrics, "INCEPTION_SHA256_PREFIX", prefix)  # the cache key
+    monkeypatch.setattr(inception, "INCEPTION_SHA256_PREFIX", prefix)  # the file check and the cache key
     assert inception_weights(None) == file
     cfg = load_config(None, ["model.ch=8", f"eval.cache_dir={tmp_path / 'shared-cache'}"])
     shared, identity = metrics.feature_weights(cfg)  # copied where every node sharing the cache finds it

@@ -63,6 +63,18 @@ def test_kept_items_replay_into_the_run_in_order_then_disappear(tmp_path, capsys
     assert "nothing to deliver" in capsys.readouterr().out
 
 
+def test_replay_takes_the_local_pending_cache_of_a_remote_run_as_it_is_named(tmp_path, capsys):
+    """A run on object storage keeps its pending items in ~/.cache/sagan/mlflow-pending/<run name>/ (no
+    mlflow-pending/ inside it): the folder the warning names is the one the script replays."""
+    store, run_id = new_run(tmp_path)
+    outbox = Outbox(UNREACHABLE, run_id, tmp_path / "cache" / "r1")
+    outbox.metrics({"d_loss": 0.5}, 3)
+    assert outbox.close(timeout=1) == 1
+    assert replay_main([str(tmp_path / "cache" / "r1"), "--tracking-uri", store]) == 0
+    assert "delivered 1 item(s)" in capsys.readouterr().out
+    assert [m.step for m in mlflow.MlflowClient(store).get_metric_history(run_id, "d_loss")] == [3]
+
+
 def test_replay_keeps_what_it_could_not_deliver(tmp_path):
     _, run_id = new_run(tmp_path)
     outbox = Outbox(UNREACHABLE, run_id, tmp_path / "pending")

@@ -3,7 +3,7 @@
     checkpoint_<time>/checkpoint.pt     Ray Train's checkpoints, the latest run.keep_checkpoints
     checkpoint_manager_snapshot.json    Ray Train's record of them: its latest is what a relaunch resumes
     best/checkpoint.pt, best/best.json  the checkpoint with the lowest in-loop FID so far
-    samples/step_NNNNNN.png             sample grids, as files a person can open
+    samples/samples_NNNNNN.png          sample grids, as files a person can open
     STOPPED.json                        why a stopped run stopped: Ray's retries and later launches stop at once
     mlflow-pending/                     MLflow items the store had not taken when the run ended
     .lock                               the live launch that holds the folder

@@ -30,7 +30,7 @@ MODEL_CODE = Path(__file__).resolve().with_name("generator_model.py")
 SAGAN_PACKAGE = Path(__file__).resolve().parents[2] / "sagan"
 
 
-REQUIREMENTS = ["torch", "safetensors", "numpy", "pandas", "pyyaml"]
+REQUIREMENTS = ["torch", "safetensors", "numpy", "pandas", "pyyaml", "pydantic>=2.7"]  # what the copied sagan imports
 
 
 WEIGHTS_FILE = "generator.safetensors"

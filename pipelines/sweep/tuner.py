@@ -10,6 +10,7 @@ from pipelines.sweep.asha import ResumableASHA
 from pipelines.sweep.report import ReportOnTrialEnd
 from pipelines.sweep.space import concurrency, metric_mode, param_space
 from pipelines.sweep.trials import trainable, trial_dirname
+from sagan.errors import UsageError
 
 
 def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_dir: str):
@@ -19,7 +20,13 @@ def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_d
     fn = trainable(cfg, uri, parent_id, sweep_dir)
     if tune.Tuner.can_restore(sweep_dir):
         print(f"resuming sweep {cfg.tune.name} from {sweep_dir}", flush=True)
-        tuner = tune.Tuner.restore(sweep_dir, trainable=fn, resume_unfinished=True, resume_errored=False)
+        try:
+            tuner = tune.Tuner.restore(sweep_dir, trainable=fn, resume_unfinished=True, resume_errored=False)
+        except (ModuleNotFoundError, AttributeError) as e:  # Tune pickled the sweep's classes by module path
+            raise UsageError(
+                f"sweep {cfg.tune.name} in {sweep_dir} was saved by an older version of this code ({e}); "
+                "finish it with that version, or choose a new tune.name (or delete the folder) to start afresh"
+            ) from None
         return tuner.fit(), True
     # Rungs sit at grace_period x reduction_factor^k up to max_t. With max_t one below the trial length, no rung
     # falls on a trial's last report, and stop_last_trials=False lets a trial that reached it finish by itself
