@@ -37,8 +37,12 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {str(e).strip() or type(e).__name__}", file=sys.stderr, flush=True)
-            return e.exit_code
+            # Ray re-raises a task's error as a subclass of its class whose message is the remote traceback:
+            # the line meant for the user is its cause's.
+            cause = getattr(e, "cause", None)
+            error = cause if isinstance(cause, UserError) else e
+            print(f"error: {first_line(error)}", file=sys.stderr, flush=True)
+            return error.exit_code
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
             return 130

@@ -28,6 +28,20 @@ def test_a_user_error_is_one_line_and_its_exit_code(capsys):
     )
 
 
+def test_an_error_raised_in_a_ray_task_prints_its_cause_not_the_remote_traceback(capsys):
+    class TaskError(UserError):  # what ray.get raises: a subclass of the cause's class, the traceback as message
+        def __init__(self, cause):
+            super().__init__("ray::verify() (pid=1, ip=127.0.0.1)\nTraceback (most recent call last):\n  ...")
+            self.cause = cause
+
+    @command
+    def main(argv=None):
+        raise TaskError(JobFailed("shard s-000001.tar: sha256 differs from the manifest's"))
+
+    assert main() == 1
+    assert capsys.readouterr().err == "error: shard s-000001.tar: sha256 differs from the manifest's\n"
+
+
 def test_a_failed_job_exits_1(capsys):
     @command
     def main(argv=None):
