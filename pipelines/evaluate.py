@@ -41,7 +41,7 @@ from pipelines.tracking.evaluations import evaluation_target, log_evaluation
 from sagan.checkpoint import generator_from_state, load_checkpoint
 from sagan.config import with_overrides
 from sagan.errors import JobFailed, UsageError, command, first_line
-from sagan.metrics import build_evaluator, feature_weights, real_shards
+from sagan.metrics import build_evaluator, feature_weights, verified_real_shards
 from sagan.viz import grid_inputs, sample_grid
 
 OVERRIDABLE = ("eval.", "data.", "mlflow.tracking_uri=")
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         cfg.eval.inception_weights = absolute(args.inception_weights)
     step = int(state["step"])
     device = pick_device(args.device)
-    real_shards(cfg)  # the cheap checks first: data, weights (training the sample classifier once), MLflow
+    verified_real_shards(cfg)  # the checks first: data (its bytes: data.verify), weights, MLflow
     weights = feature_weights(cfg)
     uri, run_id = evaluation_target(cfg, state["extra"], args.run_id)
     # The real statistics and the extractor before a single sample is generated.

@@ -24,7 +24,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from . import inception
 from .config import INCEPTION, SAMPLE_CLASSIFIER, SaganConfig
-from .data import DataError, ShardSet, find_shards
+from .data import DataError, ShardSet, find_shards, sha256_mismatch, size_mismatch
 from .errors import MetricsError
 from .files import copy_into, sha256_file
 from .real_stats import LAYERS, default_cache_dir, on_device, real_statistics, statistics
@@ -156,6 +156,20 @@ def real_shards(cfg: SaganConfig) -> ShardSet:
             f"{shards.image_size}px but the model makes {m.num_classes} at {m.resolution}px; "
             f"point data.{split}_shards at the data the model was trained on"
         )
+    return shards
+
+
+def verified_real_shards(cfg: SaganConfig) -> ShardSet:
+    """`real_shards(cfg)` whose bytes are checked against their manifest as data.verify says (size: a stat per
+    shard; full: their sha256 too). The statistics of the real images are cached under the manifest's hashes, so
+    only data that matches them may be summarised or looked up: a shard altered in place would otherwise score
+    against (or cache) statistics of other bytes."""
+    shards = real_shards(cfg)
+    problem = size_mismatch(shards) if cfg.data.verify != "off" else None
+    if problem is None and cfg.data.verify == "full":
+        problem = sha256_mismatch(shards.urls, shards.sha256s)
+    if problem:
+        raise MetricsError(f"real images for FID (data.{cfg.eval.real_split}_shards): {problem}")
     return shards
 
 

@@ -91,6 +91,7 @@ def real_statistics(
         "layer": layer,
         "image_size": shards.image_size,
         "data_key": shards.key,
+        "version": 2,  # 1: written before the evaluation verified the shards' bytes, possibly of damaged data
     }
     key = hashlib.sha256(repr(sorted(meta.items())).encode()).hexdigest()
     path = (

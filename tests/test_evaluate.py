@@ -195,3 +195,33 @@ def test_a_damaged_val_shard_is_one_line_when_statistics_are_computed(digits, ev
     err = capsys.readouterr().err  # MLflow's store and the progress bar write here too
     error = err.strip().splitlines()[-1].split("error: ", 1)[-1]
     assert err.count("error: ") == 1 and shard.name in error and "Traceback" not in err, err
+
+
+def test_a_shard_altered_in_place_is_refused_even_when_its_statistics_are_cached(digits, eval_cache, tmp_path, capsys):
+    """The real statistics are cached under the manifest's hashes: bytes that no longer match them must not be
+    scored against that entry (exit 0, a wrong FID) nor summarised into it."""
+    import shutil
+    import tarfile
+
+    data = tmp_path / "digits"
+    shutil.copytree(digits, data)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for classifier in eval_cache.glob("sample-classifier-*.pt"):
+        shutil.copy(classifier, cache)
+    ckpt = offline_checkpoint(digits, eval_cache, tmp_path)
+    args = ["--checkpoint", str(ckpt), f"data.val_shards={data / 'val'}", f"eval.cache_dir={cache}"]
+    assert main([*args, "eval.num_samples=30"]) == 0  # clean data: statistics computed and cached
+    (stats,) = cache.glob("fid-stats-*.pt")
+    cached = stats.read_bytes()
+    shard = sorted((data / "val").glob("*.tar"))[-1]
+    with tarfile.open(shard) as tar:  # one image's bytes altered in place: the size still matches the manifest
+        member = [m for m in tar.getmembers() if m.name.endswith(".jpg")][-1]
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data + member.size // 2)
+        f.write(b"\xff\x00\xff\x00")
+    capsys.readouterr()
+    assert main([*args, "eval.num_samples=30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: real images for FID") and shard.name in err and "sha256" in err, err
+    assert stats.read_bytes() == cached and len(list(cache.glob("fid-stats-*.pt"))) == 1  # the cache is untouched
