@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from pipelines.common.config import Config, load_config
 from pipelines.common.run_folder import RunFolder
 from pipelines.tracking.pending import deliver_pending
-from pipelines.tracking.store import check_tracking, default_tracking_uri, end_run, prepare_tracking
+from pipelines.tracking.store import check_tracking, default_tracking_uri, end_run, prepare_tracking, refused_everything
 from pipelines.training.preflight import (
     check_cluster,
     check_inputs,
@@ -33,7 +33,7 @@ from pipelines.training.run_lock import run_lock
 from pipelines.training.stop import raise_if_stopped
 from pipelines.training.trainer import build_trainer, open_tracking_run
 from sagan.config import dump_yaml
-from sagan.errors import command
+from sagan.errors import JobFailed, command
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -117,6 +117,9 @@ def train(cfg: Config, uri: str, resume: ResumePlan) -> int:
         if status:
             end_run(uri, run_id, status, pending)
     ckpt = result.checkpoint.path if result.checkpoint else None
+    lost = refused_everything(uri, run_id, pending)
+    if lost:
+        raise JobFailed(f"the run trained (last checkpoint {ckpt}) but its record is lost: {lost}")
     print(f"done: last checkpoint {ckpt}\nbrowse the run: mlflow ui --backend-store-uri {uri}")
     return 0
 

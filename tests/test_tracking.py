@@ -16,7 +16,7 @@ import numpy as np
 from pipelines.replay_tracking import main as replay_main
 from pipelines.tracking.outbox import Outbox
 from pipelines.tracking.pending import replay
-from pipelines.tracking.store import prepare_tracking
+from pipelines.tracking.store import absolute_tracking_uri, default_tracking_uri, prepare_tracking, refused_everything
 
 UNREACHABLE = "http://127.0.0.1:9"
 
@@ -213,3 +213,38 @@ def test_damaged_pending_files_do_not_stop_a_replay(tmp_path):
     assert replay(pending.parent, tracking_uri=store) == (4, 0)  # 2 delivered, 2 set aside
     assert [m.value for m in mlflow.MlflowClient(store).get_metric_history(run_id, "d_loss")] == [1.0, 2.0]
     assert [p.name for p in pending.parent.iterdir()] == [f"rejected-{run_id}.txt"]
+
+
+def test_a_relative_tracking_uri_is_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    """Ray's workers run in another directory: a relative sqlite file or folder would name another store there."""
+    from pipelines.common.config import load_config
+    from pipelines.training.preflight import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracking_uri("sqlite:///rel.db") == f"sqlite:///{tmp_path / 'rel.db'}"
+    assert absolute_tracking_uri("sqlite:///sub/../rel.db") == f"sqlite:///{tmp_path / 'rel.db'}"
+    assert absolute_tracking_uri("mlruns") == str(tmp_path / "mlruns")
+    for kept in ("sqlite:////abs/m.db", "http://127.0.0.1:5000", "databricks", "file:///abs/mlruns"):
+        assert absolute_tracking_uri(kept) == kept
+    cfg = resolve_paths(load_config(None, ["mlflow.tracking_uri=sqlite:///rel.db"]))
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'rel.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert default_tracking_uri() == f"sqlite:///{tmp_path / 'env.db'}"
+
+
+def test_a_run_whose_every_item_was_refused_is_reported(tmp_path):
+    """The driver's run in one store, rank 0's items sent to another that has no such run: all are refused."""
+    store, run_id = new_run(tmp_path)
+    elsewhere = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    (tmp_path / "other").mkdir()
+    prepare_tracking(elsewhere, "sagan-train")
+    pending = tmp_path / "run" / "mlflow-pending"
+    outbox = Outbox(elsewhere, run_id, pending)
+    outbox.metrics({"d_loss": 0.5}, 1)
+    outbox.metrics({"d_loss": 0.4}, 2)
+    outbox.close(timeout=10)
+    message = refused_everything(store, run_id, pending)
+    assert message and f"took no metric of run {run_id}" in message and "refused 2 item(s)" in message
+    mlflow.MlflowClient(store).log_metric(run_id, "d_loss", 0.3, step=3)  # some arrived: warned one by one
+    assert refused_everything(store, run_id, pending) is None
+    assert refused_everything(store, run_id, tmp_path / "nothing-pending") is None

@@ -18,7 +18,7 @@ def evaluation_target(cfg, extra: dict, run_id: str | None = None) -> tuple[str,
     """(tracking URI, run id to log into or None): `run_id`, else the training run's recorded in the checkpoint's
     `extra`, or None for a new run; checked now,
     so an unreachable store or a missing run stops the job before any sample is generated."""
-    uri = cfg.mlflow.tracking_uri or extra.get("mlflow_tracking_uri") or default_tracking_uri()
+    uri = default_tracking_uri(cfg.mlflow.tracking_uri or extra.get("mlflow_tracking_uri"))
     run_id = run_id or extra.get("mlflow_run_id")
     fix = "pass mlflow.tracking_uri=URI of the training store, or --run-id"
     if run_id and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

@@ -6,6 +6,7 @@ this module before their checks, which refuse a bad launch without paying MLflow
 more; benchmarks/import_times.py).
 """
 
+import json
 import logging
 import os
 import urllib.error
@@ -20,8 +21,39 @@ log = logging.getLogger("sagan.tracking")
 
 
 def default_tracking_uri(configured: str | None = None) -> str:
-    """`configured`, else MLFLOW_TRACKING_URI, else a sqlite file at an absolute path in the working directory."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """`configured`, else MLFLOW_TRACKING_URI, else a sqlite file in the working directory; a relative file or
+    folder made absolute here, on the driver (`absolute_tracking_uri`)."""
+    return absolute_tracking_uri(
+        configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    )
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """`uri` with a relative sqlite file (sqlite:///rel.db) or local folder made absolute: Ray's workers run in
+    another directory, where the same relative path names another, empty store that has no such run."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and ":memory:" not in uri:
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).expanduser().resolve()}"
+    if ":" not in uri and not uri.startswith("databricks"):  # a plain folder: MLflow's file store
+        return str(Path(uri).expanduser().resolve())
+    return uri
+
+
+def refused_everything(uri: str, run_id: str, pending: Path) -> str | None:
+    """One line when the store took none of the run's metrics and refused items of it (set aside in
+    `pending`), else None: a run whose record was lost must not end as if all were well."""
+    rejected = pending / f"rejected-{run_id}.txt"
+    if not rejected.is_file():
+        return None
+    import mlflow  # lazy: see the module docstring
+
+    if mlflow.MlflowClient(uri).get_run(run_id).data.metrics:
+        return None  # some arrived: the items refused were warned of one by one
+    lines = rejected.read_text().splitlines()
+    first = json.loads(lines[0]).get("error", "?") if lines else "?"
+    return (
+        f"MLflow at {uri} took no metric of run {run_id} and refused {len(lines)} item(s) (first: {first}); "
+        f"they are set aside in {rejected}"
+    )
 
 
 class TrackingError(UserError, RuntimeError):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipelines.common.config import Config
 from pipelines.common.run_folder import absolute, is_remote
+from pipelines.tracking.store import absolute_tracking_uri
 from sagan.config import INCEPTION, to_dict
 from sagan.data import DataError, ShardSet, batches_per_epoch, find_shards, sha256_mismatch, size_mismatch
 from sagan.errors import UserError
@@ -24,6 +25,8 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.run.storage_path = absolute(cfg.run.storage_path)
     cfg.eval.cache_dir = absolute(cfg.eval.cache_dir)
     cfg.eval.inception_weights = absolute(cfg.eval.inception_weights)
+    if cfg.mlflow.tracking_uri:
+        cfg.mlflow.tracking_uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
     return cfg
 
 
