@@ -46,8 +46,11 @@ def refused_everything(uri: str, run_id: str, pending: Path) -> str | None:
         return None
     import mlflow  # lazy: see the module docstring
 
-    if mlflow.MlflowClient(uri).get_run(run_id).data.metrics:
-        return None  # some arrived: the items refused were warned of one by one
+    try:
+        if mlflow.MlflowClient(uri).get_run(run_id).data.metrics:
+            return None  # some arrived: the items refused were warned of one by one
+    except Exception:  # noqa: BLE001 - the store is away: the outage was reported, the items are kept
+        return None
     lines = rejected.read_text().splitlines()
     first = json.loads(lines[0]).get("error", "?") if lines else "?"
     return (
