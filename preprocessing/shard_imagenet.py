@@ -82,6 +82,18 @@ def parse_args(argv=None):
         raise UsageError(f"--max-failures must be 0 or more, got {args.max_failures}")
     if args.src is None and not args.verify:
         raise UsageError("--src is required (or use --verify alone to check an existing --out)")
+    for flag, value in (("--src", args.src), ("--out", args.out)):
+        if value and "://" in value:  # before object storage is supported, a URL would become a local folder
+            raise UsageError(
+                f"{flag} {value} is a URL; object storage is not supported yet: give a local or mounted path"
+            )
+    if args.src is not None:
+        src, out = Path(args.src).expanduser().resolve(), Path(args.out).expanduser().resolve()
+        if out == src or src in out.parents:
+            raise UsageError(
+                f"--out {args.out} is inside --src {args.src}: a rerun would read the shards as a class of images; "
+                "choose an --out outside the source folder"
+            )
     if Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
         raise UsageError(f"--out {args.out} is a file; give a folder (it will hold train/, val/ and manifest.json)")
     args.prefix = args.prefix or f"imagenet{args.size}"

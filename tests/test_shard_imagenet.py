@@ -322,3 +322,25 @@ def test_pool_workers_exit_when_the_parent_is_killed(folder_tree, tmp_path):
     while any(_alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers), "pool workers outlived their parent"
+
+
+@pytest.mark.parametrize("where", ["the source itself", "a folder inside it"])
+def test_an_out_inside_src_is_refused_before_any_shard(where, folder_tree, capsys):
+    src = folder_tree[0]
+    out = src if where == "the source itself" else src / "shards"
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    assert main(["--src", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is inside --src" in err and len(err.splitlines()) == 1
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # nothing written into the source
+
+
+@pytest.mark.parametrize("flag", ["--src", "--out"])
+def test_an_object_storage_url_is_refused_before_any_work(flag, folder_tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = {"--src": str(folder_tree[0]), "--out": str(tmp_path / "o")}
+    args[flag] = "s3://bucket/imagenet"
+    assert main([a for kv in args.items() for a in kv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{flag} s3://bucket/imagenet is a URL" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "o").exists()

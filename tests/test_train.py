@@ -251,6 +251,8 @@ def test_sqlite_store_in_a_missing_folder_is_one_line(tmp_path, capsys):
         ("data.train_shards={tmp}/none", "does not exist"),
         ("model.num_classes=7", "the shards hold 10 classes"),
         ("run.storage_path=/proc/nope", "is not writable"),
+        ("data.train_shards=s3://bucket/shards/train", "data.train_shards=s3://bucket/shards/train is a URL"),
+        ("data.val_shards=gs://bucket/shards/val", "data.val_shards=gs://bucket/shards/val is a URL"),
     ],
 )
 def test_input_checks_come_before_ray_starts(digits, tmp_path, capsys, monkeypatch, override, message):

@@ -56,6 +56,16 @@ def check_cluster(cfg: Config, cluster: dict) -> None:
 def check_inputs(cfg: Config) -> None:
     """Raise PreflightError for bad data (a shard off its manifest's size too, unless data.verify=off),
     mismatched classes or unwritable storage. Needs no Ray: run it before ray.init, which takes seconds."""
+    for key, value in (
+        ("data.train_shards", cfg.data.train_shards),
+        ("data.val_shards", cfg.data.val_shards),
+        ("eval.cache_dir", cfg.eval.cache_dir),
+    ):
+        if value and is_remote(value):  # the loader seeks into local tars; object storage is not supported yet
+            raise PreflightError(
+                f"{key}={value} is a URL; the data cannot be read from object storage yet: copy the shards to a "
+                "local or mounted path (every node must see it) and point the key there"
+            )
     try:
         shards = find_shards(cfg.data.train_shards)
         batches_per_epoch(shards, cfg.scaling.num_workers, cfg.train.batch_size)
