@@ -93,7 +93,7 @@ def main(argv=None) -> int:
             "(the model is the checkpoint's)"
         )
     cfg = with_overrides(from_dict(state["config"]), args.overrides)
-    if args.register:
+    if args.register is not None:  # --register "" too: a name MLflow would refuse after the whole evaluation
         check_name(args.register)
         if args.raw:
             raise UsageError("--register registers the EMA generator, which --raw leaves out: drop one of them")
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - the scores are printed above; say what failed in one line
         raise JobFailed(f"the scores could not be logged to MLflow at {uri}: {first_line(e)}") from None
     print(f"logged to MLflow run {run_id} at {uri}")
-    return register(args, uri, run_id, G, cfg, ckpt, step, scores) if args.register else 0
+    return register(args, uri, run_id, G, cfg, ckpt, step, scores) if args.register is not None else 0
 
 
 def register(args, uri: str, run_id: str, G, cfg, ckpt: Path, step: int, scores: dict) -> int:

@@ -12,10 +12,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common.run_folder import PENDING_DIR
+from pipelines.common.run_folder import PENDING_DIR, RAY_SNAPSHOT, STOPPED_FILE
 from pipelines.tracking.pending import replay
 from pipelines.tracking.store import check_tracking
-from sagan.errors import JobFailed, command
+from sagan.errors import JobFailed, UsageError, command
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` holds a run's parts, or is the pending folder of one (pending items, or set-aside ones)."""
+    parts = [PENDING_DIR, RAY_SNAPSHOT, STOPPED_FILE, "checkpoint_*", "*.jsonl", "rejected-*.txt"]
+    return any(next(folder.glob(pattern), None) for pattern in parts)
 
 
 @command
@@ -27,13 +33,18 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default=None, help="deliver to this store instead of the one the run logged to")
     args = p.parse_args(argv)
     folder = Path(args.run_dir).expanduser().resolve()
+    if not folder.is_dir() or not (is_run_folder(folder) or not any(folder.iterdir())):
+        raise UsageError(
+            f"{args.run_dir} is not a run folder: give run.storage_path/run.name of a run (or its {PENDING_DIR}/ "
+            "folder, or the folder a warning named)"
+        )
     folder = folder if folder.name == PENDING_DIR or any(folder.glob("*.jsonl")) else folder / PENDING_DIR
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         print(f"nothing to deliver: no pending MLflow items in {folder}")
         return 0
     if args.tracking_uri:
-        check_tracking(args.tracking_uri)
+        check_tracking(args.tracking_uri, setting="give --tracking-uri")
     delivered, left = replay(folder, args.tracking_uri)
     print(f"delivered {delivered} item(s) from {len(files)} file(s) in {folder}")
     if left:

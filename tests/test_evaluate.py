@@ -145,6 +145,7 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
         ),
         (["--checkpoint", "{ckpt}", "--run-id", "0123456789abcdef"], "MLflow run 0123456789abcdef is not in"),
         (["--checkpoint", "{ckpt}", "--device", "tpu"], "--device tpu is not one of"),
+        (["--checkpoint", "{ckpt}", "--register", ""], "--register '' is not a usable model name"),
         (
             ["--checkpoint", "{ckpt}", "mlflow.tracking_uri=http://127.0.0.1:9"],
             "MLflow tracking server http://127.0.0.1:9 did not answer within 5s",

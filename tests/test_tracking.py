@@ -248,3 +248,17 @@ def test_a_run_whose_every_item_was_refused_is_reported(tmp_path):
     mlflow.MlflowClient(store).log_metric(run_id, "d_loss", 0.3, step=3)  # some arrived: warned one by one
     assert refused_everything(store, run_id, pending) is None
     assert refused_everything(store, run_id, tmp_path / "nothing-pending") is None
+
+
+def test_replay_refuses_a_path_that_is_not_a_run_folder_and_names_its_own_flag(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"jpeg")
+    for path in (tmp_path / "photos", tmp_path / "nowhere", tmp_path / "photos" / "cat.jpg"):
+        assert replay_main([str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is not a run folder" in err and len(err.splitlines()) == 1, err
+    (tmp_path / "run" / "mlflow-pending").mkdir(parents=True)
+    (tmp_path / "run" / "mlflow-pending" / "r.jsonl").write_text("")
+    assert replay_main([str(tmp_path / "run"), "--tracking-uri", UNREACHABLE]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "give --tracking-uri" in err and "mlflow.tracking_uri" not in err

@@ -97,7 +97,7 @@ def from_mlflow(uri: str, ema: bool, device, tracking_uri: str | None) -> Source
         )
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            check_tracking(store)
+            check_tracking(store, setting="give --tracking-uri (or MLFLOW_TRACKING_URI)")
             mlflow.set_tracking_uri(store)  # models:/ URIs resolve through the process's registry URI
             mlflow.set_registry_uri(store)
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)

@@ -63,9 +63,10 @@ class TrackingError(UserError, RuntimeError):
     """The MLflow store cannot be reached; the message says which and the fix."""
 
 
-def check_tracking(uri: str, timeout: float = 5.0) -> None:
+def check_tracking(uri: str, timeout: float = 5.0, setting: str = "set mlflow.tracking_uri") -> None:
     """Raise TrackingError within `timeout` seconds when the MLflow store at `uri` is out of reach: MLflow's
-    own client retries an unreachable server for minutes before it fails, with nothing printed."""
+    own client retries an unreachable server for minutes before it fails, with nothing printed. `setting`: how
+    the user chooses another store (the config key, or a script's flag)."""
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
@@ -75,15 +76,15 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
             reason = getattr(e, "reason", e)
             raise TrackingError(
                 f"MLflow tracking server {uri} did not answer within {timeout:g}s ({reason}); start it "
-                "(mlflow server --host 0.0.0.0 --port 5000 ...) or set mlflow.tracking_uri to a "
+                f"(mlflow server --host 0.0.0.0 --port 5000 ...) or {setting} to a "
                 "reachable server or a sqlite:///ABSOLUTE/PATH.db file"
             ) from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///") :]).expanduser().resolve().parent
         if not folder.is_dir():
             raise TrackingError(
-                f"MLflow store {uri}: the folder {folder} does not exist; create it or set "
-                "mlflow.tracking_uri to another sqlite:/// file or a tracking server"
+                f"MLflow store {uri}: the folder {folder} does not exist; create it or {setting} to another "
+                "sqlite:/// file or a tracking server"
             )
 
 
