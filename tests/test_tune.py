@@ -133,7 +133,9 @@ def test_sweep_stops_a_bad_trial_records_a_failed_one_and_reports_in_mlflow(
         assert child.data.params["trial.g_attn"] == "[16]" and child.data.params["model.ch"] == "8"
     assert by_lr[4e-4].info.status == "FINISHED" and by_lr[4e-4].data.tags["sagan.stop_reason"] == "completed"
     # Stopped at a rung (which one depends on the in-loop FIDs of the trials before it): never completed.
-    assert by_lr[0.5].info.status == "KILLED" and by_lr[0.5].data.tags["sagan.stop_reason"].startswith("ASHA at step ")
+    assert by_lr[0.5].info.status == "FINISHED" and by_lr[0.5].data.tags["sagan.stop_reason"].startswith(
+        "ASHA at step "
+    )
     assert (
         by_lr[1e30].info.status == "FAILED" and "non-finite loss at step" in by_lr[1e30].data.tags["sagan.stop_reason"]
     )
@@ -151,6 +153,10 @@ def test_sweep_stops_a_bad_trial_records_a_failed_one_and_reports_in_mlflow(
     assert sorted(r.split(",")[7] for r in rows[1:]) == ["completed", "failed", "stopped"]
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["best.lr_g"] == "0.0004"
+    note = parent.data.tags["mlflow.note.content"]  # the parent's description in the UI: the verdict and the table
+    assert note.startswith("Sweep study. Best: trial ") and "| trial | ratio |" in note
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.metrics["best_loop_fid"] == min(m.value for m in client.get_metric_history(good, "loop/fid"))
     assert parent.data.params["tune.lr_g"] == "[0.0004, 0.5, 1e+30]"
 

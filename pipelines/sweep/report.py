@@ -62,7 +62,7 @@ def _history(client, run_id: str | None, key: str) -> list[tuple[int, float]]:
 
 def trial_rows(client, experiment_id: str, cfg: Config, records: list[dict]) -> tuple[list[dict], dict]:
     """One table row per trial record {trial_id, combo, status, error, last_result}, and each trial's curve of
-    tune.metric. Trials that ASHA stopped are marked KILLED on their child run, with the reason."""
+    tune.metric. Trials that ASHA stopped end FINISHED on their child run (by design), with the reason as a tag."""
     metric, steps_wanted = cfg.tune.metric, cfg.tune.steps
     rows, curves = [], {}
     for rec in records:
@@ -81,7 +81,7 @@ def trial_rows(client, experiment_id: str, cfg: Config, records: list[dict]) -> 
         elif status == "TERMINATED" and reason != "completed" and steps < steps_wanted:
             # Ended before its last step without a failure: ASHA stopped it at a rung.
             seen = [(s, v) for s, v in hist[metric] if s <= reported]
-            status, run_status = "stopped", "KILLED"
+            status, run_status = "stopped", "FINISHED"  # stopped by design, not a crash: the reason says why
             reason = f"ASHA at step {seen[-1][0]} ({metric} {seen[-1][1]:.4g})" if seen else "stopped early"
         elif status == "TERMINATED":
             status, reason, run_status = "completed", "completed", "FINISHED"
@@ -202,6 +202,9 @@ def write_report(
             )
             (folder / "best_config.yaml").write_text(header + dump_yaml(best_cfg))
         client.log_artifacts(parent_id, str(folder), "report")
+    # The parent's description in MLflow's UI (rendered as Markdown): the table, and the best trial.
+    verdict = f"Best: trial {best['trial']}, {metric} {best['best']:.4g}.\n\n" if best else ""
+    client.set_tag(parent_id, "mlflow.note.content", f"Sweep {cfg.tune.name}. {verdict}{table_markdown(rows, metric)}")
     if best:
         client.log_metric(parent_id, f"best_{metric.replace('/', '_')}", best["best"])
         for k in ("trial", "lr_g", "lr_d", "ratio", "g_attn", "d_attn", "seed"):

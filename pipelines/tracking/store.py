@@ -18,6 +18,7 @@ from pipelines.tracking.pending import spill
 from sagan.errors import UserError, first_line
 
 log = logging.getLogger("sagan.tracking")
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3 UI: "Model training"
 
 
 def default_tracking_uri(configured: str | None = None) -> str:
@@ -102,7 +103,8 @@ def prepare_tracking(uri: str, experiment: str) -> str:
             if uri.startswith("sqlite:///"):
                 location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / experiment).as_uri()
             try:
-                mlflow.create_experiment(experiment, artifact_location=location)
+                # The kind MLflow's UI opens the experiment as: runs and charts, not its GenAI views.
+                mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
             except MlflowException:  # another process created it in the meantime
                 pass
         return mlflow.set_experiment(experiment).experiment_id
