@@ -77,7 +77,7 @@ def sweep(cfg, combos) -> int:
     from ray import tune
 
     from pipelines.sweep.report import records_from_results, table_markdown, write_report
-    from pipelines.sweep.trials import parent_run
+    from pipelines.sweep.trials import mark_interrupted, parent_run
     from pipelines.sweep.tuner import run_sweep
 
     folder = RunFolder(cfg.run.storage_path, cfg.tune.name)
@@ -132,6 +132,7 @@ def sweep(cfg, combos) -> int:
         f"best_config.yaml); browse with: mlflow ui --backend-store-uri {uri}"
     )
     if interrupted:
+        mark_interrupted(client, experiment_id, cfg.tune.name, parent_id)
         print("the sweep was interrupted: run the same command again to continue it", file=sys.stderr)
         return 130
     return 0

@@ -39,6 +39,7 @@ def parent_run(client, experiment_id: str, cfg: Config, sweep_id: str) -> str:
     """The sweep's parent run, made once with the search space as params and found by tag afterwards."""
     found = find_run(client, experiment_id, **{SWEEP_TAG: cfg.tune.name, ROLE_TAG: "sweep", SWEEP_ID_TAG: sweep_id})
     if found:
+        client.update_run(found, status="RUNNING")  # resumed (after a Ctrl-C left it KILLED)
         return found
     tags = {
         SWEEP_TAG: cfg.tune.name,
@@ -63,11 +64,21 @@ def parent_run(client, experiment_id: str, cfg: Config, sweep_id: str) -> str:
     return run.info.run_id
 
 
+def mark_interrupted(client, experiment_id: str, sweep: str, parent_id: str) -> None:
+    """After Ctrl-C: the parent run and every trial run still RUNNING end KILLED, as an interrupted training run
+    does (a rerun of the sweep sets them RUNNING again as it resumes them)."""
+    query = f"tags.`{SWEEP_TAG}` = '{sweep}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], query):
+        client.set_terminated(run.info.run_id, "KILLED")
+    client.set_terminated(parent_id, "KILLED")
+
+
 def child_run(client, experiment_id: str, parent_id: str, sweep: str, trial_id: str, combo: dict, cfg: Config) -> str:
     """The trial's child run (made once, linked by mlflow.parentRunId): its hyper-parameters and its whole
     training config as params, like a training run's."""
     found = find_run(client, experiment_id, **{SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
     if found:
+        client.update_run(found, status="RUNNING")  # the trial resumes from its checkpoint
         return found
     tags = {
         "mlflow.parentRunId": parent_id,
