@@ -8,7 +8,6 @@ Overrides are dotted key=value pairs (docs/configuration.md lists every key; --p
 run.name resumes from the run's last checkpoint. The global batch is train.batch_size x scaling.num_workers.
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.common.cli import config_args
 from pipelines.common.config import Config, load_config
 from pipelines.common.run_folder import RunFolder
 from pipelines.tracking.pending import deliver_pending
@@ -39,21 +39,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--config", default=None, help=f"YAML config (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})"
-    )
-    p.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the fully resolved config (defaults, then --config, then the overrides) as YAML and exit",
-    )
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr_d=4e-4 model.g_attn=[32,64]"
-    )
-    return p.parse_args(argv)
+    return config_args("train.py", __doc__, DEMO_CONFIG, "optim.lr_d=4e-4 model.g_attn=[32,64]", argv)
 
 
 @command

@@ -10,7 +10,6 @@ Each trial is a full Ray Train run (pipelines/train.py's loop) with its own work
 unfinished ones resume from their last checkpoint. The search space is the `tune` section (docs/configuration.md).
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.common.cli import config_args
 from pipelines.common.config import load_config
 from pipelines.common.run_folder import RunFolder
 from pipelines.sweep.space import check_same_sweep, check_sweep
@@ -38,21 +38,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.ya
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="tune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--config", default=None, help=f"YAML config (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})"
-    )
-    p.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the fully resolved config (defaults, then --config, then the overrides) as YAML and exit",
-    )
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tune.ratio=[1,4] tune.steps=2000"
-    )
-    return p.parse_args(argv)
+    return config_args("tune.py", __doc__, DEMO_CONFIG, "tune.ratio=[1,4] tune.steps=2000", argv)
 
 
 @command

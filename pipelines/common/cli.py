@@ -1,5 +1,7 @@
-"""Helpers for the entry scripts' flags: the torch device to use, a folder that must be writable."""
+"""Helpers for the entry scripts' flags: the config and its overrides, the torch device to use, a folder that
+must be writable."""
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -29,3 +31,19 @@ def check_writable(folder: Path, flag: str) -> None:
         raise UsageError(
             f"{flag} {folder} is not a writable folder ({e.strerror or first_line(e)}); choose another"
         ) from None
+
+
+def config_args(prog: str, description: str, demo_config: Path, example: str, argv=None) -> argparse.Namespace:
+    """The flags of a script that runs on the whole config (train.py, tune.py): --config (default `demo_config`),
+    --print-config and `key=value` overrides (`example` shows some)."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", default=None, help=f"YAML config (default: configs/{demo_config.name})")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the fully resolved config (defaults, then --config, then the overrides) as YAML and exit",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+    return p.parse_args(argv)
