@@ -5,6 +5,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs
+
 from pipelines.common.config import Config
 from pipelines.common.run_folder import BEST_FILE, CHECKPOINT_FILE, RunFolder, is_remote
 from sagan.checkpoint import save_checkpoint
@@ -35,7 +37,6 @@ def save_best(target: str, cfg: Config, trainer: Trainer, extra: dict) -> None:
         tmp.write_text(info)
         os.replace(tmp, Path(target) / BEST_FILE)
         return
-    import pyarrow.fs  # lazy: only remote storage needs it, and every rank imports this module
 
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer, cfg, extra=extra)
