@@ -45,8 +45,9 @@ def main(argv=None) -> int:
         return 0
     if args.tracking_uri:
         check_tracking(args.tracking_uri, setting="give --tracking-uri")
-    delivered, left = replay(folder, args.tracking_uri)
-    print(f"delivered {delivered} item(s) from {len(files)} file(s) in {folder}")
+    delivered, set_aside, left = replay(folder, args.tracking_uri)
+    aside = f"; {set_aside} set aside (unreadable or refused, listed in {folder}/rejected-*.txt)" if set_aside else ""
+    print(f"delivered {delivered} item(s) from {len(files)} file(s) in {folder}{aside}")
     if left:
         raise JobFailed(
             f"{left} item(s) not delivered (the store is still out of reach?); they stay in {folder}: run this "

@@ -17,9 +17,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from pipelines.common.cli import config_args
 from pipelines.common.config import Config, load_config
+from pipelines.common.ray_address import connect_ray
 from pipelines.common.run_folder import RunFolder
 from pipelines.tracking.pending import deliver_pending
 from pipelines.tracking.store import check_tracking, default_tracking_uri, end_run, prepare_tracking, refused_everything
+from pipelines.training.placement import fit
 from pipelines.training.preflight import (
     check_cluster,
     check_inputs,
@@ -64,13 +66,13 @@ def launch(cfg: Config) -> int:
         print(f"warning: {resume.warning}", file=sys.stderr)
     import ray  # here, not at the top: a launch refused above costs no Ray import (~1.5 s)
 
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
+    submitted = bool(os.environ.get("RAY_ADDRESS"))
+    connect_ray()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
     check_cluster(cfg, ray.cluster_resources())
     verify_shards(cfg)  # sha256 of every shard (data.verify=full), before any worker starts
     prepare_evaluation(cfg)
     prepare_tracking(uri, cfg.mlflow.experiment)
-    for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), bool(os.environ.get("RAY_ADDRESS"))):
+    for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), submitted):
         print(f"warning: {line}", file=sys.stderr)
     print(
         f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
@@ -90,7 +92,7 @@ def train(cfg: Config, uri: str, resume: ResumePlan) -> int:
     run_id = open_tracking_run(cfg, uri, continuing=resume.checkpoint is not None or folder.remote)
     status = "FAILED"  # unless fit() returns; rank 0 ends a finished run itself, after its last metrics
     try:
-        result = build_trainer(cfg, uri, run_id, resume=resume).fit()
+        result = fit(build_trainer(cfg, uri, run_id, resume=resume), cfg)  # bounded wait for the workers
         status = None
     except KeyboardInterrupt:
         status = "KILLED"

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from pipelines.common.cli import config_args
 from pipelines.common.config import load_config
+from pipelines.common.ray_address import connect_ray
 from pipelines.common.run_folder import RunFolder
 from pipelines.sweep.space import check_same_sweep, check_sweep
 from pipelines.tracking.store import TrackingError, check_tracking, default_tracking_uri, prepare_tracking
@@ -62,14 +63,19 @@ def sweep(cfg, combos) -> int:
     import ray
     from ray import tune
 
-    from pipelines.sweep.report import records_from_results, table_markdown, write_report
+    from pipelines.sweep.outcomes import best_row, records_from_results, trial_rows
+    from pipelines.sweep.report import table_markdown, write_report
+    from pipelines.sweep.space import metric_mode
     from pipelines.sweep.trials import mark_interrupted, parent_run
     from pipelines.sweep.tuner import run_sweep
+    from pipelines.tracking.delivery import bound_requests
+    from pipelines.tracking.pending import deliver_pending
 
     folder = RunFolder(cfg.run.storage_path, cfg.tune.name)
     sweep_dir = folder.uri  # a string: s3://... is no local Path
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
+    submitted = bool(os.environ.get("RAY_ADDRESS"))
+    connect_ray()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
+    bound_requests()  # after ray.init: a local cluster's processes keep their own settings (pipelines/tracking)
     # On remote storage the rerun check is skipped: the sweep is named by tune.name alone there.
     if folder.remote:
         sweep_id = cfg.tune.name
@@ -85,7 +91,7 @@ def sweep(cfg, combos) -> int:
         parent_id = parent_run(client, experiment_id, cfg, sweep_id)
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
         raise TrackingError(f"MLflow tracking at {uri} is not usable: {first_line(e)}") from None
-    for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), bool(os.environ.get("RAY_ADDRESS"))):
+    for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), submitted):
         print(f"warning: {line}", file=sys.stderr)
     print(
         f"sweep {cfg.tune.name}: {len(combos)} combination(s) x {cfg.tune.num_samples} sample(s), "
@@ -95,24 +101,30 @@ def sweep(cfg, combos) -> int:
     )
     results, _ = run_sweep(cfg, combos, uri, experiment_id, parent_id, sweep_dir)
 
-    try:
-        rows, best = write_report(client, experiment_id, parent_id, cfg, records_from_results(results))
-    except Exception as e:  # noqa: BLE001 - the trials' results are safe in Tune and MLflow either way
-        raise JobFailed(
-            f"the sweep ran, but its report could not be written: {first_line(e)}; rerun the same command to write it"
-        ) from None
-    # A trial that reached its last step is finished even when Ctrl-C came before Tune recorded it "done".
-    interrupted = any(
-        not r.error and not r.metrics.get("done") and r.metrics.get("step", 0) < cfg.tune.steps for r in results
-    )
-    if not interrupted:
-        client.set_terminated(parent_id, "FINISHED")
+    # The report comes from what the trials measured (their results in Tune), and only after what their rank 0
+    # kept during an outage of the store has been delivered, so the server's histories match the table.
+    records = records_from_results(results, cfg.tune.metric)
+    for rec in records:
+        trial = RunFolder(f"{sweep_dir}/train", f"trial-{rec['trial_id']}")
+        deliver_pending(trial.pending, uri, f"trial {rec['trial_id']}'s rank 0 had kept")
+    rows, curves = trial_rows(cfg, records)
+    best = best_row(rows, metric_mode(cfg))
     print("\n" + table_markdown(rows, cfg.tune.metric))
     if best:
         print(
             f"best: trial {best['trial']}, {cfg.tune.metric} {best['best']:.4g} (ratio {best['ratio']:g}, "
             f"lr_g {best['lr_g']:g}, attention G{best['g_attn']} D{best['d_attn']}, seed {best['seed']})"
         )
+    interrupted = any(r["status"] not in ("completed", "stopped", "failed") for r in rows)
+    try:
+        write_report(client, experiment_id, parent_id, cfg, rows, curves)
+        if not interrupted:
+            client.set_terminated(parent_id, "FINISHED")
+    except Exception as e:  # noqa: BLE001 - the trials' results are safe in Tune either way
+        raise JobFailed(
+            f"the sweep ran, but its report could not be written to MLflow at {uri}: {first_line(e)}; "
+            "rerun the same command to write it"
+        ) from None
     print(
         f"report: MLflow run {parent_id} (artifacts report/: trials.csv, trials.md, heatmap.png, curves.png, "
         f"best_config.yaml); browse with: mlflow ui --backend-store-uri {uri}"

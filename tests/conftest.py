@@ -16,9 +16,15 @@ def ray_session():
     """One local Ray instance for the whole test session (ray.init takes 10-20 s on 2 cores)."""
     import ray
 
+    from pipelines.common.ray_address import connect_ray
+
     if not ray.is_initialized():
-        # More logical CPUs than cores, a small object store, and the dashboard on (Ray on a 2-core machine: logical CPUs may exceed cores; a small store fits its memory).
-        ray.init(
+        # More logical CPUs than cores, a small object store, and the dashboard on (Ray on a 2-core machine: logical
+        # CPUs may exceed cores; a small store fits its memory). The address is pinned for Ray's own helpers, as
+        # train.py and tune.py do (other Ray clusters run on this host during the suite), but not exported to
+        # this process: the tests' subprocesses start or join clusters of their own choosing.
+        connect_ray(
+            export=False,
             num_cpus=4,
             object_store_memory=200 * 1024**2,
             include_dashboard=True,

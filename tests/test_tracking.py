@@ -1,14 +1,7 @@
 """MLflow never stops training: an unreachable or killed tracking server costs no step and loses no point."""
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,6 +10,7 @@ from pipelines.replay_tracking import main as replay_main
 from pipelines.tracking.outbox import Outbox
 from pipelines.tracking.pending import replay
 from pipelines.tracking.store import absolute_tracking_uri, default_tracking_uri, prepare_tracking, refused_everything
+from tests.servers import TrackingServer
 
 UNREACHABLE = "http://127.0.0.1:9"
 
@@ -51,7 +45,7 @@ def test_kept_items_replay_into_the_run_in_order_then_disappear(tmp_path, capsys
     assert outbox.close(timeout=1) == 6
     assert replay_main([str(tmp_path / "run"), "--tracking-uri", UNREACHABLE]) == 2  # checked first: one line
     assert "did not answer" in capsys.readouterr().err
-    assert replay(tmp_path / "run" / "mlflow-pending", tracking_uri=store) == (6, 0)
+    assert replay(tmp_path / "run" / "mlflow-pending", tracking_uri=store) == (6, 0, 0)
     assert not (tmp_path / "run" / "mlflow-pending").exists()
     client = mlflow.MlflowClient(store)
     history = client.get_metric_history(run_id, "d_loss")
@@ -80,56 +74,11 @@ def test_replay_keeps_what_it_could_not_deliver(tmp_path):
     outbox = Outbox(UNREACHABLE, run_id, tmp_path / "pending")
     outbox.metrics({"d_loss": 1.0}, 1)
     outbox.close(timeout=0.5)
-    assert replay(tmp_path / "pending") == (0, 1)  # the store it names is still down
+    assert replay(tmp_path / "pending") == (0, 0, 1)  # the store it names is still down
     assert (tmp_path / "pending" / f"{run_id}.jsonl").is_file()
 
 
 # ---------------------------------------------------------------- a real tracking server, killed mid-run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TrackingServer:
-    """`mlflow server` on 127.0.0.1 over a sqlite file in `folder`, startable again on the same port."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.port, self.proc = folder, free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 90) -> None:
-        mlflow_cli = Path(sys.executable).parent / "mlflow"
-        cmd = [
-            str(mlflow_cli),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.folder / 'server.db'}",
-            "--artifacts-destination",
-            str(self.folder / "artifacts"),
-        ]
-        log = open(self.folder / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"mlflow server did not start; see {self.folder / 'server.log'}")
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
 
 
 def test_a_tracking_server_killed_and_restarted_mid_run_costs_no_step_and_no_point(
@@ -199,7 +148,7 @@ def test_an_item_the_store_refuses_is_set_aside_and_the_rest_go_on(tmp_path):
     assert "tags" in rejected.read_text()
 
 
-def test_damaged_pending_files_do_not_stop_a_replay(tmp_path):
+def test_damaged_pending_files_do_not_stop_a_replay(tmp_path, capsys, caplog):
     store, run_id = new_run(tmp_path)
     outbox = Outbox(UNREACHABLE, run_id, tmp_path / "pending")
     outbox.metrics({"d_loss": 1.0}, 1)
@@ -210,7 +159,12 @@ def test_damaged_pending_files_do_not_stop_a_replay(tmp_path):
     next(pending.parent.glob("*.png")).unlink()  # an image lost
     pending.write_text(pending.read_text() + '{"kind": "metrics", "values": {"d_lo')  # a spill cut short
     (pending.parent / "x.png.tmp").write_bytes(b"")
-    assert replay(pending.parent, tracking_uri=store) == (4, 0)  # 2 delivered, 2 set aside
+    assert replay_main([str(pending.parent), "--tracking-uri", store]) == 0
+    out = capsys.readouterr().out  # 2 delivered, 2 set aside: the item whose image was lost, the line cut short
+    assert f"delivered 2 item(s) from 1 file(s) in {pending.parent}; 2 set aside" in out, out
+    warnings = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert len(warnings) == 2 and "a pending image of run" in warnings[0] and "a pending line of run" in warnings[1]
+    assert not any("None" in w for w in warnings), warnings
     assert [m.value for m in mlflow.MlflowClient(store).get_metric_history(run_id, "d_loss")] == [1.0, 2.0]
     assert [p.name for p in pending.parent.iterdir()] == [f"rejected-{run_id}.txt"]
 

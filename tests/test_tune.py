@@ -1,9 +1,11 @@
 """The Ray Tune sweep (pipelines/tune.py) on the session's local Ray: tiny models, 20 steps per trial."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from pipelines.sweep.trials import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from pipelines.tune import main
 from sagan.models import build_models
 from sagan.step import Trainer
+from tests.servers import TrackingServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -250,3 +253,52 @@ def test_asha_rebuilds_its_rungs_from_saved_results_on_restore(tmp_path):
     forgetful = asha()  # what a plain ASHA would do after a restore: nothing to compare with
     forgetful.on_trial_add(None, SimpleNamespace(trial_id="new", path=None))
     assert forgetful.on_trial_result(None, SimpleNamespace(trial_id="new", path=None), worse) == TrialScheduler.CONTINUE
+
+
+def test_the_report_after_a_tracking_outage_comes_from_what_the_trial_measured(
+    ray_session, digits, eval_cache, tmp_path, capsys
+):
+    """The server dies after the trial's first checkpoint and stays down to the end: the scores wait in the
+    trial's pending folder, the report cannot be written (exit 1, the table printed from the trial's results).
+    With the server back, the same command delivers what was kept and then reports the trial completed, with the
+    best FID it measured."""
+    server = TrackingServer(tmp_path)
+    server.start()
+    args = sweep_args(digits, tmp_path, "outage", f"mlflow.tracking_uri={server.uri}", cache=eval_cache)
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while not list((tmp_path / "runs").glob("outage/train/*/checkpoint_*")) and time.time() < deadline:
+            time.sleep(0.2)
+        server.kill()
+
+    thread = threading.Thread(target=kill_after_first_checkpoint)
+    thread.start()
+    try:
+        assert main(args) == 1
+        thread.join()
+        out, err = capsys.readouterr()
+        assert "the sweep ran, but its report could not be written" in err and "| completed |" in out, out + err
+        fids = {}  # what the trial measured, as Tune recorded it
+        for line in next((tmp_path / "runs").glob("outage/trial-*/result.json")).read_text().splitlines():
+            result = json.loads(line)
+            if "loop/fid" in result:
+                fids[result["step"]] = result["loop/fid"]
+        assert sorted(fids) == [10, 20] and f"{min(fids.values()):.4g} |" in out
+
+        server.start()
+        assert main(args) == 0
+        client = mlflow.MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("sagan-tune")
+        runs = client.search_runs([exp.experiment_id], "tags.`sagan.sweep` = 'outage'")
+        (parent,) = [r for r in runs if r.data.tags[ROLE_TAG] == "sweep"]
+        (child,) = [r for r in runs if r.data.tags[ROLE_TAG] == "trial"]
+        assert child.info.status == "FINISHED" and child.data.tags["sagan.stop_reason"] == "completed"
+        history = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "loop/fid")}
+        assert {s: v for s, v in history.items() if s} == fids  # delivered before the report was written
+        assert parent.info.status == "FINISHED" and parent.data.metrics["best_loop_fid"] == min(fids.values())
+        assert "| completed |" in parent.data.tags["mlflow.note.content"]
+        assert not list((tmp_path / "runs").glob("outage/train/*/mlflow-pending/*.jsonl"))
+    finally:
+        thread.join()
+        server.kill()

@@ -45,6 +45,9 @@ class ScalingConfig(ConfigModel):
     """fractional CPUs leave Ray Data a budget on small machines"""
     placement_strategy: Literal[PLACEMENT_STRATEGIES] = "PACK"
     """Ray's: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one worker per node)"""
+    placement_timeout_s: PositiveFinite = 600.0
+    """how long to wait for the workers to be placed (a lost node, a busy cluster) before the run fails naming
+    what is missing; a node back within it lets the run go on"""
 
 
 class RunConfig(ConfigModel):

@@ -1,14 +1,13 @@
 """The sweep's report on its MLflow parent run: a table of every trial (CSV and Markdown), a heatmap of the
 best metric over TTUR ratio x attention placement, every trial's metric curve, and the best trial's config.
 
-Rebuilt from Tune's trial records and the child runs' metric histories each time a trial ends, and once
-more when the sweep ends, so the parent shows the state of the sweep while it runs.
+Rebuilt from what the trials reported to Tune (pipelines.sweep.outcomes) each time a trial ends, and once more
+when the sweep ends, so the parent shows the state of the sweep while it runs.
 """
 
 import csv
 import io
 import logging
-import math
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,9 @@ from PIL import Image
 from ray.tune import Callback
 
 from pipelines.common.config import Config, from_dict
-from pipelines.sweep.space import lr_d_of, metric_mode, trial_config
+from pipelines.sweep.asha import saved_results
+from pipelines.sweep.outcomes import best_row, merge, placement_label, record_from_trial, trial_rows
+from pipelines.sweep.space import metric_mode, trial_config
 from pipelines.sweep.trials import REASON_TAG, SWEEP_TAG, TRIAL_TAG
 from pipelines.tracking.store import find_run
 from sagan.config import dump_yaml, to_dict
@@ -41,87 +42,6 @@ COLUMNS = [
     "final_class_acc",
     "wall_s",
 ]
-
-
-def placement_label(g: list, d: list) -> str:
-    """ "16" when G and D share sizes [16], "none" for [], "G16 D32" when they differ."""
-
-    def sizes(a):
-        return "+".join(map(str, a)) or "none"
-
-    return sizes(g) if list(g) == list(d) else f"G{sizes(g)} D{sizes(d)}"
-
-
-def _history(client, run_id: str | None, key: str) -> list[tuple[int, float]]:
-    """(step, value) of a metric, the latest value per step (a resumed run replays the steps after its checkpoint)."""
-    if run_id is None:
-        return []
-    latest = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
-    return sorted(latest.items())
-
-
-def trial_rows(client, experiment_id: str, cfg: Config, records: list[dict]) -> tuple[list[dict], dict]:
-    """One table row per trial record {trial_id, combo, status, error, last_result}, and each trial's curve of
-    tune.metric. Trials that ASHA stopped end FINISHED on their child run (by design), with the reason as a tag."""
-    metric, steps_wanted = cfg.tune.metric, cfg.tune.steps
-    rows, curves = [], {}
-    for rec in records:
-        combo, tid = rec["combo"], rec["trial_id"]
-        run_id = find_run(client, experiment_id, **{SWEEP_TAG: cfg.tune.name, TRIAL_TAG: tid})
-        run = client.get_run(run_id) if run_id else None
-        hist = {k: _history(client, run_id, k) for k in {metric, "loop/fid", "loop/is", "loop/class_acc", "d_loss"}}
-        reported = int(rec["last_result"].get("step", 0))  # the last step Tune (and ASHA) saw
-        steps = max([s for s, _ in hist["d_loss"]] + [reported])
-        trained = [v for s, v in hist[metric] if s > 0 and math.isfinite(v)]  # step 0 scores the untrained G
-        best = (min if metric_mode(cfg) == "min" else max)(trained) if trained else None
-        status, reason = rec["status"], (run.data.tags.get(REASON_TAG) if run else None)
-        run_status = None  # what the child run's status must become, once the trial has ended
-        if status == "ERROR":
-            status, reason, run_status = "failed", reason or rec.get("error") or "failed", "FAILED"
-        elif status == "TERMINATED" and reason != "completed" and steps < steps_wanted:
-            # Ended before its last step without a failure: ASHA stopped it at a rung.
-            seen = [(s, v) for s, v in hist[metric] if s <= reported]
-            status, run_status = "stopped", "FINISHED"  # stopped by design, not a crash: the reason says why
-            reason = f"ASHA at step {seen[-1][0]} ({metric} {seen[-1][1]:.4g})" if seen else "stopped early"
-        elif status == "TERMINATED":
-            status, reason, run_status = "completed", "completed", "FINISHED"
-        else:
-            status, reason = status.lower(), ""
-        if run and run_status and (run.info.status != run_status or run.data.tags.get(REASON_TAG) != reason):
-            client.set_tag(run_id, REASON_TAG, reason)  # Tune's verdict is the final word on the child run
-            client.set_terminated(run_id, run_status)
-        final = {k: (hist[k][-1][1] if hist[k] else None) for k in ("loop/fid", "loop/is", "loop/class_acc")}
-        rows.append(
-            {
-                "trial": tid,
-                "ratio": combo["ratio"],
-                "lr_g": combo["lr_g"],
-                "lr_d": lr_d_of(combo),
-                "g_attn": combo["g_attn"],
-                "d_attn": combo["d_attn"],
-                "seed": combo["seed"],
-                "status": status,
-                "steps": steps,
-                "stop_reason": reason,
-                "best": best,
-                "final_fid": final["loop/fid"],
-                "final_is": final["loop/is"],
-                "final_class_acc": final["loop/class_acc"],
-                "wall_s": round(rec["last_result"].get("time_total_s", 0.0), 1),
-            }
-        )
-        curves[f"{tid}: ratio {combo['ratio']:g}, attention {placement_label(combo['g_attn'], combo['d_attn'])}"] = (
-            hist[metric]
-        )
-    return rows, curves
-
-
-def best_row(rows: list[dict], mode: str) -> dict | None:
-    """The trial with the best score, among those that did not fail (a diverged config is no recommendation)."""
-    scored = [r for r in rows if r["best"] is not None and r["status"] != "failed"]
-    if not scored:
-        return None
-    return (min if mode == "min" else max)(scored, key=lambda r: r["best"])
 
 
 def _fmt(value) -> str:
@@ -171,14 +91,30 @@ def best_heatmap(rows: list[dict], metric: str, mode: str) -> np.ndarray:
     )
 
 
+def settle_child_runs(client, experiment_id: str, cfg: Config, rows: list[dict]) -> None:
+    """Tune's verdict is the final word on an ended trial's child run: FINISHED for a completed trial and for
+    one ASHA stopped (by design, the reason as a tag), FAILED for a failure (with its own reason, when set)."""
+    for row in rows:
+        run_status = {"completed": "FINISHED", "stopped": "FINISHED", "failed": "FAILED"}.get(row["status"])
+        run_id = find_run(client, experiment_id, **{SWEEP_TAG: cfg.tune.name, TRIAL_TAG: row["trial"]})
+        if run_status is None or run_id is None:
+            continue
+        run = client.get_run(run_id)
+        reason = (row["status"] == "failed" and run.data.tags.get(REASON_TAG)) or row["stop_reason"]
+        if run.info.status != run_status or run.data.tags.get(REASON_TAG) != reason:
+            client.set_tag(run_id, REASON_TAG, reason)
+            client.set_terminated(run_id, run_status)
+
+
 def write_report(
-    client, experiment_id: str, parent_id: str, cfg: Config, records: list[dict]
-) -> tuple[list[dict], dict | None]:
+    client, experiment_id: str, parent_id: str, cfg: Config, rows: list[dict], curves: dict
+) -> dict | None:
     """Log the table, heatmap, curves and best config to the parent run (replacing earlier versions) and the
-    best score and hyper-parameters as its metric and tags. Returns (rows, best row)."""
+    best score and hyper-parameters as its metric and tags; settle the ended trials' child runs. Returns the
+    best row."""
     metric, mode = cfg.tune.metric, metric_mode(cfg)
-    rows, curves = trial_rows(client, experiment_id, cfg, records)
     best = best_row(rows, mode)
+    settle_child_runs(client, experiment_id, cfg, rows)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "report"
         folder.mkdir()
@@ -209,54 +145,35 @@ def write_report(
         client.log_metric(parent_id, f"best_{metric.replace('/', '_')}", best["best"])
         for k in ("trial", "lr_g", "lr_d", "ratio", "g_attn", "d_attn", "seed"):
             client.set_tag(parent_id, f"best.{k}", _fmt(best[k]))
-    return rows, best
-
-
-def _error_line(trial) -> str | None:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).is_file():
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-        return lines[-1][:500] if lines else None
-    return None
-
-
-def record_from_trial(trial, status: str | None = None) -> dict:
-    """What the report needs of a live Tune trial."""
-    return {
-        "trial_id": trial.trial_id,
-        "combo": trial.config["trial"],
-        "status": status or trial.status,
-        "error": _error_line(trial),
-        "last_result": dict(trial.last_result or {}),
-    }
-
-
-def records_from_results(results) -> list[dict]:
-    """What the report needs of each trial in Tune's ResultGrid, once the sweep has ended or stopped."""
-    records = []
-    for r in results:
-        metrics = dict(r.metrics or {})
-        status = "ERROR" if r.error else ("TERMINATED" if metrics.get("done") else "PAUSED")
-        error = str(r.error).strip().splitlines()[-1][:500] if r.error and str(r.error).strip() else None
-        trial_id = metrics.get("trial_id") or Path(r.path).name.removeprefix("trial-")  # see trial_dirname
-        records.append(
-            {"trial_id": trial_id, "combo": r.config["trial"], "status": status, "error": error, "last_result": metrics}
-        )
-    return records
+    return best
 
 
 class ReportOnTrialEnd(Callback):
-    """Rewrites the parent run's report whenever a trial completes, is stopped or fails."""
+    """Rewrites the parent run's report whenever a trial completes, is stopped or fails, from the results the
+    trials reported (kept here as they arrive, and read back from each trial's result.json after a restore)."""
 
     def __init__(self, cfg: Config, tracking_uri: str, experiment_id: str, parent_id: str):
         self.config, self.uri, self.experiment_id, self.parent_id = to_dict(cfg), tracking_uri, experiment_id, parent_id
+        self.histories: dict[str, list[dict]] = {}
+
+    def _history(self, trial) -> list[dict]:
+        if trial.trial_id not in self.histories:  # first seen: what it reported before a restore
+            try:
+                saved = saved_results(trial.local_path)
+            except RuntimeError:  # a trial not started yet has no folder
+                saved = []
+            self.histories[trial.trial_id] = merge([], saved, self.config["tune"]["metric"])
+        return self.histories[trial.trial_id]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.histories[trial.trial_id] = merge(self._history(trial), [result], self.config["tune"]["metric"])
 
     def _write(self, trials, ended, status: str) -> None:
-        records = [record_from_trial(t, status if t is ended else None) for t in trials]
+        records = [record_from_trial(t, self._history(t), status if t is ended else None) for t in trials]
         try:
-            write_report(
-                mlflow.MlflowClient(self.uri), self.experiment_id, self.parent_id, from_dict(self.config), records
-            )
+            cfg = from_dict(self.config)
+            rows, curves = trial_rows(cfg, records)
+            write_report(mlflow.MlflowClient(self.uri), self.experiment_id, self.parent_id, cfg, rows, curves)
         except Exception as e:  # noqa: BLE001 - an interim report must never stop the sweep
             logging.getLogger("sagan.tune").warning(f"sweep report not updated: {type(e).__name__}: {e}")
 

@@ -19,6 +19,7 @@ from pipelines.sweep.space import DRIVER_CPU, lr_d_of, trial_config
 from pipelines.tracking.delivery import bound_requests
 from pipelines.tracking.pending import deliver_pending
 from pipelines.tracking.store import find_run, log_params
+from pipelines.training.placement import PlacementTimeout, fit
 from pipelines.training.preflight import PreflightError
 from pipelines.training.resume import check_resume
 from pipelines.training.stop import RunStopped, raise_if_stopped
@@ -123,8 +124,13 @@ def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sw
         resume = check_resume(cfg)  # a restored trial resumes its Train run: a damaged latest falls back here too
         if resume.warning:
             print(f"warning: trial {trial_id}: {resume.warning}", file=sys.stderr)
-        build_trainer(cfg, tracking_uri, run_id=run_id, callbacks=[TuneReportCallback()], resume=resume).fit()
-    except (RunStopped, TrainingFailedError, PreflightError) as e:  # not when Tune stops the trial: no failure
+        fit(build_trainer(cfg, tracking_uri, run_id=run_id, callbacks=[TuneReportCallback()], resume=resume), cfg)
+    except (
+        RunStopped,
+        TrainingFailedError,
+        PreflightError,
+        PlacementTimeout,
+    ) as e:  # not when Tune stops the trial: no failure
         reason = failure_reason(e)
         client.set_tag(run_id, REASON_TAG, reason)
         client.set_terminated(run_id, "FAILED")

@@ -1,10 +1,13 @@
 """The sweep on Ray Tune: a new Tuner over the trials with ASHA on the in-loop metric, or the sweep restored
 from its folder (unfinished trials resume from their checkpoints)."""
 
+import logging
 import os
 
 import ray
 from ray import tune
+from ray.tune import Callback
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from pipelines.sweep.asha import ResumableASHA
 from pipelines.sweep.report import ReportOnTrialEnd
@@ -56,7 +59,47 @@ def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_d
             storage_path=cfg.run.storage_path,
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
-            callbacks=[ReportOnTrialEnd(cfg, uri, experiment_id, parent_id)],
+            callbacks=[ReportOnTrialEnd(cfg, uri, experiment_id, parent_id), ReleasePlacementGroups()],
         ),
     )
     return tuner.fit(), False
+
+
+class ReleasePlacementGroups(Callback):
+    """Removes an ended trial's worker placement groups from the driver. Ray Train's PlacementGroupCleaner should,
+    but when it fails (it died connecting to another Ray cluster on the same host, see
+    pipelines.common.ray_address) the group stays CREATED, holding its CPUs, and the next trial's workers wait
+    for them. Rank 0 names its group in every report (pipelines.training.loop.Loop.report)."""
+
+    def __init__(self):
+        self.groups: dict[str, set[str]] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("placement_group"):
+            self.groups.setdefault(trial.trial_id, set()).add(result["placement_group"])
+
+    def release(self, trial) -> list[str]:
+        """Remove the trial's groups that are still there; returns their ids."""
+        from ray._raylet import PlacementGroupID
+
+        removed = []
+        for hex_id in sorted(self.groups.pop(trial.trial_id, ())):
+            group = PlacementGroup(PlacementGroupID.from_hex(hex_id))
+            try:
+                if placement_group_table(group).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+                    remove_placement_group(group)
+                    removed.append(hex_id)
+            except Exception as e:  # noqa: BLE001 - a group Ray removed meanwhile; the sweep goes on either way
+                logging.getLogger("sagan.tune").debug(f"placement group {hex_id}: {e}")
+        if removed:
+            logging.getLogger("sagan.tune").warning(
+                f"trial {trial.trial_id} ended with its worker placement group(s) {', '.join(removed)} still "
+                "held; removed them"
+            )
+        return removed
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.release(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.release(trial)

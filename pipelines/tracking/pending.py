@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -22,16 +23,20 @@ from pipelines.tracking.delivery import bound_requests, brief_error, deliver, pe
 log = logging.getLogger("sagan.tracking")
 
 
-def reject(folder: Path, uri: str, run_id: str, item: dict, error: BaseException) -> None:
-    """Set aside an item the store refused: one warning, and a line in <folder>/rejected-<run_id>.txt."""
+def reject(folder: Path, uri: str, run_id: str, item: dict, error: BaseException, by_store: bool = True) -> None:
+    """Set aside an item the store refused, or (`by_store` False) a pending line that cannot be read: one
+    warning, and a line in <folder>/rejected-<run_id>.txt."""
     folder.mkdir(parents=True, exist_ok=True)
     record = {k: v for k, v in item.items() if k not in ("array", "png")}
     with open(folder / f"rejected-{run_id}.txt", "a") as f:
         f.write(json.dumps({"error": brief_error(error), **record}) + "\n")
-    log.warning(
-        f"MLflow at {uri} refused a {item.get('kind')} item of run {run_id} ({brief_error(error)}); set "
-        f"aside in {folder / f'rejected-{run_id}.txt'}"
+    what = (
+        f"MLflow at {uri} refused a {item.get('kind')} item of run {run_id}"
+        if by_store
+        else f"a pending {item.get('kind') or 'line'} of run {run_id} cannot be read (cut short by a crash, or its "
+        "image lost?)"
     )
+    log.warning(f"{what} ({brief_error(error)}); set aside in {folder / f'rejected-{run_id}.txt'}")
 
 
 def deliver_pending(pending: Path, uri: str, whose: str) -> None:
@@ -39,7 +44,7 @@ def deliver_pending(pending: Path, uri: str, whose: str) -> None:
     if not pending.is_dir():
         return
     try:
-        delivered, left = replay(pending)
+        delivered, _, left = replay(pending)
     except Exception as e:  # noqa: BLE001 - tracking must not stop a launch
         delivered, left = 0, f"some ({type(e).__name__}: {brief_error(e)})"
     if delivered:
@@ -74,25 +79,33 @@ def spill(folder: Path, uri: str, run_id: str, items: list[dict]) -> Path:
     return path
 
 
-def replay(folder: Path, tracking_uri: str | None = None) -> tuple[int, int]:
-    """Deliver every pending file in `folder` in order; returns (delivered, still pending). A file is
-    removed once all its items are in the store; when the store is out of reach the undelivered rest is kept
-    for next time. Lines that cannot be read (a spill cut short) and items the store refuses are set aside."""
+class Replayed(NamedTuple):
+    delivered: int  # items the store took
+    set_aside: int  # unreadable lines and items the store refused, in rejected-<run id>.txt
+    left: int  # items still pending: the store was out of reach
+
+
+def replay(folder: Path, tracking_uri: str | None = None) -> Replayed:
+    """Deliver every pending file in `folder` in order. A file is removed once all its items are in the store
+    or set aside; when the store is out of reach the undelivered rest is kept for next time. Lines that cannot
+    be read (a spill cut short) and items the store refuses are set aside."""
     import mlflow  # lazy: see the module docstring
 
     bound_requests()
-    folder, delivered, left = Path(folder), 0, 0
+    folder, delivered, set_aside, left = Path(folder), 0, 0, 0
     for path in sorted(folder.glob("*.jsonl")):
         lines = [line for line in path.read_text().splitlines() if line.strip()]
-        done = 0
+        done = aside = 0
         for line in lines:
+            item = {}
             try:
                 item = json.loads(line)
                 if "png" in item:
                     item["array"] = np.asarray(Image.open(folder / item["png"]).convert("RGB"))
             except (ValueError, OSError) as e:  # a line cut short by a crash, an image lost: unusable, set aside
-                reject(folder, tracking_uri or "?", path.stem, {"line": line[:2000]}, e)
-                done += 1
+                kind = item.get("kind") if isinstance(item, dict) else None
+                reject(folder, tracking_uri or "?", path.stem, {"kind": kind, "line": line[:2000]}, e, by_store=False)
+                done, aside = done + 1, aside + 1
                 continue
             try:
                 deliver(mlflow.MlflowClient(tracking_uri or item["tracking_uri"]), item["run_id"], item)
@@ -100,7 +113,8 @@ def replay(folder: Path, tracking_uri: str | None = None) -> tuple[int, int]:
                 if not (permanent(e) or isinstance(e, KeyError)):  # the store is away
                     log.warning(f"replay of {path} stopped at item {done + 1} of {len(lines)}: {brief_error(e)}")
                     break
-                reject(folder, tracking_uri or "?", path.stem, {"line": line[:2000]}, e)
+                reject(folder, tracking_uri or "?", path.stem, {"kind": item.get("kind"), "line": line[:2000]}, e)
+                aside += 1
             done += 1
         rest = lines[done:]
         for line in lines[:done]:
@@ -113,10 +127,10 @@ def replay(folder: Path, tracking_uri: str | None = None) -> tuple[int, int]:
             os.replace(tmp, path)
         else:
             path.unlink()
-        delivered, left = delivered + done, left + len(rest)
+        delivered, set_aside, left = delivered + done - aside, set_aside + aside, left + len(rest)
     if not left and folder.is_dir() and not any(folder.glob("*.jsonl")):
         for leftover in [*folder.glob("*.png"), *folder.glob("*.tmp")]:  # from a spill cut short
             leftover.unlink()
         if not any(folder.iterdir()):  # a rejected-*.txt stays for the user to read
             folder.rmdir()
-    return delivered, left
+    return Replayed(delivered, set_aside, left)

@@ -121,6 +121,10 @@ class Loop:
         self.fixed = [v.to(device) for v in grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.train.seed)]
         self.stream = batch_stream(cfg, rank, world, trainer.step * cfg.optim.n_dis, device)
         self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
+        # The worker group's placement group, named in the reports: a sweep's driver removes it when the trial
+        # ends, should Ray's own cleaner have failed to (pipelines.sweep.tuner.ReleasePlacementGroups).
+        group = ray.util.get_current_placement_group()
+        self.placement_group = {"placement_group": group.id.hex()} if group is not None else {}
 
     def run(self) -> None:
         t, trainer = self.cfg.train, self.trainer
@@ -248,6 +252,7 @@ class Loop:
                 )
         report = {
             "step": step,
+            **self.placement_group,
             **{k: values[k] for k in ("d_loss", "g_loss", "d_real", "d_fake")},
             "rank_param_spread": param_spread(self.trainer.G, self.trainer.D),
             **scores,

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipelines.common.config import Config
 from pipelines.common.run_folder import absolute, is_remote
 from pipelines.tracking.store import absolute_tracking_uri
+from pipelines.training.placement import reserved
 from sagan.config import INCEPTION, to_dict
 from sagan.data import DataError, ShardSet, batches_per_epoch, find_shards, sha256_mismatch, size_mismatch
 from sagan.errors import UserError
@@ -132,10 +133,11 @@ def verify_shards(cfg: Config) -> None:
         sha256s += shard_set.sha256s
         total += sum(shard_set.sizes)
     k = min(cfg.scaling.num_workers, len(urls))
-    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=0)(sha256_mismatch)
     print(f"verifying {len(urls)} shards ({total / 1e9:.2f} GB) with sha256 on {k} tasks ...", end=" ", flush=True)
     start = time.perf_counter()
-    problems = [p for p in ray.get([task.remote(urls[i::k], sha256s[i::k]) for i in range(k)]) if p]
+    with reserved(cfg, k, "shard-verification task") as where:  # a worker's CPUs each, within the placement bound
+        task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=0, scheduling_strategy=where)(sha256_mismatch)
+        problems = [p for p in ray.get([task.remote(urls[i::k], sha256s[i::k]) for i in range(k)]) if p]
     seconds = time.perf_counter() - start
     print(
         f"damaged shard found in {seconds:.1f} s"
@@ -185,9 +187,10 @@ def prepare_evaluation(cfg: Config) -> None:
     from sagan.metrics import MetricsError
 
     s = cfg.scaling
-    task = ray.remote(num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0)(prepare_eval_cache)
     try:
-        weights = ray.get(task.remote(to_dict(cfg)))
+        with reserved(cfg, 1, "eval-cache task", gpu=True) as where:
+            task = ray.remote(num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0, scheduling_strategy=where)
+            weights = ray.get(task(prepare_eval_cache).remote(to_dict(cfg)))
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, (MetricsError, DataError)):  # DataError: a real-image shard that does not read
             raise PreflightError(str(e.cause)) from None

@@ -38,6 +38,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines.training.placement import startup_limits
     from pipelines.training.worker import train_loop_per_worker
 
     run_id = run_id or open_tracking_run(cfg, tracking_uri)
@@ -60,7 +61,9 @@ def build_trainer(
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.run.max_failures, controller_failure_limit=startup_limits(s.placement_timeout_s)[1]
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO lines drown the loop's own
             callbacks=callbacks,

@@ -1,0 +1,56 @@
+"""Real servers for tests, on 127.0.0.1: an MLflow tracking server that can be killed and started again."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrackingServer:
+    """`mlflow server` on 127.0.0.1 over a sqlite file in `folder`, startable again on the same port."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port, self.proc = folder, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> None:
+        mlflow_cli = Path(sys.executable).parent / "mlflow"
+        cmd = [
+            str(mlflow_cli),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.folder / 'server.db'}",
+            "--artifacts-destination",
+            str(self.folder / "artifacts"),
+        ]
+        log = open(self.folder / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"mlflow server did not start; see {self.folder / 'server.log'}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
