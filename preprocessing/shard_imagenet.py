@@ -30,10 +30,13 @@ from tqdm import tqdm
 from preprocessing.shards import RESIZE_FILTERS, ImageOptions, verify_split, write_shard
 from preprocessing.sources import SourceError, detect_source, list_samples, plan_hash, plan_shards
 from sagan.errors import JobFailed, UsageError, command
+from sagan.folder_lock import FolderLock, describe
 
 MANIFEST_FORMAT = "sagan-webdataset-shards"
+LOCK_FILE = ".shard_imagenet.lock"  # held while a run writes the folder
 # Options that change what the shards hold: a changed one needs --overwrite.
 CONTENT_OPTIONS = ("size", "resize_filter", "quality", "shard_size", "seed", "limit", "prefix")
+FIXED_OPTIONS = {"orientation": "exif"}  # how images are decoded: shards made otherwise (before it) are not mixed in
 
 
 def parse_args(argv=None):
@@ -188,10 +191,10 @@ def build(args) -> dict:
     missing = [s for s in splits if s not in source.split_dirs]
     if missing:
         raise UsageError(f"split(s) {missing} not found under {source.root}; available: {sorted(source.split_dirs)}")
-    options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
+    options = {**{k: getattr(args, k) for k in CONTENT_OPTIONS}, **FIXED_OPTIONS}
     old = load_manifest(out) if out.exists() else None
     if old and not args.overwrite:
-        changed = sorted(k for k in CONTENT_OPTIONS if old["options"].get(k) != options[k])
+        changed = sorted(k for k in options if old["options"].get(k) != options[k])
         if changed:
             diff = ", ".join(f"{k}: {old['options'].get(k)} -> {options[k]}" for k in changed)
             raise UsageError(
@@ -332,11 +335,28 @@ def verify(out: Path) -> int:
     return len(problems)
 
 
+class ShardFolderLock(FolderLock):
+    """The lock on --out while shards are written: a second run on the same folder is refused in one line."""
+
+    def __init__(self, out: Path):
+        super().__init__(out, f"--out {out}", lock_file=LOCK_FILE)
+
+    def busy(self, holder: dict) -> str:
+        return (
+            f"--out {self.run_dir} is being written by another shard_imagenet.py ({describe(holder)}); wait for it "
+            f"to finish (or end pid {holder.get('pid')} on {holder.get('host')}), or choose another --out"
+        )
+
+    def unwritable(self, error: OSError) -> str:
+        return f"--out {self.run_dir} is not writable: {error.strerror or error}"
+
+
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.src is not None:
-        build(args)
+        with ShardFolderLock(Path(args.out).expanduser().resolve()):  # one live run per output folder
+            build(args)
     if args.verify and verify(Path(args.out).expanduser().resolve()):
         raise JobFailed("verification failed")
     return 0

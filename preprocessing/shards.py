@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .sources import Sample
 
@@ -68,7 +68,9 @@ def load_square(path: str, opts: ImageOptions, draft: bool = True) -> tuple[Imag
                 if scale >= 2:
                     img.draft(img.mode, (int(w / scale), int(h / scale)))
             img.load()
-            rgb = to_rgb(img)
+            # Upright as the camera held it, as torchvision's and most ImageNet pipelines' decoders show it: a
+            # photo stored sideways with an EXIF Orientation tag would otherwise be trained on sideways.
+            rgb = to_rgb(ImageOps.exif_transpose(img))
     w, h = rgb.size
     side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)

@@ -345,3 +345,40 @@ def test_an_object_storage_url_is_refused_before_any_work(flag, folder_tree, tmp
     err = capsys.readouterr().err.strip()
     assert f"{flag} s3://bucket/imagenet is a URL" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused_in_one_line(folder_tree, tmp_path, capsys):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    slow = (  # each image takes 0.3 s, so the first run is still writing when the second starts
+        "import time, preprocessing.shards as s\n"
+        "orig = s.load_square\n"
+        "def load(*a, **k):\n"
+        "    time.sleep(0.3)\n"
+        "    return orig(*a, **k)\n"
+        "s.load_square = load\n"
+        "from preprocessing.shard_imagenet import main\n"
+        f"main(['--src', {str(folder_tree[0])!r}, '--out', {str(out)!r}, '--shard-size', '4', '--workers', '1', '--max-failures', '3'])\n"
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-c", slow], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 60
+        while not list(out.glob("train/*.tar")) and time.time() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, "the first run ended before the second could start"
+        assert shard(folder_tree[0], out) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--out {out} is being written by another shard_imagenet.py (host " in err, err
+        assert f"pid {first.pid}" in err and len(err.splitlines()) == 1
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    # The killed run's lock names a dead pid: the next run takes it over with a warning and completes.
+    assert shard(folder_tree[0], out) == 0
+    assert "taking over the lock of --out" in capsys.readouterr().err
+    assert not (out / ".shard_imagenet.lock").exists()

@@ -1,232 +1,37 @@
-"""One live launch per run folder: a lock file `<run folder>/.lock` naming its holder, kept fresh by a heartbeat.
+"""One live launch per run folder: the folder lock (sagan.folder_lock) on `<run folder>/.lock`.
 
 Two launches with the same run.name would interleave their checkpoints in one folder, and a later resume would
-continue from whichever wrote last. The lock is created atomically (a complete temporary file hard-linked into
-place, which fails when the lock exists), so it works on local disks and shared file systems (NFS); object
-storage (s3://...) has no such primitive and is not locked.
+continue from whichever wrote last. Object storage (s3://...) has no atomic create here and is not locked.
 """
 
-import errno
-import json
-import os
-import socket
-import sys
-import threading
-import time
-import uuid
 from contextlib import contextmanager
-from datetime import datetime
-from pathlib import Path
 
 from pipelines.common.provenance import ray_job_id
 from pipelines.common.run_folder import LOCK_FILE, RunFolder
-from sagan.errors import UserError
+from sagan.folder_lock import HEARTBEAT_S, FolderLock, FolderLockError, _warn, describe
 
-HEARTBEAT_S = 30.0
-
-
-STALE_AFTER = 3  # heartbeats missed before a lock from another host counts as abandoned
+RunLockError = FolderLockError  # the one error a refused lock raises, under the name the pipelines know
 
 
-class RunLockError(UserError):
-    """The run folder is held by another live launch, or cannot be written; printed as one line."""
+class RunLock(FolderLock):
+    """The lock on a run folder: it names the Ray job holding it, and refuses in the run's words."""
 
+    def __init__(self, run_dir, name: str, heartbeat_s: float = HEARTBEAT_S, warn=_warn):
+        super().__init__(run_dir, f"run {name}", heartbeat_s, warn, LOCK_FILE)
+        self.name = name
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    def extra(self) -> dict:
+        return {"ray_job_id": ray_job_id()}
 
+    def busy(self, holder: dict) -> str:
+        return (
+            f"run {self.name} is already running ({describe(holder)}; lock {self.path}); wait for it to "
+            f"finish, stop it (ray job stop {holder.get('ray_job_id') or 'ID'}, or end pid "
+            f"{holder.get('pid')} on {holder.get('host')}), or choose another run name"
+        )
 
-def _since(t: float) -> str:
-    return datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _read(path: Path) -> dict | None:
-    """The lock's record, {} when unreadable (a foreign or damaged file), None when there is no lock."""
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def stale_reason(record: dict, now: float | None = None) -> str | None:
-    """Why the lock `record` is abandoned (its holder is gone), or None while it may be alive."""
-    if not record:
-        return "the lock file is unreadable"
-    now = time.time() if now is None else now
-    if record.get("host") == socket.gethostname() and not _pid_alive(int(record.get("pid", -1))):
-        return f"pid {record.get('pid')} is no longer running on {record.get('host')}"
-    age, interval = now - float(record.get("heartbeat", 0)), float(record.get("heartbeat_s", HEARTBEAT_S))
-    if age > STALE_AFTER * interval:  # another host, or this host's pid reused by an unrelated process
-        return f"its heartbeat is {age:.0f}s old (refreshed every {interval:g}s)"
-    return None
-
-
-def describe(record: dict) -> str:
-    job = record.get("ray_job_id")
-    return (
-        f"host {record.get('host')}, pid {record.get('pid')}, Ray job {job or 'none (not submitted as a job)'}, "
-        f"since {_since(float(record.get('start', 0)))}"
-    )
-
-
-class RunLock:
-    """The lock on `run_dir`: `acquire()` takes it (or raises RunLockError), `release()` gives it back."""
-
-    def __init__(self, run_dir: str | Path, name: str, heartbeat_s: float = HEARTBEAT_S, warn=_warn):
-        self.run_dir, self.name = Path(run_dir), name
-        self.path = self.run_dir / LOCK_FILE
-        self.heartbeat_s, self.warn = heartbeat_s, warn
-        self.token = uuid.uuid4().hex  # tells our lock from a later holder's with the same host and pid
-        self.created_dir = False
-        self._stop = threading.Event()
-        self._thread = None
-
-    def _record(self, start: float) -> dict:
-        return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "ray_job_id": ray_job_id(),
-            "start": start,
-            "heartbeat": time.time(),
-            "heartbeat_s": self.heartbeat_s,
-            "token": self.token,
-        }
-
-    def _write_temp(self, record: dict) -> Path:
-        tmp = self.run_dir / f"{LOCK_FILE}.{self.token}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-
-    def _create(self) -> bool:
-        """Put our record in place unless a lock exists; True when it is ours."""
-        tmp = self._write_temp(self._record(self.start))
-        try:
-            os.link(tmp, self.path)  # atomic, and fails when the lock exists (also over NFS)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            return self._create_exclusive()  # no hard links (s3fs, gcsfuse, some SMB mounts)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _create_exclusive(self) -> bool:
-        """O_CREAT | O_EXCL where hard links are not supported: atomic on local file systems and NFSv3+."""
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._record(self.start), f)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
-
-    def _take_over(self, stale: dict) -> bool:
-        """Remove the abandoned lock `stale`; False when another launch replaced it in the meantime."""
-        aside = self.run_dir / f"{LOCK_FILE}.{self.token}.stale"
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return True  # someone removed it: race for a fresh one
-        moved = _read(aside)
-        if moved != stale:  # a launch took it over between our read and our rename: give it back
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-            aside.unlink(missing_ok=True)
-            return False
-        aside.unlink(missing_ok=True)
-        return True
-
-    def acquire(self) -> "RunLock":
-        self.start = time.time()
-        try:
-            self.created_dir = not self.run_dir.exists()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for _ in range(5):  # a few rounds settle a race between launches taking over the same stale lock
-                if self._create():
-                    break
-                holder = _read(self.path)
-                if holder is None:
-                    continue
-                reason = stale_reason(holder)
-                if reason is None:
-                    raise RunLockError(
-                        f"run {self.name} is already running ({describe(holder)}; lock {self.path}); wait for it to "
-                        f"finish, stop it (ray job stop {holder.get('ray_job_id') or 'ID'}, or end pid "
-                        f"{holder.get('pid')} on {holder.get('host')}), or choose another run name"
-                    )
-                if self._take_over(holder):
-                    self.warn(
-                        f"taking over the lock of run {self.name} left by {describe(holder) if holder else 'an unknown launch'}: "
-                        f"{reason}"
-                    )
-            else:
-                raise RunLockError(
-                    f"run {self.name}: could not take the lock {self.path} (other launches keep "
-                    "replacing it); retry, or choose another run name"
-                )
-        except OSError as e:
-            raise RunLockError(
-                f"run.storage_path {self.run_dir.parent} is not writable ({e.strerror or e}); choose another"
-            ) from None
-        self._thread = threading.Thread(target=self._beat, name=f"run-lock-{self.name}", daemon=True)
-        self._thread.start()
-        return self
-
-    def _mine(self) -> bool:
-        return (_read(self.path) or {}).get("token") == self.token
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                if not self._mine():
-                    self.warn(
-                        f"the lock of run {self.name} was taken over by another launch; this one no longer holds it"
-                    )
-                    return
-                os.replace(self._write_temp(self._record(self.start)), self.path)
-            except OSError as e:  # a storage hiccup: the next beat tries again
-                self.warn(f"could not refresh the lock {self.path}: {e}")
-
-    def release(self) -> None:
-        """Stop the heartbeat and remove the lock if it is still ours (never a later holder's)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        try:
-            if self._mine():
-                self.path.unlink(missing_ok=True)
-            if self.created_dir:
-                self.run_dir.rmdir()  # a launch refused before it wrote anything leaves no empty folder
-        except OSError:
-            pass
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def unwritable(self, error: OSError) -> str:
+        return f"run.storage_path {self.run_dir.parent} is not writable ({error.strerror or error}); choose another"
 
 
 @contextmanager
