@@ -42,6 +42,7 @@ from sagan.checkpoint import generator_from_state, load_checkpoint
 from sagan.config import with_overrides
 from sagan.errors import JobFailed, UsageError, command, first_line
 from sagan.metrics import build_evaluator, feature_weights, verified_real_shards
+from sagan.real_stats import check_stats_file
 from sagan.viz import grid_inputs, sample_grid
 
 OVERRIDABLE = ("eval.", "data.", "mlflow.tracking_uri=")
@@ -99,15 +100,17 @@ def main(argv=None) -> int:
             raise UsageError("--register registers the EMA generator, which --raw leaves out: drop one of them")
     if args.inception_weights:
         cfg.eval.inception_weights = absolute(args.inception_weights)
-    step = int(state["step"])
+    check_stats_file(args.stats_file)
+    step, extra = int(state["step"]), state["extra"]
     device = pick_device(args.device)
-    verified_real_shards(cfg)  # the checks first: data (its bytes: data.verify), weights, MLflow
-    weights = feature_weights(cfg)
-    uri, run_id = evaluation_target(cfg, state["extra"], args.run_id)
-    # The real statistics and the extractor before a single sample is generated.
-    evaluator = build_evaluator(cfg, device, stats_file=args.stats_file, weights=weights)
+    # The checks first: the weights fit the saved config (seconds), the data (its bytes: data.verify), the
+    # extractor's weights, MLflow; then the real statistics and the extractor, before a single sample.
     G, _ = generator_from_state(state, ema=not args.raw, device=device)
     del state
+    verified_real_shards(cfg)
+    weights = feature_weights(cfg)
+    uri, run_id = evaluation_target(cfg, extra, args.run_id)
+    evaluator = build_evaluator(cfg, device, stats_file=args.stats_file, weights=weights)
     print(
         f"scoring {'raw G' if args.raw else 'G_ema'} of {ckpt} (step {step}): {cfg.eval.num_samples} samples "
         f"on {device}, {cfg.eval.feature_extractor}",

@@ -31,6 +31,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from pipelines.common.cli import check_writable, pick_device
 from pipelines.release.sample_files import (
     GRID_COLS,
+    MAX_STEPS,
+    check_room,
     grid_columns,
     parse_classes,
     progress_bar,
@@ -115,6 +117,10 @@ def check_args(args) -> None:
     ):
         if value < least:
             raise UsageError(f"{flag} {value} is too small: it must be at least {least}")
+    if args.steps > MAX_STEPS:
+        raise UsageError(
+            f"--steps {args.steps} is too many: at most {MAX_STEPS} (the PNG wraps them {GRID_COLS} a row)"
+        )
     t = args.truncation
     if not math.isfinite(t) or t < 0 or 0 < t < MIN_TRUNCATION:
         raise UsageError(
@@ -153,6 +159,7 @@ def main(argv=None) -> int:
                 "sagan.export.load_generator_file(PATH)"
             )
             return 0
+        check_room(args, source, out)
         n_images = 0
         if args.interpolate:
             written = write_interpolation(args, source, out)

@@ -68,6 +68,43 @@ def _save_stats(stats: dict, meta: dict, path: Path) -> None:
     atomic_save({"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), **meta}, path)
 
 
+STATS_KEYS = ("mu", "sigma", "key", "num_samples")
+
+
+def read_stats_file(path: Path) -> dict:
+    """A statistics file a user named (--stats-file), or MetricsError in one line when it is not one."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # nothing in it executes
+    except Exception as e:  # noqa: BLE001 - not a torch file, truncated, or pickled code: not statistics either way
+        raise MetricsError(
+            f"--stats-file {path} is not a statistics file ({type(e).__name__}); give a file this tool wrote, "
+            "or a path that does not exist yet (it is written there)"
+        ) from None
+    missing = [k for k in STATS_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise MetricsError(
+            f"--stats-file {path} is not a statistics file (it lacks {', '.join(missing)}); give a file this tool "
+            "wrote, or a path that does not exist yet (it is written there)"
+        )
+    return saved
+
+
+def check_stats_file(stats_file: str | None) -> None:
+    """Before any work: an existing --stats-file must be statistics, a new one must be writable where it is."""
+    if not stats_file:
+        return
+    path = Path(stats_file)
+    if path.is_dir():
+        raise MetricsError(f"--stats-file {path} is a folder; give a file path (it is written when absent)")
+    if path.exists():
+        read_stats_file(path)
+    elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise MetricsError(
+            f"--stats-file {path}: the folder {path.parent} "
+            f"{'is not writable' if path.parent.is_dir() else 'does not exist'}; choose another path"
+        )
+
+
 def real_statistics(
     extractor: FeatureExtractorBase,
     identity: str,
@@ -100,7 +137,7 @@ def real_statistics(
         else Path(cache) / f"fid-stats-{meta['extractor']}-{shards.image_size}px-{key[:16]}.pt"
     )
     if stats_file and path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)  # the user's file: errors are theirs to see
+        saved = read_stats_file(path)
     else:
         saved = load_cached(path, log)
     if saved:

@@ -150,13 +150,29 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
             ["--checkpoint", "{ckpt}", "mlflow.tracking_uri=http://127.0.0.1:9"],
             "MLflow tracking server http://127.0.0.1:9 did not answer within 5s",
         ),
+        (
+            ["--checkpoint", "{ckpt}", "mlflow.tracking_uri=sqlite:///{tmp}/notes.txt"],
+            "is not a usable sqlite database",
+        ),
+        (["--checkpoint", "{ckpt}", "--stats-file", "{tmp}/notes.txt"], "is not a statistics file (UnpicklingError)"),
+        (
+            ["--checkpoint", "{ckpt}", "--stats-file", "{tmp}/not-stats.pt"],
+            "is not a statistics file (it lacks sigma, key, num_samples)",
+        ),
+        (["--checkpoint", "{ckpt}", "--stats-file", "{tmp}/nope/stats.pt"], "the folder {tmp}/nope does not exist"),
+        (["--checkpoint", "{misfit}"], "G_ema.linear.bias has shape (512,) but the model's has (1024,)"),
     ],
 )
 def test_bad_input_is_one_line_before_any_sample(digits, eval_cache, tmp_path, capsys, monkeypatch, args, message):
     ckpt = offline_checkpoint(digits, eval_cache, tmp_path)
-    monkeypatch.setattr(
-        evaluate, "generator_from_state", lambda *a, **k: pytest.fail("generator built before the error")
-    )
+    monkeypatch.setattr(evaluate, "build_evaluator", lambda *a, **k: pytest.fail("statistics read before the error"))
+    (tmp_path / "notes.txt").write_text("not a database, nor statistics\n" * 10)
+    torch.save({"mu": torch.zeros(3)}, tmp_path / "not-stats.pt")
+    state = torch.load(ckpt, weights_only=True)  # a checkpoint whose saved config does not fit its weights
+    state["config"]["model"]["ch"] = 16
+    misfit = tmp_path / "misfit" / "checkpoint.pt"
+    misfit.parent.mkdir()
+    torch.save(state, misfit)
     shards64 = tmp_path / "digits64"
     if any("shards64" in a for a in args):  # the same digits sharded at another size
         from preprocessing.shard_imagenet import main as shard_main
@@ -168,9 +184,9 @@ def test_bad_input_is_one_line_before_any_sample(digits, eval_cache, tmp_path, c
             == 0
         )
         capsys.readouterr()  # the sharding's own progress output
-    assert main([a.format(tmp=tmp_path, ckpt=ckpt, shards64=shards64 / "train") for a in args]) == 2
+    assert main([a.format(tmp=tmp_path, ckpt=ckpt, shards64=shards64 / "train", misfit=misfit) for a in args]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
+    assert message.format(tmp=tmp_path) in err and len(err.splitlines()) == 1, err
 
 
 def test_a_damaged_val_shard_is_one_line_when_statistics_are_computed(digits, eval_cache, tmp_path, capsys):

@@ -255,9 +255,34 @@ def foreign_safetensors(tmp_path):
     return str(tmp_path / "other.safetensors")
 
 
+def tampered_safetensors(checkpoint, tmp_path, key, value):
+    """The checkpoint exported to safetensors, with one metadata entry changed (generator.KEY, or KEY)."""
+    path = tmp_path / "tampered.safetensors"
+    assert main(["--checkpoint", checkpoint, "--export-safetensors", str(path)]) == 0
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    if key in ("ch", "num_classes", "z_dim"):
+        header["generator"] = json.dumps({**json.loads(header["generator"]), key: value})
+    else:
+        header[key] = json.dumps(value)
+    save_file(load_file(str(path)), str(path), metadata=header)
+    return str(path)
+
+
 @pytest.mark.parametrize(
     "make_args, message",
     [
+        (lambda c, t: ["--checkpoint", c, "--interpolate", "0,1", "--steps", "5000"], "--steps 5000 is too many"),
+        (lambda c, t: ["--checkpoint", c, "--per-class", "2000000000", "--images"], "GB in memory (8000000000 images"),
+        (
+            lambda c, t: ["--checkpoint", tampered_safetensors(c, t, "ch", 10**9)],
+            "has damaged SAGAN metadata (ch 1000000000, z_dim",
+        ),
+        (lambda c, t: ["--checkpoint", tampered_safetensors(c, t, "ch", 0)], "has damaged SAGAN metadata (model.ch"),
+        (
+            lambda c, t: ["--checkpoint", tampered_safetensors(c, t, "class_names", [1, 2])],
+            "class_names is not a list of 4 names",
+        ),
         (
             lambda c, t: ["--checkpoint", c, "--classes", "4"],
             "class 4 is out of range: this generator has 4 classes (0..3)",
@@ -294,3 +319,18 @@ def test_bad_input_is_one_line_before_any_image(checkpoint, tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
     assert not (tmp_path / "samples").exists() or not list((tmp_path / "samples").iterdir())
+
+
+def test_a_request_larger_than_the_free_disk_is_refused_before_any_image(checkpoint, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import pipelines.release.sample_files as sample_files
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(sample_files.shutil, "disk_usage", lambda p: usage._replace(free=1_000_000))  # 1 MB left
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(checkpoint), "--per-class", "100", "--images", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "this request writes up to" in err and "has 0.001 GB free" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() or not list(out.iterdir())

@@ -239,10 +239,22 @@ def test_unreachable_tracking_server_is_one_line_within_seconds_before_ray(entry
     assert "mlflow.tracking_uri" in err and not (tmp_path / "runs").exists()
 
 
-def test_sqlite_store_in_a_missing_folder_is_one_line(tmp_path, capsys):
-    assert main([f"mlflow.tracking_uri=sqlite:///{tmp_path / 'nope' / 'mlflow.db'}"]) == 2
+@pytest.mark.parametrize(
+    "store, message",
+    [
+        ("nope/mlflow.db", "the folder {tmp}/nope does not exist"),
+        ("notes.txt", "{tmp}/notes.txt is not a usable sqlite database (file is not a database)"),
+        (".", "is a folder, not a database file"),
+    ],
+)
+def test_a_sqlite_store_that_cannot_be_one_is_one_line_before_ray(tmp_path, capsys, monkeypatch, store, message):
+    import pipelines.train as train
+
+    monkeypatch.setattr(train, "launch", lambda cfg: pytest.fail("Ray was started before the store was checked"))
+    (tmp_path / "notes.txt").write_text("not a database, but a text file long enough to have a header\n" * 10)
+    assert main([f"mlflow.tracking_uri=sqlite:///{(tmp_path / store).resolve()}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert f"the folder {tmp_path / 'nope'} does not exist" in err and len(err.splitlines()) == 1
+    assert message.format(tmp=tmp_path) in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ as PNG files or a WebDataset tar, and interpolations (a strip, optionally animat
 parsed flags."""
 
 import re
+import shutil
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,6 +20,8 @@ from sagan.viz import labelled_grid
 GRID_ROWS = 50  # classes per grid file: 1,000 ImageNet rows would make one unreadable 130,000-pixel picture
 GRID_COLS = 32  # seeds per grid row; --images and --tar hold them all
 CHUNK = 1024  # images generated and written at a time: memory stays bounded for any request
+MAX_STEPS = 1024  # interpolation frames: all are held in memory, and the PNG wraps them GRID_COLS to a row
+FILE_OVERHEAD = 2048  # bytes an image file may add to its pixels: PNG chunks, a tar member's headers
 
 
 def parse_classes(text: str, num_classes: int | None = None, flag: str = "--classes") -> list[int]:
@@ -97,11 +100,12 @@ def write_interpolation(args, source, out: Path) -> list[Path]:
     seed_b = args.seed + 1 if args.seed_b is None else args.seed_b
     z_ends = noise([args.seed, seed_b], G.z_dim, args.truncation)
     z, y = interpolation_inputs(z_ends[0], z_ends[1], a, b, args.steps, G.num_classes)
-    frames = generate_uint8(G, z, y, args.batch_size)
+    with progress_bar(args.steps) as bar:
+        frames = generate_uint8(G, z, y, args.batch_size, bar.update)
     title = (
         f"{label(source, a)} -> {label(source, b)}" if a != b else f"{label(source, a)}: seed {args.seed} -> {seed_b}"
     )
-    written = [save_image(labelled_grid(frames, args.steps, [title]), out / "interpolation.png")]
+    written = [save_image(labelled_grid(frames, min(args.steps, GRID_COLS), [title]), out / "interpolation.png")]
     if args.animate:
         written.append(save_animation(frames, out / f"interpolation.{args.animate}"))
     return written
@@ -110,3 +114,49 @@ def write_interpolation(args, source, out: Path) -> list[Path]:
 def progress_bar(total: int):
     """A tqdm bar on stderr for requests of a few batches or more, else a silent stand-in."""
     return tqdm(total=total, unit="img", disable=total < 256, file=sys.stderr)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux /proc/meminfo), or None when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_room(args, source, out: Path) -> None:
+    """Refuse, before generating, a request whose images cannot fit in memory or on disk (upper estimates)."""
+    R, z_dim = source.kwargs["resolution"], source.kwargs["z_dim"]
+    image = R * R * 3
+    if args.interpolate:
+        n, memory = args.steps, args.steps * image * 5  # the frames, and their float pixels while converted
+        disk = n * (image + FILE_OVERHEAD) * (2 if args.animate else 1)
+        ask = "fewer --steps"
+    else:
+        n = len(parse_classes(args.classes, source.G.num_classes)) * grid_columns(args)[1]
+        cols, per = grid_columns(args)
+        memory = per * z_dim * 4 + GRID_ROWS * cols * image + CHUNK * image * 5
+        disk = n * (image + FILE_OVERHEAD) * (int(args.images) + int(args.tar)) + GRID_ROWS * cols * image
+        ask = "fewer images (--per-class, --classes)"
+    free_memory = available_memory()
+    if free_memory is not None and memory > free_memory:
+        raise UsageError(
+            f"this request holds about {_gb(memory)} in memory ({n} images at {R}px) but {_gb(free_memory)} is "
+            f"available; ask for {ask}"
+        )
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free_disk = shutil.disk_usage(folder).free
+    if disk > free_disk:
+        raise UsageError(
+            f"this request writes up to {_gb(disk)} ({n} images at {R}px) but {folder} has {_gb(free_disk)} free; "
+            f"ask for {ask}, or choose another --out"
+        )

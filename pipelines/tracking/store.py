@@ -9,8 +9,10 @@ more; benchmarks/import_times.py).
 import json
 import logging
 import os
+import sqlite3
 import urllib.error
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 from pipelines.tracking.delivery import bound_requests, brief_error
@@ -81,12 +83,22 @@ def check_tracking(uri: str, timeout: float = 5.0, setting: str = "set mlflow.tr
                 "reachable server or a sqlite:///ABSOLUTE/PATH.db file"
             ) from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///") :]).expanduser().resolve().parent
+        path = Path(uri[len("sqlite:///") :]).expanduser().resolve()
+        folder, fix = path.parent, f"{setting} to another sqlite:/// file or a tracking server"
         if not folder.is_dir():
-            raise TrackingError(
-                f"MLflow store {uri}: the folder {folder} does not exist; create it or {setting} to another "
-                "sqlite:/// file or a tracking server"
-            )
+            raise TrackingError(f"MLflow store {uri}: the folder {folder} does not exist; create it or {fix}")
+        if path.is_dir():
+            raise TrackingError(f"MLflow store {uri}: {path} is a folder, not a database file; {fix}")
+        if path.exists():  # MLflow would fail only at its first query, after Ray started and the shards were hashed
+            try:
+                with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=timeout)) as db:
+                    db.execute("PRAGMA schema_version").fetchone()
+            except sqlite3.DatabaseError as e:
+                raise TrackingError(
+                    f"MLflow store {uri}: {path} is not a usable sqlite database ({e}); {fix}"
+                ) from None
+        elif not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow store {uri}: the folder {folder} is not writable; {fix}")
 
 
 def prepare_tracking(uri: str, experiment: str) -> str:
