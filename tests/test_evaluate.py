@@ -123,9 +123,7 @@ def test_offline_without_inception_weights_fails_before_generating(digits, eval_
     with socket.socket() as s:  # a port nobody listens on: the download fails at once, as offline
         s.bind(("127.0.0.1", 0))
         monkeypatch.setattr(inception, "INCEPTION_URL", f"http://127.0.0.1:{s.getsockname()[1]}/w.pth")
-    monkeypatch.setattr(
-        evaluate, "generator_from_state", lambda *a, **k: pytest.fail("generator built before the error")
-    )
+    monkeypatch.setattr(evaluate, "build_evaluator", lambda *a, **k: pytest.fail("statistics read before the error"))
     assert main(["--checkpoint", str(ckpt), "eval.feature_extractor=inception-v3-compat"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no Inception weights") and "--inception-weights" in err and len(err.splitlines()) == 1
@@ -189,23 +187,30 @@ def test_bad_input_is_one_line_before_any_sample(digits, eval_cache, tmp_path, c
     assert message.format(tmp=tmp_path) in err and len(err.splitlines()) == 1, err
 
 
-def test_a_damaged_val_shard_is_one_line_when_statistics_are_computed(digits, eval_cache, tmp_path, capsys):
-    """Real statistics not cached yet: the loader meets a damaged image while computing them; exit 2, one line."""
+@pytest.mark.parametrize("damage, classifier_cached", [("overwritten", True), ("truncated", False)])
+def test_a_damaged_val_shard_is_one_line_when_statistics_are_computed(
+    digits, eval_cache, tmp_path, capsys, damage, classifier_cached
+):
+    """Real statistics not cached yet: a val shard overwritten in place or cut short, with the sample classifier
+    cached or trained first; exit 2, one line naming the shard."""
     import shutil
     import tarfile
 
     data = tmp_path / "digits"
     shutil.copytree(digits, data)
     shard = sorted((data / "val").glob("*.tar"))[0]
-    with tarfile.open(shard) as tar:  # an image's bytes overwritten in place: the size still matches the manifest
-        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
-    with open(shard, "r+b") as f:
-        f.seek(member.offset_data)
-        f.write(b"\0" * member.size)
+    if damage == "overwritten":  # an image's bytes overwritten in place: the size still matches the manifest
+        with tarfile.open(shard) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        with open(shard, "r+b") as f:
+            f.seek(member.offset_data)
+            f.write(b"\0" * member.size)
+    else:
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     cache = tmp_path / "cache"
     cache.mkdir()
-    for classifier in eval_cache.glob("sample-classifier-*.pt"):  # the train shards are intact: no retraining
-        shutil.copy(classifier, cache)
+    for classifier in eval_cache.glob("sample-classifier-*.pt") if classifier_cached else ():
+        shutil.copy(classifier, cache)  # the train shards are intact: no retraining
     ckpt = offline_checkpoint(digits, eval_cache, tmp_path)
     args = ["--checkpoint", str(ckpt), f"data.val_shards={data / 'val'}", f"eval.cache_dir={cache}"]
     assert main([*args, "eval.num_samples=30"]) == 2

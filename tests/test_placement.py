@@ -60,6 +60,42 @@ def test_workers_that_cannot_be_placed_fail_in_one_line_within_the_bound(
         assert run.info.status == "FAILED"
 
 
+def test_resources_back_within_the_bound_let_the_run_go_on(ray_session, digits, tmp_path, monkeypatch, capsys):
+    """The CPUs come back (a lost node rejoins) after Ray Train's first placement attempt timed out, within
+    scaling.placement_timeout_s: the next attempt places the workers and the run finishes."""
+    import threading
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipelines.train import main
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "4")  # attempts of 4 s: the bound allows 15
+    hog = placement_group([{"CPU": ray_session.cluster_resources()["CPU"]}])
+    ray_session.get(hog.ready(), timeout=120)
+    release = threading.Timer(10, remove_placement_group, args=(hog,))
+    release.start()
+    try:
+        code = main(
+            [
+                f"data.train_shards={digits / 'train'}",
+                f"run.storage_path={tmp_path / 'runs'}",
+                f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                "model.ch=8",
+                "train.batch_size=4",
+                "train.steps=2",
+                "train.eval_every=0",
+                "data.verify=size",
+                "scaling.num_workers=2",
+                "scaling.cpus_per_worker=0.5",
+                "scaling.placement_timeout_s=60",
+            ]
+        )
+    finally:
+        release.join()
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert list((tmp_path / "runs" / "sagan-demo").glob("checkpoint_*"))
+
+
 def test_the_sweep_driver_removes_an_ended_trials_placement_group(ray_session):
     from ray.util.placement_group import placement_group, placement_group_table
 
