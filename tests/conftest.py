@@ -54,3 +54,30 @@ def digits(tmp_path_factory):
 def eval_cache(tmp_path_factory):
     """One cache folder per session, so the sample classifier is trained once (~15 s) for every test."""
     return tmp_path_factory.mktemp("eval-cache")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One moto S3 server for the session (tests/servers.py); tests make their own buckets."""
+    from tests.servers import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's S3 server as this test's storage: the AWS variables set, and a fresh bucket; its URL."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    port = s3_server.port
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True).create_dir(
+        bucket
+    )
+    return f"s3://{bucket}"

@@ -54,3 +54,41 @@ class TrackingServer:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+class S3Server:
+    """moto's standalone S3 server on 127.0.0.1: a real S3 HTTP API, reached through the same pyarrow/boto3
+    client code as AWS. `auth=True` enforces credentials (every key is unknown to it: all are refused)."""
+
+    def __init__(self, folder: Path, auth: bool = False):
+        self.folder, self.port, self.proc, self.auth = folder, free_port(), None, auth
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict:
+        """The standard AWS variables that point a client at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def start(self, timeout: float = 60) -> "S3Server":
+        env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if self.auth else {})}
+        log = open(self.folder / f"moto-{self.port}.log", "ab")
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"moto server did not start; see {self.folder}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

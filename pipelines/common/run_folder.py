@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sagan.errors import UsageError
+from sagan.storage import is_url
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
@@ -27,10 +28,7 @@ STOPPED_FILE = "STOPPED.json"
 PENDING_DIR = "mlflow-pending"
 LOCK_FILE = ".lock"
 
-
-def is_remote(path: str) -> bool:
-    """Whether `path` names object storage or another filesystem by URI (s3://, gs://, ...), not a local path."""
-    return "://" in path
+is_remote = is_url  # object storage or another filesystem by URI (s3://, gs://, ...), not a local path
 
 
 def absolute(path: str | None) -> str | None:

@@ -14,6 +14,7 @@ from pipelines.sweep.report import ReportOnTrialEnd
 from pipelines.sweep.space import concurrency, metric_mode, param_space
 from pipelines.sweep.trials import trainable, trial_dirname
 from sagan.errors import UsageError
+from sagan.storage import ray_storage
 
 
 def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_dir: str):
@@ -21,10 +22,14 @@ def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_d
     # Rank 0 reports the in-loop metric at evaluation steps only; the other reports (losses) lack it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     fn = trainable(cfg, uri, parent_id, sweep_dir)
-    if tune.Tuner.can_restore(sweep_dir):
+    storage = ray_storage(sweep_dir)  # with an S3-compatible endpoint: its filesystem, and the path inside it
+    path, fs = storage["storage_path"], storage.get("storage_filesystem")
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"resuming sweep {cfg.tune.name} from {sweep_dir}", flush=True)
         try:
-            tuner = tune.Tuner.restore(sweep_dir, trainable=fn, resume_unfinished=True, resume_errored=False)
+            tuner = tune.Tuner.restore(
+                path, trainable=fn, resume_unfinished=True, resume_errored=False, storage_filesystem=fs
+            )
         except (ModuleNotFoundError, AttributeError) as e:  # Tune pickled the sweep's classes by module path
             raise UsageError(
                 f"sweep {cfg.tune.name} in {sweep_dir} was saved by an older version of this code ({e}); "
@@ -56,7 +61,7 @@ def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_d
         ),
         run_config=tune.RunConfig(
             name=cfg.tune.name,
-            storage_path=cfg.run.storage_path,
+            **ray_storage(cfg.run.storage_path),  # an S3-compatible endpoint's filesystem (AWS_ENDPOINT_URL)
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
             callbacks=[ReportOnTrialEnd(cfg, uri, experiment_id, parent_id), ReleasePlacementGroups()],

@@ -13,6 +13,7 @@ from pipelines.training.placement import reserved
 from sagan.config import INCEPTION, to_dict
 from sagan.data import DataError, ShardSet, batches_per_epoch, find_shards, sha256_mismatch, size_mismatch
 from sagan.errors import UserError
+from sagan.storage import check_storage
 
 
 class PreflightError(UserError):
@@ -87,6 +88,7 @@ def check_inputs(cfg: Config) -> None:
         if problem:
             raise PreflightError(f"{key}: {problem}")
     storage = cfg.run.storage_path
+    check_storage(storage, "run.storage_path")  # object storage: endpoint, credentials, bucket, a write, in seconds
     if not is_remote(storage):
         try:
             Path(storage).mkdir(parents=True, exist_ok=True)

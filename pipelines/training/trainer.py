@@ -7,6 +7,7 @@ from pipelines.common.provenance import git_commit, ray_job_id
 from pipelines.common.run_folder import RunFolder
 from pipelines.tracking.store import open_run, prepare_tracking
 from sagan.config import flatten, to_dict
+from sagan.storage import ray_storage
 
 
 def open_tracking_run(cfg: Config, tracking_uri: str, continuing: bool | None = None) -> str:
@@ -60,7 +61,7 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
+            **ray_storage(cfg.run.storage_path),  # an S3-compatible endpoint's filesystem (AWS_ENDPOINT_URL)
             failure_config=FailureConfig(
                 max_failures=cfg.run.max_failures, controller_failure_limit=startup_limits(s.placement_timeout_s)[1]
             ),

@@ -1,0 +1,108 @@
+"""Object storage through one filesystem layer (sagan/storage.py), against a real S3 server on 127.0.0.1 (moto):
+an unusable bucket, endpoint or key is one line within seconds, before Ray starts; a run checkpoints into it."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from sagan.storage import StorageError, check_storage, filesystem
+from tests.servers import S3Server
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def objects(url: str) -> list[str]:
+    fs, path = filesystem(url)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(i.path.removeprefix(path + "/") for i in infos if i.type == pafs.FileType.File)
+
+
+def test_a_writable_bucket_passes_the_check_and_keeps_nothing_of_it(s3):
+    check_storage(f"{s3}/runs", "run.storage_path")
+    assert objects(s3) == []  # the probe object was removed (pyarrow may leave an empty folder marker)
+
+
+def test_a_missing_bucket_is_one_line_within_seconds(s3):
+    start = time.monotonic()
+    with pytest.raises(StorageError) as e:
+        check_storage("s3://no-such-bucket/runs", "run.storage_path")
+    message = str(e.value)
+    assert message.startswith("run.storage_path=s3://no-such-bucket/runs: the bucket no-such-bucket does not exist")
+    assert os.environ["AWS_ENDPOINT_URL"] in message and "\n" not in message
+    assert time.monotonic() - start < 10
+
+
+def test_an_unreachable_endpoint_is_one_line_within_seconds(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(StorageError) as e:
+        check_storage(f"{s3}/runs", "run.storage_path")
+    message = str(e.value)
+    assert "cannot be used" in message and "Could not connect" in message and "AWS_ENDPOINT_URL" in message
+    assert "\n" not in message and time.monotonic() - start < 10
+
+
+def test_refused_credentials_are_one_line_within_seconds(tmp_path, monkeypatch):
+    strict = S3Server(tmp_path, auth=True).start()  # knows no key at all: every request is refused
+    try:
+        for key, value in strict.env().items():
+            monkeypatch.setenv(key, value)
+        start = time.monotonic()
+        with pytest.raises(StorageError) as e:
+            check_storage("s3://bucket/runs", "run.storage_path")
+    finally:
+        strict.kill()
+    message = str(e.value)
+    assert "ACCESS_DENIED" in message and "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in message, message
+    assert "\n" not in message and time.monotonic() - start < 10
+
+
+def test_train_refuses_unusable_storage_before_ray_starts(s3, digits, tmp_path, capsys, monkeypatch):
+    import pipelines.train as train
+
+    monkeypatch.setattr(train, "launch", lambda cfg: pytest.fail("Ray was started before the storage was checked"))
+    args = [
+        f"data.train_shards={digits / 'train'}",
+        "run.storage_path=s3://no-such-bucket/runs",
+        "train.eval_every=0",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+    ]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the bucket no-such-bucket does not exist" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_run_checkpoints_into_s3_through_the_endpoint_in_aws_endpoint_url(s3, digits, tmp_path):
+    """train.py in its own process (its Ray workers inherit the AWS variables, as a cluster's nodes would)."""
+    args = [
+        f"data.train_shards={digits / 'train'}",
+        f"run.storage_path={s3}/runs",
+        "run.name=on-s3",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        "model.ch=8",
+        "train.batch_size=4",
+        "train.steps=2",
+        "train.ckpt_every=2",
+        "train.eval_every=0",
+        "data.verify=size",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=0.5",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "train.py"), *args],
+        cwd=tmp_path,
+        env={**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stored = objects(f"{s3}/runs/on-s3")
+    assert any(p.startswith("checkpoint_") and p.endswith("/checkpoint.pt") for p in stored), stored
+    assert not (tmp_path / "s3:").exists()  # nothing went to a local folder named after the URL
