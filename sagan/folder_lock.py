@@ -170,15 +170,32 @@ class FolderLock:
         aside.unlink(missing_ok=True)
         return True
 
+    # The storage primitives; an object-storage lock (pipelines.training.object_lock) replaces them.
+    def _prepare(self) -> None:
+        self.created_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _holder(self) -> dict | None:
+        return _read(self.path)
+
+    def _refresh(self) -> None:
+        os.replace(self._write_temp(self._record(self.start)), self.path)
+
+    def _remove(self) -> None:
+        """Remove the lock if it is still ours (never a later holder's), and a folder this lock made."""
+        if self._mine():
+            self.path.unlink(missing_ok=True)
+        if self.created_dir:
+            self.run_dir.rmdir()  # a launch refused before it wrote anything leaves no empty folder
+
     def acquire(self) -> "FolderLock":
         self.start = time.time()
         try:
-            self.created_dir = not self.run_dir.exists()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._prepare()
             for _ in range(5):  # a few rounds settle a race between launches taking over the same stale lock
                 if self._create():
                     break
-                holder = _read(self.path)
+                holder = self._holder()
                 if holder is None:
                     continue
                 reason = stale_reason(holder)
@@ -200,7 +217,7 @@ class FolderLock:
         return self
 
     def _mine(self) -> bool:
-        return (_read(self.path) or {}).get("token") == self.token
+        return (self._holder() or {}).get("token") == self.token
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -210,7 +227,7 @@ class FolderLock:
                         f"the lock of {self.label} was taken over by another process; this one no longer holds it"
                     )
                     return
-                os.replace(self._write_temp(self._record(self.start)), self.path)
+                self._refresh()
             except OSError as e:  # a storage hiccup: the next beat tries again
                 self.warn(f"could not refresh the lock {self.path}: {e}")
 
@@ -220,10 +237,7 @@ class FolderLock:
         if self._thread is not None:
             self._thread.join()
         try:
-            if self._mine():
-                self.path.unlink(missing_ok=True)
-            if self.created_dir:
-                self.run_dir.rmdir()  # a launch refused before it wrote anything leaves no empty folder
+            self._remove()
         except OSError:
             pass
 

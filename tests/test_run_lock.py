@@ -105,9 +105,9 @@ def test_release_removes_the_run_folder_it_created_while_empty(tmp_path):
     assert not lock.path.exists() and not (tmp_path / "r8").exists()
 
 
-def test_remote_storage_is_not_locked_with_one_warning():
+def test_storage_without_conditional_writes_here_is_not_locked_with_one_warning():
     warnings = []
-    with run_lock("s3://bucket/runs", "r9", warn=warnings.append) as lock:
+    with run_lock("gs://bucket/runs", "r9", warn=warnings.append) as lock:
         assert lock is None
     assert len(warnings) == 1 and "cannot be locked" in warnings[0]
 
@@ -161,3 +161,26 @@ def test_train_releases_the_lock_when_main_ends(outcome, digits, tmp_path, monke
     else:
         assert train.main(args) == 0
     assert held == [True] and not lock.exists()
+
+
+def test_on_s3_a_live_lock_refuses_a_second_launch_and_a_stale_one_is_taken_over(s3):
+    """The lock object on a real S3 server (moto): conditional writes, no local file involved."""
+    import boto3
+
+    runs = f"{s3}/runs"
+    warnings = []
+    with run_lock(runs, "r1", heartbeat_s=0.2, warn=warnings.append) as first:
+        time.sleep(0.6)  # a few heartbeats: the object is rewritten only while its ETag is ours
+        assert first.etag and not warnings
+        with pytest.raises(RunLockError) as e, run_lock(runs, "r1"):
+            pass
+        assert str(e.value).startswith("run r1 is already running (host ") and f"{runs}/r1/.lock" in str(e.value)
+    client, bucket = boto3.client("s3"), s3.removeprefix("s3://")
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="runs/r1/")  # released: removed
+    stale = {"host": "gone-host", "pid": 1, "start": 0, "heartbeat": time.time() - 3600, "heartbeat_s": 30.0}
+    client.put_object(Bucket=bucket, Key="runs/r2/.lock", Body=json.dumps({**stale, "token": "old"}).encode())
+    with run_lock(runs, "r2", warn=warnings.append) as taken:
+        record = json.loads(client.get_object(Bucket=bucket, Key="runs/r2/.lock")["Body"].read())
+        assert record["token"] == taken.token and record["host"] == socket.gethostname()
+    assert len(warnings) == 1 and "taking over the lock of run r2 left by host gone-host" in warnings[0]
+    assert "heartbeat is" in warnings[0]
