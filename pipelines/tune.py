@@ -103,7 +103,7 @@ def sweep(cfg, combos) -> int:
 
     # The report comes from what the trials measured (their results in Tune), and only after what their rank 0
     # kept during an outage of the store has been delivered, so the server's histories match the table.
-    records = records_from_results(results, cfg.tune.metric)
+    records = records_from_results(results, cfg.tune.metric, sweep_dir)
     for rec in records:
         trial = RunFolder(f"{sweep_dir}/train", f"trial-{rec['trial_id']}")
         deliver_pending(trial.pending, uri, f"trial {rec['trial_id']}'s rank 0 had kept")

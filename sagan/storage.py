@@ -53,13 +53,19 @@ def filesystem(url: str, timeout: float | None = None):
         if endpoint:
             options["endpoint_override"], options["scheme"] = endpoint
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not region and not endpoint:  # AWS itself: the bucket's own region, as pyarrow's from_uri finds it
+            try:
+                region = pafs.resolve_s3_region(rest.split("/", 1)[0])
+            except (OSError, ValueError):
+                region = None  # the check that follows names the problem
         if region:
             options["region"] = region
         if timeout is not None:
             options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=1)
         return pafs.S3FileSystem(**options), rest.rstrip("/")
     if scheme in ("gs", "gcs"):
-        return pafs.GcsFileSystem(**({"retry_time_limit": timedelta(seconds=timeout)} if timeout else {})), rest
+        options = {"retry_time_limit": timedelta(seconds=timeout)} if timeout else {}
+        return pafs.GcsFileSystem(**options), rest.rstrip("/")
     raise StorageError(f"{url}: {scheme}:// is not a storage this project reads; use s3://, gs:// or a path")
 
 

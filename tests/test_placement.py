@@ -14,6 +14,22 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def tiny_run(digits, tmp_path, *overrides) -> list[str]:
+    """train.py's arguments for a 2-step run of 2 half-CPU workers, without in-loop FID."""
+    return [
+        f"data.train_shards={digits / 'train'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "model.ch=8",
+        "train.batch_size=4",
+        "train.steps=2",
+        "train.eval_every=0",
+        "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5",
+        *overrides,
+    ]
+
+
 @pytest.mark.parametrize(
     "verify, what",
     [("full", "the 2 shard-verification task(s)"), ("size", "the 2 training worker(s)")],  # before / at fit
@@ -30,19 +46,7 @@ def test_workers_that_cannot_be_placed_fail_in_one_line_within_the_bound(
 
     hog = placement_group([{"CPU": ray_session.cluster_resources()["CPU"]}])
     ray_session.get(hog.ready(), timeout=120)
-    args = [
-        f"data.train_shards={digits / 'train'}",
-        f"run.storage_path={tmp_path / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "model.ch=8",
-        "train.batch_size=4",
-        "train.steps=2",
-        "train.eval_every=0",
-        "scaling.num_workers=2",
-        "scaling.cpus_per_worker=0.5",
-        "scaling.placement_timeout_s=3",
-        f"data.verify={verify}",
-    ]
+    args = tiny_run(digits, tmp_path, "scaling.placement_timeout_s=3", f"data.verify={verify}")
     start = time.monotonic()
     try:
         code = main(args)
@@ -75,21 +79,7 @@ def test_resources_back_within_the_bound_let_the_run_go_on(ray_session, digits, 
     release = threading.Timer(10, remove_placement_group, args=(hog,))
     release.start()
     try:
-        code = main(
-            [
-                f"data.train_shards={digits / 'train'}",
-                f"run.storage_path={tmp_path / 'runs'}",
-                f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                "model.ch=8",
-                "train.batch_size=4",
-                "train.steps=2",
-                "train.eval_every=0",
-                "data.verify=size",
-                "scaling.num_workers=2",
-                "scaling.cpus_per_worker=0.5",
-                "scaling.placement_timeout_s=60",
-            ]
-        )
+        code = main(tiny_run(digits, tmp_path, "data.verify=size", "scaling.placement_timeout_s=60"))
     finally:
         release.join()
     assert code == 0, capsys.readouterr().err[-3000:]
@@ -105,15 +95,20 @@ def test_the_sweep_driver_removes_an_ended_trials_placement_group(ray_session):
     ray_session.get(leaked.ready(), timeout=120)
     kept = placement_group([{"CPU": 0.5}])  # a running trial's: not touched
     ray_session.get(kept.ready(), timeout=120)
-    release = ReleasePlacementGroups()
+    release = ReleasePlacementGroups(grace_s=0.5)
     stopped, running = SimpleNamespace(trial_id="stopped"), SimpleNamespace(trial_id="running")
     release.on_trial_result(0, [], stopped, {"step": 10, "placement_group": leaked.id.hex()})
     release.on_trial_result(0, [], running, {"step": 10, "placement_group": kept.id.hex()})
     release.on_trial_complete(0, [], stopped)
+    release.on_step_begin(1, [])
+    assert placement_group_table(leaked)["state"] == "CREATED"  # not while Tune may still be stopping the trial
+    time.sleep(0.6)
+    release.on_step_begin(2, [])
     assert placement_group_table(leaked)["state"] == "REMOVED"
     assert placement_group_table(kept)["state"] == "CREATED"
-    assert release.release(stopped) == []  # once only
+    assert release.release("stopped") == []  # once only
     release.on_trial_error(0, [], running)
+    release.on_experiment_end([])  # the sweep's end: whatever is still waiting
     assert placement_group_table(kept)["state"] == "REMOVED"
 
 

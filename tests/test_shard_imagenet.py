@@ -293,13 +293,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_pool_workers_exit_when_the_parent_is_killed(folder_tree, tmp_path):
-    import os
-    import signal
-    import time
-
-    out = tmp_path / "out"
-    slow = (  # each image takes 0.3 s, so the run is still going when the parent dies
+def slow_run(src, out, shard_size: str, workers: str) -> subprocess.Popen:
+    """shard_imagenet.py in a process of its own, each image taking 0.3 s longer to load."""
+    slow = (
         "import time, preprocessing.shards as s\n"
         "orig = s.load_square\n"
         "def load(*a, **k):\n"
@@ -307,11 +303,21 @@ def test_pool_workers_exit_when_the_parent_is_killed(folder_tree, tmp_path):
         "    return orig(*a, **k)\n"
         "s.load_square = load\n"
         "from preprocessing.shard_imagenet import main\n"
-        f"main(['--src', {str(folder_tree[0])!r}, '--out', {str(out)!r}, '--shard-size', '2', '--workers', '2', '--max-failures', '3'])\n"
+        f"main(['--src', {str(src)!r}, '--out', {str(out)!r}, '--shard-size', {shard_size!r}, '--workers', "
+        f"{workers!r}, '--max-failures', '3'])\n"
     )
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-c", slow], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+
+
+def test_pool_workers_exit_when_the_parent_is_killed(folder_tree, tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = slow_run(folder_tree[0], out, "2", "2")  # still going when the parent dies
     deadline = time.time() + 60
     while not list(out.glob("train/*.tar")) and time.time() < deadline:
         time.sleep(0.1)
@@ -353,19 +359,7 @@ def test_a_second_run_on_the_same_out_is_refused_in_one_line(folder_tree, tmp_pa
     import time
 
     out = tmp_path / "out"
-    slow = (  # each image takes 0.3 s, so the first run is still writing when the second starts
-        "import time, preprocessing.shards as s\n"
-        "orig = s.load_square\n"
-        "def load(*a, **k):\n"
-        "    time.sleep(0.3)\n"
-        "    return orig(*a, **k)\n"
-        "s.load_square = load\n"
-        "from preprocessing.shard_imagenet import main\n"
-        f"main(['--src', {str(folder_tree[0])!r}, '--out', {str(out)!r}, '--shard-size', '4', '--workers', '1', '--max-failures', '3'])\n"
-    )
-    first = subprocess.Popen(
-        [sys.executable, "-c", slow], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    first = slow_run(folder_tree[0], out, "4", "1")  # still writing when the second starts
     try:
         deadline = time.time() + 60
         while not list(out.glob("train/*.tar")) and time.time() < deadline:

@@ -89,3 +89,23 @@ def test_a_finished_trial_read_back_from_a_restored_sweep_is_completed_not_pause
     statuses = [(r["trial"], r["status"]) for r in rows]
     assert statuses == [("a", "completed"), ("b", "stopped"), ("c", "paused"), ("d", "failed")]
     assert rows[0]["best"] == 60.0 and rows[3]["stop_reason"] == "diverged at step 7"
+
+
+def test_the_history_the_driver_kept_survives_a_restore_that_rewrote_result_json(tmp_path):
+    from pipelines.sweep.outcomes import read_history, write_history
+
+    sweep = str(tmp_path / "sweep")
+    write_history(sweep, "a", [{"step": 10, "loop/fid": 50.0}, {"step": 20, "loop/fid": 30.0}])
+    assert read_history(sweep, "a")[1] == {"step": 20, "loop/fid": 30.0} and read_history(sweep, "b") == []
+    after_restore = pd.DataFrame([{"step": 30, "loop/fid": 40.0}])  # result.json holds only the steps since
+    resumed = SimpleNamespace(
+        metrics={"step": 30, "loop/fid": 40.0, "trial_id": "a"},
+        metrics_dataframe=after_restore,
+        error=None,
+        path=str(tmp_path / "trial-a"),
+        config={"trial": combo(1)},
+    )
+    (record,) = records_from_results([resumed], "loop/fid", sweep)
+    assert [r["step"] for r in record["history"]] == [10, 20, 30]
+    (row,), _ = trial_rows(load_config(None, ["tune.steps=30"]), [record])
+    assert row["best"] == 30.0 and row["status"] == "completed"

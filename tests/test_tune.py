@@ -1,5 +1,6 @@
 """The Ray Tune sweep (pipelines/tune.py) on the session's local Ray: tiny models, 20 steps per trial."""
 
+import csv
 import json
 import os
 import signal
@@ -208,6 +209,17 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
     assert second.info.status == "FINISHED" and second.data.tags["sagan.stop_reason"] != ""
     assert [m.step for m in client.get_metric_history(first_id, "d_loss")] == first_steps  # not run again
     assert parent.info.status == "FINISHED"
+    # The report after the restore: each trial's best over its whole history, not only what came after it.
+    folder = Path(client.download_artifacts(parent.info.run_id, "report", str(tmp_path / "dl")))
+    rows = {r["trial"]: r for r in csv.DictReader((folder / "trials.csv").open())}
+    for child in children:
+        fids = {
+            m.step: m.value
+            for m in sorted(client.get_metric_history(child.info.run_id, "loop/fid"), key=lambda m: m.timestamp)
+        }
+        row = rows[child.data.tags[TRIAL_TAG]]
+        assert row["best_loop/fid"] == f"{min(v for step, v in fids.items() if step):.4g}", (row, fids)
+    assert rows[trials[0].data.tags[TRIAL_TAG]]["status"] == "completed"
 
 
 def test_two_concurrent_trials_write_into_one_sqlite_store(ray_session, digits, eval_cache, tmp_path):

@@ -17,6 +17,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _started_cluster() -> str | None:
+    """The address of the cluster `ray start` left on this host, which ray.init() with no address joins, or None."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address  # how ray.init() itself decides
+
+        return canonicalize_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - another Ray version: fall back to starting a pinned local cluster
+        return None
+
+
 def connect_ray(export: bool = True, **init_kwargs) -> str:
     """ray.init(**init_kwargs) with RAY_ADDRESS pinned in the job's environment, unless Ray is up already (a
     test session); returns the cluster's GCS address. `export`: also set RAY_ADDRESS in this process (a driver's
@@ -26,9 +36,12 @@ def connect_ray(export: bool = True, **init_kwargs) -> str:
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address, port_env = os.environ.get("RAY_ADDRESS", ""), "RAY_GCS_SERVER_PORT"
-    chosen = not address and port_env not in os.environ  # the GCS port is ours to choose
+    joining = None if address else _started_cluster()
+    chosen = not address and not joining and port_env not in os.environ  # the GCS port is ours to choose
     if address and ":" in address and "://" not in address:  # a cluster to join, named host:port
         pinned = address
+    elif joining:  # `ray start`'s cluster on this host, which ray.init() joins
+        pinned = joining
     elif not address:  # a local cluster of our own, its GCS on a port chosen here so it can be pinned
         os.environ.setdefault(port_env, str(_free_port()))  # read by the head node ray.init starts
         pinned = f"{ray.util.get_node_ip_address()}:{os.environ[port_env]}"

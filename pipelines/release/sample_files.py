@@ -133,17 +133,18 @@ def available_memory() -> int | None:
 
 def check_room(args, source, out: Path) -> None:
     """Refuse, before generating, a request whose images cannot fit in memory or on disk (upper estimates)."""
-    R, z_dim = source.kwargs["resolution"], source.kwargs["z_dim"]
+    R, z_dim = source.kwargs.get("resolution", 128), source.kwargs.get("z_dim", 128)  # Generator's defaults
     image = R * R * 3
     if args.interpolate:
         n, memory = args.steps, args.steps * image * 5  # the frames, and their float pixels while converted
         disk = n * (image + FILE_OVERHEAD) * (2 if args.animate else 1)
         ask = "fewer --steps"
     else:
-        n = len(parse_classes(args.classes, source.G.num_classes)) * grid_columns(args)[1]
+        classes = len(parse_classes(args.classes, source.G.num_classes))
         cols, per = grid_columns(args)
+        n = classes * per
         memory = per * z_dim * 4 + GRID_ROWS * cols * image + CHUNK * image * 5
-        disk = n * (image + FILE_OVERHEAD) * (int(args.images) + int(args.tar)) + GRID_ROWS * cols * image
+        disk = n * (image + FILE_OVERHEAD) * (int(args.images) + int(args.tar)) + classes * cols * image  # + grids
         ask = "fewer images (--per-class, --classes)"
     free_memory = available_memory()
     if free_memory is not None and memory > free_memory:

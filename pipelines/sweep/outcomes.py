@@ -6,11 +6,13 @@ A record is {trial_id, combo, status (Tune's), error, history}: `history` is the
 in step order, the latest per step (a resumed trial reports the steps after its checkpoint again).
 """
 
+import json
 import math
 from pathlib import Path
 
 from pipelines.sweep.space import lr_d_of, metric_mode
 from sagan.errors import first_line
+from sagan.storage import filesystem, is_url
 
 SCORES = ("loop/fid", "loop/is", "loop/class_acc")
 KEPT = ("step", "done", "time_total_s", *SCORES)  # what the report needs of a result, besides tune.metric
@@ -35,6 +37,36 @@ def merge(history: list[dict], results: list[dict], metric: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+HISTORIES = "trial-histories"  # in the sweep's folder: each trial's merged history, kept across restores
+
+
+def read_history(sweep_dir: str, trial_id: str) -> list[dict]:
+    """The history the sweep's driver kept for a trial (a restored sweep's result.json files may hold only the
+    steps reported since the restore), or []."""
+    fs, path = filesystem(f"{sweep_dir}/{HISTORIES}/{trial_id}.json")
+    try:
+        with fs.open_input_stream(path) as f:
+            history = json.loads(f.read())
+    except (OSError, ValueError):
+        return []
+    return history if isinstance(history, list) else []
+
+
+def write_history(sweep_dir: str, trial_id: str, history: list[dict]) -> None:
+    """Replace the kept history of a trial in one step (a local rename, or one object PUT)."""
+    fs, path = filesystem(f"{sweep_dir}/{HISTORIES}/{trial_id}.json")
+    body = json.dumps(history).encode()
+    if is_url(sweep_dir):
+        with fs.open_output_stream(path) as f:
+            f.write(body)
+        return
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(body)
+    fs.move(tmp, path)
+
+
 def _error_line(error) -> str | None:
     """The last line of a trial's error (a Tune error file's path, or the exception), without the wrapper
     type that the trial's own one-line reason (pipelines.sweep.trials.run_trial) was raised in."""
@@ -48,20 +80,27 @@ def _error_line(error) -> str | None:
     return text.removeprefix("RuntimeError: ")[:500] or None
 
 
+def _error_file(trial) -> str | None:
+    try:
+        return getattr(trial, "error_file", None)
+    except RuntimeError:  # a trial without a folder yet
+        return None
+
+
 def record_from_trial(trial, history: list[dict], status: str | None = None) -> dict:
     """What the report needs of a live Tune trial, with the results it reported so far."""
     return {
         "trial_id": trial.trial_id,
         "combo": trial.config["trial"],
         "status": status or trial.status,
-        "error": _error_line(getattr(trial, "error_file", None)),
+        "error": _error_line(_error_file(trial)),
         "history": history,
     }
 
 
-def records_from_results(results, metric: str) -> list[dict]:
+def records_from_results(results, metric: str, sweep_dir: str | None = None) -> list[dict]:
     """What the report needs of each trial in Tune's ResultGrid, once the sweep has ended or stopped. Each
-    trial's whole history comes from its saved results (result.json). A last result marked done is a trial
+    trial's whole history comes from what the driver kept (`read_history`) and its saved results. A last result marked done is a trial
     Tune ended (completed, or stopped by ASHA); one that is not was interrupted (Ctrl-C) and resumes on a
     rerun. A trial that reached its last step is completed either way (see `outcome`)."""
     records = []
@@ -77,7 +116,7 @@ def records_from_results(results, metric: str) -> list[dict]:
                 "combo": r.config["trial"],
                 "status": "ERROR" if r.error else status,
                 "error": _error_line(r.error),
-                "history": merge([], [*saved, metrics], metric),
+                "history": merge(read_history(sweep_dir, trial_id) if sweep_dir else [], [*saved, metrics], metric),
             }
         )
     return records

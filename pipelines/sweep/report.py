@@ -18,7 +18,15 @@ from ray.tune import Callback
 
 from pipelines.common.config import Config, from_dict
 from pipelines.sweep.asha import saved_results
-from pipelines.sweep.outcomes import best_row, merge, placement_label, record_from_trial, trial_rows
+from pipelines.sweep.outcomes import (
+    best_row,
+    merge,
+    placement_label,
+    read_history,
+    record_from_trial,
+    trial_rows,
+    write_history,
+)
 from pipelines.sweep.space import metric_mode, trial_config
 from pipelines.sweep.trials import REASON_TAG, SWEEP_TAG, TRIAL_TAG
 from pipelines.tracking.store import find_run
@@ -150,23 +158,35 @@ def write_report(
 
 class ReportOnTrialEnd(Callback):
     """Rewrites the parent run's report whenever a trial completes, is stopped or fails, from the results the
-    trials reported (kept here as they arrive, and read back from each trial's result.json after a restore)."""
+    trials reported: kept here as they arrive, and in the sweep's folder (outcomes.write_history), from which a
+    restored sweep reads them back (its trials' result.json may hold only what came after the restore)."""
 
-    def __init__(self, cfg: Config, tracking_uri: str, experiment_id: str, parent_id: str):
+    histories = sweep_dir = None  # also for a callback unpickled from a sweep saved by an older version
+
+    def __init__(self, cfg: Config, tracking_uri: str, experiment_id: str, parent_id: str, sweep_dir: str):
         self.config, self.uri, self.experiment_id, self.parent_id = to_dict(cfg), tracking_uri, experiment_id, parent_id
-        self.histories: dict[str, list[dict]] = {}
+        self.sweep_dir, self.histories = sweep_dir, {}
 
     def _history(self, trial) -> list[dict]:
+        if self.histories is None:
+            self.histories = {}
         if trial.trial_id not in self.histories:  # first seen: what it reported before a restore
+            kept = read_history(self.sweep_dir, trial.trial_id) if self.sweep_dir else []
             try:
                 saved = saved_results(trial.local_path)
             except RuntimeError:  # a trial not started yet has no folder
                 saved = []
-            self.histories[trial.trial_id] = merge([], saved, self.config["tune"]["metric"])
+            self.histories[trial.trial_id] = merge(kept, saved, self.config["tune"]["metric"])
         return self.histories[trial.trial_id]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.histories[trial.trial_id] = merge(self._history(trial), [result], self.config["tune"]["metric"])
+        history = merge(self._history(trial), [result], self.config["tune"]["metric"])
+        self.histories[trial.trial_id] = history
+        if self.sweep_dir:
+            try:
+                write_history(self.sweep_dir, trial.trial_id, history)
+            except OSError as e:  # the report falls back on Tune's own files
+                logging.getLogger("sagan.tune").warning(f"trial {trial.trial_id}'s history not kept: {e}")
 
     def _write(self, trials, ended, status: str) -> None:
         records = [record_from_trial(t, self._history(t), status if t is ended else None) for t in trials]

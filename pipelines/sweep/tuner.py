@@ -3,6 +3,7 @@ from its folder (unfinished trials resume from their checkpoints)."""
 
 import logging
 import os
+import time
 
 import ray
 from ray import tune
@@ -64,7 +65,7 @@ def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_d
             **ray_storage(cfg.run.storage_path),  # an S3-compatible endpoint's filesystem (AWS_ENDPOINT_URL)
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
-            callbacks=[ReportOnTrialEnd(cfg, uri, experiment_id, parent_id), ReleasePlacementGroups()],
+            callbacks=[ReportOnTrialEnd(cfg, uri, experiment_id, parent_id, sweep_dir), ReleasePlacementGroups()],
         ),
     )
     return tuner.fit(), False
@@ -76,19 +77,23 @@ class ReleasePlacementGroups(Callback):
     pipelines.common.ray_address) the group stays CREATED, holding its CPUs, and the next trial's workers wait
     for them. Rank 0 names its group in every report (pipelines.training.loop.Loop.report)."""
 
-    def __init__(self):
+    GRACE_S = 15.0  # after the trial ended: its actor, and with it the Train controller, are gone by then
+
+    def __init__(self, grace_s: float = GRACE_S):
         self.groups: dict[str, set[str]] = {}
+        self.ended: dict[str, float] = {}  # trial id -> when it ended
+        self.grace_s = grace_s
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("placement_group"):
             self.groups.setdefault(trial.trial_id, set()).add(result["placement_group"])
 
-    def release(self, trial) -> list[str]:
+    def release(self, trial_id: str) -> list[str]:
         """Remove the trial's groups that are still there; returns their ids."""
         from ray._raylet import PlacementGroupID
 
         removed = []
-        for hex_id in sorted(self.groups.pop(trial.trial_id, ())):
+        for hex_id in sorted(self.groups.pop(trial_id, ())):
             group = PlacementGroup(PlacementGroupID.from_hex(hex_id))
             try:
                 if placement_group_table(group).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
@@ -98,13 +103,29 @@ class ReleasePlacementGroups(Callback):
                 logging.getLogger("sagan.tune").debug(f"placement group {hex_id}: {e}")
         if removed:
             logging.getLogger("sagan.tune").warning(
-                f"trial {trial.trial_id} ended with its worker placement group(s) {', '.join(removed)} still "
-                "held; removed them"
+                f"trial {trial_id} ended with its worker placement group(s) {', '.join(removed)} still held; "
+                "removed them"
             )
         return removed
 
+    def _ended(self, trial) -> None:
+        # Not at once: Tune calls this before it stops the trial's actor, and removing the group under a live
+        # Train controller would count as a worker failure, which it would retry with a new group.
+        self.ended.setdefault(trial.trial_id, time.monotonic())
+
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.release(trial)
+        self._ended(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.release(trial)
+        self._ended(trial)
+
+    def on_step_begin(self, iteration, trials, **info):
+        now = time.monotonic()
+        for trial_id in [t for t, at in self.ended.items() if now - at >= self.grace_s]:
+            del self.ended[trial_id]
+            self.release(trial_id)
+
+    def on_experiment_end(self, trials, **info):
+        for trial_id in list(self.ended):
+            del self.ended[trial_id]
+            self.release(trial_id)

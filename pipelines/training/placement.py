@@ -11,7 +11,7 @@ import math
 import os
 from contextlib import contextmanager
 
-from sagan.errors import JobFailed
+from sagan.errors import JobFailed, UsageError
 
 ATTEMPT_S = 60.0  # Ray Train's own default startup timeout
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by the controller (Train propagates it)
@@ -24,7 +24,14 @@ class PlacementTimeout(JobFailed):
 def startup_limits(timeout_s: float) -> tuple[float, int]:
     """(seconds per attempt, retries after the first) for a total wait of about `timeout_s`; the attempt is
     the user's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S when set."""
-    attempt = float(os.environ.get(START_TIMEOUT_ENV) or min(ATTEMPT_S, timeout_s))
+    try:
+        attempt = float(os.environ.get(START_TIMEOUT_ENV) or min(ATTEMPT_S, timeout_s))
+    except ValueError:
+        attempt = 0.0
+    if not (math.isfinite(attempt) and attempt > 0):
+        raise UsageError(
+            f"{START_TIMEOUT_ENV}={os.environ.get(START_TIMEOUT_ENV)!r} must be a positive number of seconds"
+        )
     return attempt, max(0, math.ceil(timeout_s / attempt) - 1)
 
 
