@@ -16,6 +16,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(url: str, timeout: float, failure: str) -> None:
+    """Poll `url` until it answers, or RuntimeError(failure) after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(failure)
+
+
+def kill_group(proc: subprocess.Popen | None) -> None:
+    """SIGKILL a server started in a session of its own, with its children."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class TrackingServer:
     """`mlflow server` on 127.0.0.1 over a sqlite file in `folder`, startable again on the same port."""
 
@@ -41,19 +60,10 @@ class TrackingServer:
         ]
         log = open(self.folder / "server.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"mlflow server did not start; see {self.folder / 'server.log'}")
+        wait_for(f"{self.uri}/health", timeout, f"mlflow server did not start; see {self.folder / 'server.log'}")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        kill_group(self.proc)
 
 
 class S3Server:
@@ -79,16 +89,8 @@ class S3Server:
         log = open(self.folder / f"moto-{self.port}.log", "ab")
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"moto server did not start; see {self.folder}")
+        wait_for(f"{self.url}/moto-api/", timeout, f"moto server did not start; see {self.folder}")
+        return self
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        kill_group(self.proc)
