@@ -3,10 +3,12 @@
     python preprocessing/shard_imagenet.py --src /data/imagenet --out /data/imagenet128
     ray job submit --working-dir . -- python preprocessing/shard_imagenet.py --backend ray --src ... --out /shared/...
     python preprocessing/shard_imagenet.py --out /data/imagenet128 --verify     # check existing shards
+    python preprocessing/shard_imagenet.py --src /data/imagenet --out s3://bucket/imagenet128  # object storage
 
 Writes OUT/{train,val}/imagenet128-<split>-NNNNNN.tar (per sample: <key>.jpg, <key>.cls, <key>.json),
 OUT/classes.tsv, OUT/failures.jsonl and OUT/manifest.json. Re-running skips shards that are complete;
-an interrupted run never leaves a partial shard under its final name.
+an interrupted run never leaves a partial shard under its final name (on object storage, a shard is built on
+local disk, uploaded under a temporary key and copied to its final key when complete).
 """
 
 import argparse
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -27,10 +30,13 @@ import PIL
 import webdataset
 from tqdm import tqdm
 
+from preprocessing.output import TEMP_PATTERN, Output
 from preprocessing.shards import RESIZE_FILTERS, ImageOptions, verify_split, write_shard
 from preprocessing.sources import SourceError, detect_source, list_samples, plan_hash, plan_shards
 from sagan.errors import JobFailed, UsageError, command
 from sagan.folder_lock import FolderLock, describe
+from sagan.object_lock import ObjectLockMixin
+from sagan.storage import is_url
 
 MANIFEST_FORMAT = "sagan-webdataset-shards"
 LOCK_FILE = ".shard_imagenet.lock"  # held while a run writes the folder
@@ -44,7 +50,12 @@ def parse_args(argv=None):
         prog="shard_imagenet.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--src", help="ImageNet root: SRC/train/<wnid>/*.JPEG, or the Kaggle layout SRC/ILSVRC/Data/CLS-LOC")
-    p.add_argument("--out", required=True, help="output folder (shared storage with --backend ray)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder, or object storage: s3://bucket/prefix (AWS_ENDPOINT_URL for S3-compatible stores), "
+        "gs://bucket/prefix; a folder every node sees with --backend ray",
+    )
     p.add_argument(
         "--splits", default=None, help="comma-separated splits to write (default: train,val, those that exist)"
     )
@@ -85,42 +96,34 @@ def parse_args(argv=None):
         raise UsageError(f"--max-failures must be 0 or more, got {args.max_failures}")
     if args.src is None and not args.verify:
         raise UsageError("--src is required (or use --verify alone to check an existing --out)")
-    for flag, value in (("--src", args.src), ("--out", args.out)):
-        if value and "://" in value:  # before object storage is supported, a URL would become a local folder
-            raise UsageError(
-                f"{flag} {value} is a URL; object storage is not supported yet: give a local or mounted path"
-            )
-    if args.src is not None:
+    if args.src and is_url(args.src):  # a URL would otherwise be read as a local folder named "s3:"
+        raise UsageError(
+            f"--src {args.src} is a URL; the source images are read from a local or mounted path (copy them, or "
+            "mount the bucket); --out may be object storage"
+        )
+    if args.src is not None and not is_url(args.out):
         src, out = Path(args.src).expanduser().resolve(), Path(args.out).expanduser().resolve()
         if out == src or src in out.parents:
             raise UsageError(
                 f"--out {args.out} is inside --src {args.src}: a rerun would read the shards as a class of images; "
                 "choose an --out outside the source folder"
             )
-    if Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
+    if not is_url(args.out) and Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
         raise UsageError(f"--out {args.out} is a file; give a folder (it will hold train/, val/ and manifest.json)")
     args.prefix = args.prefix or f"imagenet{args.size}"
     return args
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+def write_json(out: Output, name: str, obj) -> None:
+    out.write_text(name, json.dumps(obj, indent=1) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_manifest(out: Path) -> dict | None:
-    path = out / "manifest.json"
-    if not path.is_file():
+def load_manifest(out: Output) -> dict | None:
+    path, text = out.url("manifest.json"), out.read_text("manifest.json")
+    if text is None:
         return None
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except json.JSONDecodeError:
         raise UsageError(f"{path} is not valid JSON; remove it or pass --overwrite") from None
     if manifest.get("format") != MANIFEST_FORMAT:
@@ -182,7 +185,7 @@ def shard_pattern(prefix: str, split: str, n: int) -> str:
 
 def build(args) -> dict:
     """Plan, write (or skip) every shard, and write the manifest, classes.tsv and failures.jsonl."""
-    out = Path(args.out).expanduser().resolve()
+    out = Output(args.out)
     try:
         source = detect_source(args.src)
     except SourceError as e:
@@ -192,7 +195,7 @@ def build(args) -> dict:
     if missing:
         raise UsageError(f"split(s) {missing} not found under {source.root}; available: {sorted(source.split_dirs)}")
     options = {**{k: getattr(args, k) for k in CONTENT_OPTIONS}, **FIXED_OPTIONS}
-    old = load_manifest(out) if out.exists() else None
+    old = load_manifest(out)
     if old and not args.overwrite:
         changed = sorted(k for k in options if old["options"].get(k) != options[k])
         if changed:
@@ -200,13 +203,6 @@ def build(args) -> dict:
             raise UsageError(
                 f"{out} holds shards made with other options ({diff}); pass --overwrite or choose another --out"
             )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {out} is not writable: {e.strerror}") from None
 
     opts = ImageOptions(args.size, args.resize_filter, args.quality)
     manifest = {
@@ -233,39 +229,32 @@ def build(args) -> dict:
         except SourceError as e:
             raise UsageError(str(e)) from None
         plan = plan_shards(samples, args.shard_size, args.seed, args.limit)
-        split_dir = out / split
-        split_dir.mkdir(exist_ok=True)
-        for stale in split_dir.glob(".*.tmp-*"):  # left by an interrupted run
-            stale.unlink()
+        out.make_folder(split)
+        for stale in out.files(split, TEMP_PATTERN):  # left by an interrupted run
+            out.remove(split, stale)
         old_records = (
             {}
             if (args.overwrite or not old)
             else {r["name"]: r for r in old["splits"].get(split, {}).get("shards", []) if "sha256" in r}
         )
-        records = []
+        records, existing = [], out.files(split, f"{args.prefix}-{split}-*.tar")
         for i, shard in enumerate(plan):
             name = f"{args.prefix}-{split}-{i:06d}.tar"
             record, prev = {"name": name, "plan_hash": plan_hash(shard)}, old_records.get(name)
-            path = split_dir / name
-            if (
-                prev
-                and prev["plan_hash"] == record["plan_hash"]
-                and path.is_file()
-                and path.stat().st_size == prev["bytes"]
-            ):
+            if prev and prev["plan_hash"] == record["plan_hash"] and existing.get(name) == prev["bytes"]:
                 record = prev
                 skipped += 1
             else:
-                tasks.append((split, i, (str(path), shard, opts)))
+                tasks.append((split, i, (out.url(split, name), shard, opts)))
             records.append(record)
         wanted = {r["name"] for r in records}
-        for extra in split_dir.glob(f"{args.prefix}-{split}-*.tar"):  # from an earlier, larger plan
-            if extra.name not in wanted:
-                extra.unlink()
+        for extra in existing:  # from an earlier, larger plan
+            if extra not in wanted:
+                out.remove(split, extra)
         manifest["splits"][split] = {"pattern": shard_pattern(args.prefix, split, len(plan)), "shards": records}
-    write_json_atomic(out / "manifest.json", manifest)
+    write_json(out, "manifest.json", manifest)
     names = "".join(f"{i}\t{w}\t{source.names.get(w, '')}\n" for i, w in enumerate(source.wnids))
-    write_text_atomic(out / "classes.tsv", names)
+    out.write_text("classes.tsv", names)
 
     total = sum(len(t[2][1]) for t in tasks)
     print(
@@ -274,13 +263,13 @@ def build(args) -> dict:
         flush=True,
     )
     start = time.time()
-    slots = {Path(t[2][0]).name: (t[0], t[1]) for t in tasks}  # shard name -> (split, index)
+    slots = {t[2][0].rsplit("/", 1)[1]: (t[0], t[1]) for t in tasks}  # shard name -> (split, index)
     with tqdm(total=total, unit="img", desc="sharding", dynamic_ncols=True, mininterval=1.0, disable=not tasks) as bar:
         for record in run_tasks([t[2] for t in tasks], args.backend, args.workers):
             split, index = slots[record["name"]]
             shards = manifest["splits"][split]["shards"]
             shards[index] = {**record, "plan_hash": shards[index]["plan_hash"]}
-            write_json_atomic(out / "manifest.json", manifest)  # progress survives an interruption
+            write_json(out, "manifest.json", manifest)  # progress survives an interruption
             bar.update(record["planned"])
             bar.set_postfix(img_s=f"{bar.n / max(time.time() - start, 1e-9):.0f}")
     elapsed = time.time() - start
@@ -294,37 +283,40 @@ def build(args) -> dict:
                 counts[label] = counts.get(label, 0) + n
         entry["num_samples"] = sum(r["num_samples"] for r in entry["shards"])
         entry["class_counts"] = dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
-    write_text_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))
+    out.write_text("failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))
     # Over the failure budget the shards stay on disk (a re-run with a higher --max-failures reuses them),
     # but the manifest does not call them complete, so training refuses them.
     manifest["complete"] = len(failures) <= args.max_failures
-    write_json_atomic(out / "manifest.json", manifest)
+    write_json(out, "manifest.json", manifest)
 
     counts = ", ".join(f"{s} {e['num_samples']} in {len(e['shards'])} shards" for s, e in manifest["splits"].items())
     rate = total / elapsed if elapsed > 0 else 0.0
-    print(f"done: {counts}; {len(failures)} failure(s); {elapsed:.1f}s, {rate:.0f} images/s -> {out}")
+    print(f"done: {counts}; {len(failures)} failure(s); {elapsed:.1f}s, {rate:.0f} images/s -> {out.name}")
     if len(failures) > args.max_failures:
         first = failures[0]
         raise JobFailed(
             f"{len(failures)} unreadable image(s), more than --max-failures {args.max_failures} "
-            f"(first: {first['path']}: {first['reason']}); see {out / 'failures.jsonl'}"
+            f"(first: {first['path']}: {first['reason']}); see {out.url('failures.jsonl')}"
         )
     return manifest
 
 
-def verify(out: Path) -> int:
+def verify(out: Output) -> int:
     """Re-read every shard under `out`; print problems; return how many there were."""
     manifest = load_manifest(out)
     if manifest is None:
-        raise UsageError(f"{out / 'manifest.json'} not found: nothing to verify")
-    if not (out / "classes.tsv").is_file():
-        raise UsageError(f"{out / 'classes.tsv'} not found: re-run the sharding to complete {out}")
-    wnids = [line.split("\t")[1] for line in (out / "classes.tsv").read_text().splitlines()]
+        raise UsageError(f"{out.url('manifest.json')} not found: nothing to verify")
+    classes = out.read_text("classes.tsv")
+    if classes is None:
+        raise UsageError(f"{out.url('classes.tsv')} not found: re-run the sharding to complete {out.name}")
+    wnids = [line.split("\t")[1] for line in classes.splitlines()]
     problems = (
-        [] if manifest["complete"] else [f"{out}: the manifest is not complete (interrupted or over --max-failures)"]
+        []
+        if manifest["complete"]
+        else [f"{out.name}: the manifest is not complete (interrupted or over --max-failures)"]
     )
     for split, entry in manifest["splits"].items():
-        found = verify_split(out / split, entry, wnids, manifest["options"]["size"])
+        found = verify_split(out, split, entry, wnids, manifest["options"]["size"])
         print(
             f"verify {split}: {len(entry['shards'])} shards, {entry.get('num_samples', '?')} samples, "
             f"{len(found)} problem(s)"
@@ -338,26 +330,54 @@ def verify(out: Path) -> int:
 class ShardFolderLock(FolderLock):
     """The lock on --out while shards are written: a second run on the same folder is refused in one line."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path | str):
         super().__init__(out, f"--out {out}", lock_file=LOCK_FILE)
+        self.out = str(out)  # as given: a URL stays one
 
     def busy(self, holder: dict) -> str:
         return (
-            f"--out {self.run_dir} is being written by another shard_imagenet.py ({describe(holder)}); wait for it "
+            f"--out {self.out} is being written by another shard_imagenet.py ({describe(holder)}); wait for it "
             f"to finish (or end pid {holder.get('pid')} on {holder.get('host')}), or choose another --out"
         )
 
     def unwritable(self, error: OSError) -> str:
-        return f"--out {self.run_dir} is not writable: {error.strerror or error}"
+        return f"--out {self.out} is not writable: {error.strerror or error}"
+
+
+class ShardObjectLock(ObjectLockMixin, ShardFolderLock):
+    """The lock on an --out on S3: an object written with conditional requests (sagan.object_lock)."""
+
+    def __init__(self, out: str):
+        super().__init__(out)
+        self._use_object(f"{out}/{LOCK_FILE}")
+
+
+@contextmanager
+def output_lock(out: Output):
+    """One live run per output folder, on a disk or on S3; other object stores cannot be locked (a warning)."""
+    if not out.remote:
+        with ShardFolderLock(Path(out.root)):
+            yield
+    elif out.name.startswith("s3://"):
+        with ShardObjectLock(out.name):
+            yield
+    else:
+        print(f"warning: {out.name} cannot be locked: make sure no other run writes it", file=sys.stderr)
+        yield
 
 
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.src is not None:
-        with ShardFolderLock(Path(args.out).expanduser().resolve()):  # one live run per output folder
+        out = Output(args.out)
+        try:  # object storage: the endpoint, credentials and bucket, in one line within seconds
+            out.check_writable()
+        except OSError as e:
+            raise UsageError(f"--out {out.name} is not writable: {e.strerror or e}") from None
+        with output_lock(out):
             build(args)
-    if args.verify and verify(Path(args.out).expanduser().resolve()):
+    if args.verify and verify(Output(args.out)):
         raise JobFailed("verification failed")
     return 0
 

@@ -16,6 +16,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageOps
 
+from sagan.storage import is_url
+
+from .output import Output, write_remote
 from .sources import Sample
 
 RESIZE_FILTERS = {
@@ -94,11 +97,14 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_shard(path: str, samples: list[Sample], opts: ImageOptions) -> dict:
-    """Write `samples` as one WebDataset tar at `path` (atomically); return its manifest record.
+    """Write `samples` as one WebDataset tar at `path`, a file or an object-storage URL (atomically); return its
+    manifest record.
 
     Each sample becomes <key>.jpg (opts.size square RGB), <key>.cls (ASCII class index) and <key>.json
     (wnid, source size and mode). Files that cannot be decoded are left out and listed under "failures".
     """
+    if is_url(path):  # built on local disk, then uploaded whole
+        return write_remote(path, lambda local: {**write_shard(local, samples, opts), "name": path.rsplit("/", 1)[1]})
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     failures, class_counts, written = [], {}, 0
@@ -139,33 +145,35 @@ def write_shard(path: str, samples: list[Sample], opts: ImageOptions) -> dict:
     }
 
 
-def verify_split(split_dir: Path, split_manifest: dict, wnids: list[str], size: int) -> list[str]:
+def verify_split(out: Output, split: str, split_manifest: dict, wnids: list[str], size: int) -> list[str]:
     """Problems found re-reading every shard of a split with the webdataset library (empty when all is well):
-    hashes, per-shard counts, image size and mode, and labels against each sample's wnid."""
+    hashes, per-shard counts, image size and mode, and labels against each sample's wnid. Shards on object
+    storage are downloaded one at a time to a local temporary file."""
     problems = []
     index = {w: i for i, w in enumerate(wnids)}
     for shard in split_manifest["shards"]:
-        path = split_dir / shard["name"]
+        name = out.url(split, shard["name"])
         if "sha256" not in shard:
-            problems.append(f"{path}: not built (the run that planned it did not finish)")
+            problems.append(f"{name}: not built (the run that planned it did not finish)")
             continue
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        if sha256_file(path) != shard["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest")
-            continue
-        count = 0
-        dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode("pil")
-        for sample in dataset:
-            count += 1
-            img, label, meta = sample["jpg"], int(sample["cls"]), sample["json"]
-            if img.size != (size, size) or img.mode != "RGB":
-                problems.append(
-                    f"{path}:{sample['__key__']}: image is {img.mode} {img.size}, expected RGB {size}x{size}"
-                )
-            if index.get(meta["wnid"]) != label:
-                problems.append(f"{path}:{sample['__key__']}: label {label} but wnid {meta['wnid']}")
-        if count != shard["num_samples"]:
-            problems.append(f"{path}: {count} samples, manifest says {shard['num_samples']}")
+        with out.local_copy(split, shard["name"]) as path:
+            if path is None:
+                problems.append(f"{name}: missing")
+                continue
+            if sha256_file(path) != shard["sha256"]:
+                problems.append(f"{name}: sha256 differs from the manifest")
+                continue
+            count = 0
+            dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode("pil")
+            for sample in dataset:
+                count += 1
+                img, label, meta = sample["jpg"], int(sample["cls"]), sample["json"]
+                if img.size != (size, size) or img.mode != "RGB":
+                    problems.append(
+                        f"{name}:{sample['__key__']}: image is {img.mode} {img.size}, expected RGB {size}x{size}"
+                    )
+                if index.get(meta["wnid"]) != label:
+                    problems.append(f"{name}:{sample['__key__']}: label {label} but wnid {meta['wnid']}")
+            if count != shard["num_samples"]:
+                problems.append(f"{name}: {count} samples, manifest says {shard['num_samples']}")
     return problems

@@ -134,6 +134,10 @@ class DataConfig(ConfigModel):
     """decoding processes per rank; null: the rank's CPUs (scaling.cpus_per_worker, at least 1); 0: in the training process"""
     prefetch: Annotated[int, Field(ge=1)] = 4
     """batches each loader process decodes ahead"""
+    cache_dir: Str | None = None
+    """shards on object storage: a local folder for whole-shard copies, shared by a node's loaders; null: memory"""
+    cache_gb: PositiveFinite = 50.0
+    """the most data.cache_dir holds, least recently used shards removed first"""
 
 
 class EvalConfig(ConfigModel):

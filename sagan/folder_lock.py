@@ -170,7 +170,7 @@ class FolderLock:
         aside.unlink(missing_ok=True)
         return True
 
-    # The storage primitives; an object-storage lock (pipelines.training.object_lock) replaces them.
+    # The storage primitives; an object-storage lock (sagan.object_lock) replaces them.
     def _prepare(self) -> None:
         self.created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)

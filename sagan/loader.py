@@ -24,6 +24,8 @@ from .data import DataError, ShardSet, _fix, batches_per_epoch
 
 SHUFFLE_SHARDS = 4  # a rank's samples are shuffled within groups of this many shards (~4,000 ImageNet samples)
 OPEN_FILES = 64  # tar files a worker keeps open
+REMOTE_IN_MEMORY = 2 * SHUFFLE_SHARDS  # shards from object storage a worker holds in memory (no data.cache_dir)
+LOOKAHEAD = 32  # batches ahead whose shards are fetched from object storage in the background
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.(.+)$")  # webdataset's rule: the key is the name up to its first dot
 
 
@@ -42,12 +44,15 @@ def epoch_plan(shards: ShardSet, rank: int, world_size: int, batch_size: int, ep
     return np.concatenate(refs)[: n_batches * batch_size].reshape(n_batches, batch_size, 2)
 
 
-def tar_index(url: str, expected: int | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """The samples of the tar at `url` in order: (key, {extension: (data offset, size)}), from its headers only.
-    DataError naming the tar when it cannot be read or holds another number of samples than `expected`."""
+def tar_index(url: str, expected: int | None = None, file=None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """The samples of the tar at `url` (read from `file`, a seekable binary file, when given) in order:
+    (key, {extension: (data offset, size)}), from its headers only. DataError naming the tar when it cannot be read
+    or holds another number of samples than `expected`."""
     samples: list[tuple[str, dict]] = []
+    if file is not None:
+        file.seek(0)
     try:
-        with tarfile.open(url, "r:") as tar:
+        with tarfile.open(url if file is None else None, "r:", fileobj=file) as tar:
             for member in tar:
                 match = _KEY.match(member.name)
                 if not member.isfile() or not match:
@@ -66,10 +71,10 @@ def tar_index(url: str, expected: int | None = None) -> list[tuple[str, dict[str
     return samples
 
 
-def compact_index(url: str, expected: int | None = None) -> np.ndarray:
+def compact_index(url: str, expected: int | None = None, file=None) -> np.ndarray:
     """`tar_index` as (N, 4) int64: jpg offset, jpg size, cls offset, cls size (-1 for a missing member).
     32 bytes per sample: a worker keeps the index of every shard it reads (ImageNet: ~41 MB in all)."""
-    index = np.full((len(samples := tar_index(url, expected)), 4), -1, dtype=np.int64)
+    index = np.full((len(samples := tar_index(url, expected, file)), 4), -1, dtype=np.int64)
     for i, (_, members) in enumerate(samples):
         for col, ext in ((0, "jpg"), (2, "cls")):
             if ext in members:
@@ -101,27 +106,45 @@ def loader_workers(cfg: SaganConfig, cpus: float) -> int:
 
 
 class ShardReader:
-    """Random access to the samples of a ShardSet: tar indexes built on first use, files kept open."""
+    """Random access to the samples of a ShardSet: tar indexes built on first use, files kept open. Shards on
+    object storage are read whole (sagan.shard_cache), the next ones downloaded while these are decoded."""
 
     def __init__(self, shards: ShardSet):
         self.shards = shards
         self.indexes: dict[int, np.ndarray] = {}
         self.files: OrderedDict = OrderedDict()
+        self.remote, self.max_open = None, OPEN_FILES
+        if shards.remote:
+            from .shard_cache import RemoteShards
+
+            self.remote = RemoteShards(shards, shards.cache_dir, shards.cache_bytes, keep=REMOTE_IN_MEMORY)
+            self.max_open = OPEN_FILES if shards.cache_dir else REMOTE_IN_MEMORY
+
+    def _file(self, shard: int):
+        f = self.files.pop(shard, None)
+        if f is None:
+            f = self.remote.open(shard) if self.remote else open(self.shards.urls[shard], "rb")
+        self.files[shard] = f  # most recently used last
+        if len(self.files) > self.max_open:
+            self.files.popitem(last=False)[1].close()
+        return f
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        f = self.files.pop(shard, None) or open(self.shards.urls[shard], "rb")
-        self.files[shard] = f  # most recently used last
-        if len(self.files) > OPEN_FILES:
-            self.files.popitem(last=False)[1].close()
+        f = self._file(shard)
         f.seek(offset)
         return f.read(size)
+
+    def prefetch(self, shards) -> None:
+        """Start fetching `shards` from object storage (nothing for shards on a disk)."""
+        if self.remote:
+            self.remote.prefetch(s for s in shards if s not in self.files)
 
     def sample(self, shard: int, i: int) -> tuple[torch.Tensor, int]:
         """(image (3, R, R) uint8, label) of sample `i` of shard `shard`. DataError, one line naming the shard
         and the sample's key, for what is wrong with the shard's content; an OSError of the storage propagates."""
         url = self.shards.urls[shard]
         if shard not in self.indexes:
-            self.indexes[shard] = compact_index(url, self.shards.counts[shard])
+            self.indexes[shard] = compact_index(url, self.shards.counts[shard], self._file(shard))
         jpg_at, jpg_size, cls_at, cls_size = (int(v) for v in self.indexes[shard][i])
         problem = "no .jpg member" if jpg_at < 0 else "no .cls member" if cls_at < 0 else None
         if problem is None:
@@ -140,7 +163,7 @@ class ShardReader:
             elif self.shards.num_classes and not 0 <= label < self.shards.num_classes:
                 problem = f"label {label} outside 0..{self.shards.num_classes - 1}"
         if problem is not None:
-            key = tar_index(url)[i][0]  # names are kept out of the compact index: read again for the message
+            key = tar_index(url, file=self._file(shard))[i][0]  # names are not in the compact index: read again
             raise DataError(f"shard {url}: sample {key}: {problem}; {_fix(url)}")
         return image, label
 
@@ -162,10 +185,16 @@ class Batches(Dataset):
         """The (shard, sample) pairs (B, 2) of batch `g`."""
         raise NotImplementedError
 
+    def upcoming(self, g: int) -> list[int]:
+        """The shards the batches after `g` read (within LOOKAHEAD batches), in the order they are first needed."""
+        return []
+
     def __getitem__(self, g: int):
         self.reader = self.reader or ShardReader(self.shards)
         try:
-            return self.reader.batch(self.refs(g))
+            refs = self.refs(g)
+            self.reader.prefetch(self.upcoming(g))
+            return self.reader.batch(refs)
         except DataError as e:
             return str(e)
 
@@ -185,6 +214,10 @@ class PlannedBatches(Batches):
             self.plan = (epoch, epoch_plan(self.shards, self.rank, self.world, self.batch_size, epoch, self.seed))
         return self.plan[1][b]
 
+    def upcoming(self, g: int) -> list[int]:
+        b = g % self.per_epoch
+        return _first_seen(self.plan[1][b + 1 : b + 1 + LOOKAHEAD, :, 0])
+
 
 class SequentialBatches(Batches):
     """Every sample once, in shard order, in batches of `batch_size` (the last one smaller): real statistics."""
@@ -199,6 +232,15 @@ class SequentialBatches(Batches):
 
     def refs(self, g: int) -> np.ndarray:
         return self.all[g]
+
+    def upcoming(self, g: int) -> list[int]:
+        return _first_seen(np.concatenate(self.all[g + 1 : g + 1 + LOOKAHEAD] or [np.zeros((0, 2), np.int64)])[:, 0])
+
+
+def _first_seen(shards: np.ndarray) -> list[int]:
+    """The distinct values of `shards` in the order they first occur."""
+    values, first = np.unique(shards.reshape(-1), return_index=True)
+    return [int(v) for v in values[np.argsort(first)]]
 
 
 def load(dataset: Batches, start: int, stop: int, workers: int = 0, prefetch: int = 2, pin: bool = False):

@@ -24,7 +24,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from . import inception
 from .config import INCEPTION, SAMPLE_CLASSIFIER, SaganConfig
-from .data import DataError, ShardSet, find_shards, sha256_mismatch, size_mismatch
+from .data import DataError, ShardSet, find_shards, sha256_mismatch, size_mismatch, with_cache
 from .errors import MetricsError
 from .files import copy_into, sha256_file
 from .real_stats import LAYERS, default_cache_dir, on_device, real_statistics, statistics
@@ -146,13 +146,13 @@ def real_shards(cfg: SaganConfig) -> ShardSet:
     split = cfg.eval.real_split
     location = cfg.data.val_shards if split == "val" else cfg.data.train_shards
     try:
-        shards = find_shards(location, split)
+        shards = with_cache(find_shards(location, split), cfg.data)
     except DataError as err:
         raise MetricsError(f"real images for FID (data.{split}_shards): {err}") from None
     m = cfg.model
     if (shards.num_classes, shards.image_size) != (m.num_classes, m.resolution):
         raise MetricsError(
-            f"real images for FID ({shards.manifest.parent}) hold {shards.num_classes} classes at "
+            f"real images for FID ({shards.root}) hold {shards.num_classes} classes at "
             f"{shards.image_size}px but the model makes {m.num_classes} at {m.resolution}px; "
             f"point data.{split}_shards at the data the model was trained on"
         )

@@ -35,9 +35,8 @@ def on_device(device: torch.device):
 
 def default_cache_dir(shards: ShardSet) -> Path:
     """<shards root>/cache when the data folder is writable, else $XDG_CACHE_HOME/sagan (~/.cache/sagan)."""
-    root = shards.manifest.parent
-    if os.access(root, os.W_OK):
-        return root / "cache"
+    if not shards.remote and os.access(shards.root, os.W_OK):
+        return Path(shards.root) / "cache"
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "sagan"
 
 
@@ -152,6 +151,6 @@ def real_statistics(
     log(f"real statistics: {shards.num_samples} images through {meta['extractor']} ...")
     features = extract_features(extractor, shards, batch_size, device)[layer]
     stats = statistics(features)
-    _save_stats(stats, {**meta, "key": key, "num_samples": len(features), "manifest": str(shards.manifest)}, path)
+    _save_stats(stats, {**meta, "key": key, "num_samples": len(features), "manifest": shards.manifest}, path)
     log(f"real statistics cached ({path})")
     return stats

@@ -51,6 +51,25 @@ def digits(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def folder_tree(tmp_path_factory):
+    """A small fake ImageNet in the folders layout (tests/fake_imagenet.py), with odd files: (root, its files)."""
+    from tests.fake_imagenet import make_tree
+
+    root = tmp_path_factory.mktemp("src")
+    return root, make_tree(root, "folders")
+
+
+@pytest.fixture(scope="session")
+def folder_out(folder_tree, tmp_path_factory):
+    """`folder_tree` sharded on a disk, 4 samples per shard (tests/test_shard_imagenet.py's `shard`)."""
+    from tests.test_shard_imagenet import shard
+
+    out = tmp_path_factory.mktemp("out") / "shards"
+    assert shard(folder_tree[0], out) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def eval_cache(tmp_path_factory):
     """One cache folder per session, so the sample classifier is trained once (~15 s) for every test."""
     return tmp_path_factory.mktemp("eval-cache")

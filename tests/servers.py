@@ -92,5 +92,48 @@ class S3Server:
         wait_for(f"{self.url}/moto-api/", timeout, f"moto server did not start; see {self.folder}")
         return self
 
+    def requests(self, prefix: str = "/") -> list[tuple[str, str]]:
+        """(method, path) of every request the server has answered so far whose path starts with `prefix`
+        (/bucket/key...), from its request log (werkzeug's, which colours some lines)."""
+        import re
+
+        found = re.findall(
+            rb'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (/[^ ?"]*)\S* HTTP', (self.folder / f"moto-{self.port}.log").read_bytes()
+        )
+        return [(m.decode(), p.decode()) for m, p in found if p.decode().startswith(prefix)]
+
     def kill(self) -> None:
         kill_group(self.proc)
+
+
+def objects(url: str) -> list[str]:
+    """The keys under `url` (a folder or an s3:// prefix), relative to it, sorted."""
+    import pyarrow.fs as pafs
+
+    from sagan.storage import filesystem
+
+    fs, path = filesystem(url)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(i.path.removeprefix(path + "/") for i in infos if i.type == pafs.FileType.File)
+
+
+def read_object(url: str) -> bytes:
+    from sagan.storage import filesystem
+
+    fs, path = filesystem(url)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_object(url: str, data: bytes) -> None:
+    from sagan.storage import filesystem
+
+    fs, path = filesystem(url)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def upload(folder: Path, url: str) -> None:
+    """Every file under the local `folder` to the same relative keys under `url`."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        write_object(f"{url}/{path.relative_to(folder).as_posix()}", path.read_bytes())

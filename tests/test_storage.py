@@ -7,19 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 
-from sagan.storage import StorageError, check_storage, filesystem
-from tests.servers import S3Server
+from sagan.storage import StorageError, check_storage
+from tests.servers import S3Server, objects, upload
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def objects(url: str) -> list[str]:
-    fs, path = filesystem(url)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted(i.path.removeprefix(path + "/") for i in infos if i.type == pafs.FileType.File)
 
 
 def test_a_writable_bucket_passes_the_check_and_keeps_nothing_of_it(s3):
@@ -62,25 +55,29 @@ def test_refused_credentials_are_one_line_within_seconds(tmp_path, monkeypatch):
     assert "\n" not in message and time.monotonic() - start < 10
 
 
-def test_train_refuses_unusable_storage_before_ray_starts(s3, digits, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("key", ["run.storage_path", "data.train_shards"])
+def test_train_refuses_unusable_storage_before_ray_starts(s3, digits, tmp_path, capsys, monkeypatch, key):
     import pipelines.train as train
 
     monkeypatch.setattr(train, "launch", lambda cfg: pytest.fail("Ray was started before the storage was checked"))
     args = [
         f"data.train_shards={digits / 'train'}",
-        "run.storage_path=s3://no-such-bucket/runs",
+        f"run.storage_path={tmp_path / 'runs'}",
         "train.eval_every=0",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        f"{key}=s3://no-such-bucket/x",
     ]
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert "the bucket no-such-bucket does not exist" in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {key}=s3://no-such-bucket/x") and len(err.splitlines()) == 1, err
+    assert "the bucket no-such-bucket does not exist" in err
 
 
-def test_a_run_checkpoints_into_s3_through_the_endpoint_in_aws_endpoint_url(s3, digits, tmp_path):
+def test_a_run_reads_its_data_from_s3_and_checkpoints_into_it(s3, digits, tmp_path):
     """train.py in its own process (its Ray workers inherit the AWS variables, as a cluster's nodes would)."""
+    upload(digits, f"{s3}/digits")  # the data on S3 too: read whole-shard, hashed in Ray tasks from there
     args = [
-        f"data.train_shards={digits / 'train'}",
+        f"data.train_shards={s3}/digits/train",
         f"run.storage_path={s3}/runs",
         "run.name=on-s3",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
@@ -89,7 +86,7 @@ def test_a_run_checkpoints_into_s3_through_the_endpoint_in_aws_endpoint_url(s3, 
         "train.steps=2",
         "train.ckpt_every=2",
         "train.eval_every=0",
-        "data.verify=size",
+        "data.verify=full",
         "scaling.num_workers=1",
         "scaling.cpus_per_worker=0.5",
     ]

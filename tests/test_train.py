@@ -263,8 +263,14 @@ def test_a_sqlite_store_that_cannot_be_one_is_one_line_before_ray(tmp_path, caps
         ("data.train_shards={tmp}/none", "does not exist"),
         ("model.num_classes=7", "the shards hold 10 classes"),
         ("run.storage_path=/proc/nope", "is not writable"),
-        ("data.train_shards=s3://bucket/shards/train", "data.train_shards=s3://bucket/shards/train is a URL"),
-        ("data.val_shards=gs://bucket/shards/val", "data.val_shards=gs://bucket/shards/val is a URL"),
+        (
+            "data.cache_dir=s3://bucket/cache",
+            "data.cache_dir=s3://bucket/cache is a URL; it must be a folder on a disk",
+        ),
+        (
+            "eval.cache_dir=gs://bucket/cache",
+            "eval.cache_dir=gs://bucket/cache is a URL; it must be a folder on a disk",
+        ),
     ],
 )
 def test_input_checks_come_before_ray_starts(digits, tmp_path, capsys, monkeypatch, override, message):

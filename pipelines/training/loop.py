@@ -19,7 +19,7 @@ from pipelines.training.best import best_so_far, save_best
 from pipelines.training.ddp import agree, param_spread
 from pipelines.training.stop import stop_run
 from sagan.checkpoint import save_checkpoint
-from sagan.data import DataError, find_shards
+from sagan.data import DataError, find_shards, with_cache
 from sagan.loader import loader_workers, rank_loader
 from sagan.step import DivergenceGuard, LossMonitor, Trainer, unwrap
 from sagan.viz import attention_figures, grid_inputs, sample_grid
@@ -32,7 +32,7 @@ def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
     """Endless (images (B, 3, R, R) in [-1, 1], labels (B,)) batches on `device`, from batch `start_batch` of
     this rank's schedule on: decoded ahead by the loader's processes, sent as uint8 (pinned on a GPU) and made
     floats on the device."""
-    shards = find_shards(cfg.data.train_shards)
+    shards = with_cache(find_shards(cfg.data.train_shards), cfg.data)
     batches = rank_loader(
         shards,
         rank,

@@ -26,6 +26,7 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.data.val_shards = absolute(cfg.data.val_shards)
     cfg.run.storage_path = absolute(cfg.run.storage_path)
     cfg.eval.cache_dir = absolute(cfg.eval.cache_dir)
+    cfg.data.cache_dir = absolute(cfg.data.cache_dir)
     cfg.eval.inception_weights = absolute(cfg.eval.inception_weights)
     if cfg.mlflow.tracking_uri:
         cfg.mlflow.tracking_uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
@@ -58,16 +59,14 @@ def check_cluster(cfg: Config, cluster: dict) -> None:
 def check_inputs(cfg: Config) -> None:
     """Raise PreflightError for bad data (a shard off its manifest's size too, unless data.verify=off),
     mismatched classes or unwritable storage. Needs no Ray: run it before ray.init, which takes seconds."""
-    for key, value in (
-        ("data.train_shards", cfg.data.train_shards),
-        ("data.val_shards", cfg.data.val_shards),
-        ("eval.cache_dir", cfg.eval.cache_dir),
-    ):
-        if value and is_remote(value):  # the loader seeks into local tars; object storage is not supported yet
+    for key, value in (("data.cache_dir", cfg.data.cache_dir), ("eval.cache_dir", cfg.eval.cache_dir)):
+        if value and is_remote(value):
             raise PreflightError(
-                f"{key}={value} is a URL; the data cannot be read from object storage yet: copy the shards to a "
-                "local or mounted path (every node must see it) and point the key there"
+                f"{key}={value} is a URL; it must be a folder on a disk (for {key.split('.')[0]}'s local copies)"
             )
+    for key, value in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
+        if key == "data.train_shards" or cfg.train.eval_every:  # endpoint, credentials, bucket, in seconds
+            check_storage(value, key, writable=False)
     try:
         shards = find_shards(cfg.data.train_shards)
         batches_per_epoch(shards, cfg.scaling.num_workers, cfg.train.batch_size)
