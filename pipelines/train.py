@@ -89,7 +89,7 @@ def train(cfg: Config, uri: str, resume: ResumePlan) -> int:
     pending = folder.pending
     deliver_pending(pending, uri, "the last launch of this run had kept")  # before this launch's points
     raise_if_stopped(cfg)
-    run_id = open_tracking_run(cfg, uri, continuing=resume.checkpoint is not None or folder.remote)
+    run_id = open_tracking_run(cfg, uri, continuing=resume.checkpoint is not None)
     status = "FAILED"  # unless fit() returns; rank 0 ends a finished run itself, after its last metrics
     try:
         result = fit(build_trainer(cfg, uri, run_id, resume=resume), cfg)  # bounded wait for the workers

@@ -129,6 +129,8 @@ def write_object(url: str, data: bytes) -> None:
     from sagan.storage import filesystem
 
     fs, path = filesystem(url)
+    if "://" not in url:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
 

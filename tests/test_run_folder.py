@@ -1,44 +1,50 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from pipelines.common.run_folder import RAY_SNAPSHOT, RunFolder, absolute, is_remote
+from tests.servers import write_object
 
 
 def test_a_local_run_folder_names_every_part():
     f = RunFolder("/data/runs", "r1")
     assert (f.uri, f.local, f.remote) == ("/data/runs/r1", Path("/data/runs/r1"), False)
-    assert f.stopped == Path("/data/runs/r1/STOPPED.json")
-    assert f.best_marker == Path("/data/runs/r1/best/best.json") and f.best == "/data/runs/r1/best"
+    assert f.stopped == "/data/runs/r1/STOPPED.json"
+    assert f.best_marker == "/data/runs/r1/best/best.json" and f.best == "/data/runs/r1/best"
     assert (f.samples, f.lock, f.pending) == (
         Path("/data/runs/r1/samples"),
         Path("/data/runs/r1/.lock"),
         Path("/data/runs/r1/mlflow-pending"),
     )
-    assert f.checkpoint_file("checkpoint_x") == Path("/data/runs/r1/checkpoint_x/checkpoint.pt")
+    assert f.checkpoint_file("checkpoint_x") == "/data/runs/r1/checkpoint_x/checkpoint.pt"
 
 
-def test_a_remote_run_folder_has_no_local_parts_and_keeps_pending_items_in_a_local_cache():
+def test_a_remote_run_folder_names_its_parts_by_url_and_keeps_pending_items_in_a_local_cache():
     f = RunFolder("s3://bucket/runs/", "r1")
     assert f.remote and f.uri == "s3://bucket/runs/r1" and f.best == "s3://bucket/runs/r1/best"
-    assert (f.local, f.stopped, f.best_marker, f.samples, f.lock, f.ray_latest()) == (None,) * 6
+    assert (f.stopped, f.best_marker) == ("s3://bucket/runs/r1/STOPPED.json", "s3://bucket/runs/r1/best/best.json")
+    assert (f.local, f.samples, f.lock) == (None,) * 3
     assert f.pending == Path.home() / ".cache" / "sagan" / "mlflow-pending" / "r1"
 
 
-def test_ray_latest_and_the_older_checkpoints_newest_first(tmp_path):
-    f = RunFolder(str(tmp_path), "r")
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_ray_latest_and_the_older_checkpoints_newest_first(tmp_path, request, where):
+    storage = str(tmp_path) if where == "disk" else request.getfixturevalue("s3")
+    f = RunFolder(storage, "r")
     assert f.ray_latest() is None  # a new run
     for name in ("checkpoint_2026-01-01_00-00-01.000001", "checkpoint_2026-01-01_00-00-02.000001"):
-        (tmp_path / "r" / name).mkdir(parents=True)
+        write_object(f.checkpoint_file(name), b"x")  # a folder on a disk; a key prefix on S3
     latest = "checkpoint_2026-01-01_00-00-03.000001"
-    (tmp_path / "r" / RAY_SNAPSHOT).write_text(
-        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": latest}})
+    write_object(
+        f"{f.uri}/{RAY_SNAPSHOT}", json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": latest}}).encode()
     )
     assert f.ray_latest() == latest
     assert f.checkpoints_before(latest) == [
         "checkpoint_2026-01-01_00-00-02.000001",
         "checkpoint_2026-01-01_00-00-01.000001",
     ]
-    (tmp_path / "r" / RAY_SNAPSHOT).write_text("{not json")
+    write_object(f"{f.uri}/{RAY_SNAPSHOT}", b"{not json")
     assert f.ray_latest() is None
 
 

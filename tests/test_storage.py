@@ -1,6 +1,7 @@
 """Object storage through one filesystem layer (sagan/storage.py), against a real S3 server on 127.0.0.1 (moto):
 an unusable bucket, endpoint or key is one line within seconds, before Ray starts; a run checkpoints into it."""
 
+import io
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sagan.storage import StorageError, check_storage
-from tests.servers import S3Server, objects, upload
+from tests.servers import S3Server, objects, read_object, upload, write_object
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,8 +74,13 @@ def test_train_refuses_unusable_storage_before_ray_starts(s3, digits, tmp_path, 
     assert "the bucket no-such-bucket does not exist" in err
 
 
-def test_a_run_reads_its_data_from_s3_and_checkpoints_into_it(s3, digits, tmp_path):
-    """train.py in its own process (its Ray workers inherit the AWS variables, as a cluster's nodes would)."""
+def test_a_run_on_s3_reads_its_data_checkpoints_and_resumes_there(s3, digits, tmp_path):
+    """train.py in its own process (its Ray workers inherit the AWS variables, as a cluster's nodes would): data
+    and checkpoints on S3; a relaunch checks the latest checkpoint on the driver, finds it damaged, and resumes
+    from the newest intact one, with a warning, into the same MLflow run."""
+    import mlflow
+    import torch
+
     upload(digits, f"{s3}/digits")  # the data on S3 too: read whole-shard, hashed in Ray tasks from there
     args = [
         f"data.train_shards={s3}/digits/train",
@@ -83,7 +89,6 @@ def test_a_run_reads_its_data_from_s3_and_checkpoints_into_it(s3, digits, tmp_pa
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
         "model.ch=8",
         "train.batch_size=4",
-        "train.steps=2",
         "train.ckpt_every=2",
         "train.eval_every=0",
         "data.verify=full",
@@ -91,15 +96,35 @@ def test_a_run_reads_its_data_from_s3_and_checkpoints_into_it(s3, digits, tmp_pa
         "scaling.cpus_per_worker=0.5",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "pipelines" / "train.py"), *args],
-        cwd=tmp_path,
-        env={**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
-        capture_output=True,
-        text=True,
-        timeout=400,
+
+    def launch(steps: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "pipelines" / "train.py"), *args, f"train.steps={steps}"],
+            cwd=tmp_path,
+            env={**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+
+    first = launch(4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = f"{s3}/runs/on-s3"
+    saved = sorted(
+        p.split("/")[0] for p in objects(run) if p.startswith("checkpoint_") and p.endswith("/checkpoint.pt")
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stored = objects(f"{s3}/runs/on-s3")
-    assert any(p.startswith("checkpoint_") and p.endswith("/checkpoint.pt") for p in stored), stored
+    assert len(saved) == 2, objects(run)  # steps 2 and 4 (run.keep_checkpoints=2)
+    write_object(f"{run}/{saved[-1]}/checkpoint.pt", b"not a checkpoint")  # the latest, damaged
+    second = launch(6)
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = second.stdout + second.stderr
+    assert f"the latest checkpoint of run on-s3 ({run}/{saved[-1]}) is damaged" in out, out[-3000:]
+    assert f"resuming from the newest intact one, {run}/{saved[0]} (step 2)" in out
+    assert "resumed from step 2" in out
+    latest = sorted(p for p in objects(run) if p.startswith("checkpoint_") and p.endswith("/checkpoint.pt"))[-1]
+    state = torch.load(io.BytesIO(read_object(f"{run}/{latest}")), weights_only=True)
+    assert state["step"] == 6
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("sagan-train").experiment_id])
+    assert mlflow_run.info.status == "FINISHED"  # one run, continued by the relaunch
     assert not (tmp_path / "s3:").exists()  # nothing went to a local folder named after the URL

@@ -8,8 +8,8 @@
     mlflow-pending/                     MLflow items the store had not taken when the run ended
     .lock                               the live launch that holds the folder
 
-The storage may be a local (or mounted) folder or object storage (`s3://bucket/prefix`); `is_remote` tells
-them apart, and the parts that need a local file (the lock, the stop marker) say so with `local`.
+The storage may be a local (or mounted) folder or object storage (`s3://bucket/prefix`): `files` reads and
+writes either (sagan.folder); `is_remote` tells them apart where it matters (the lock, the MLflow outbox).
 """
 
 import json
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sagan.errors import UsageError
+from sagan.folder import Folder
 from sagan.storage import is_url
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -66,12 +67,17 @@ class RunFolder:
         return None if self.local is None else self.local.joinpath(*parts)
 
     @property
-    def stopped(self) -> Path | None:
-        return self._local_part(STOPPED_FILE)
+    def files(self) -> Folder:
+        """The folder's files, on a disk or on object storage."""
+        return Folder(self.uri)
 
     @property
-    def best_marker(self) -> Path | None:
-        return self._local_part(BEST_DIR, BEST_FILE)
+    def stopped(self) -> str:
+        return f"{self.uri}/{STOPPED_FILE}"
+
+    @property
+    def best_marker(self) -> str:
+        return f"{self.uri}/{BEST_DIR}/{BEST_FILE}"
 
     @property
     def best(self) -> str:
@@ -93,12 +99,9 @@ class RunFolder:
         return self.local / PENDING_DIR
 
     def ray_latest(self) -> str | None:
-        """The folder name of the run's latest checkpoint in Ray's snapshot, or None when Ray would start afresh
-        (or the storage is remote)."""
-        if self.local is None:
-            return None
+        """The folder name of the run's latest checkpoint in Ray's snapshot, or None when Ray would start afresh."""
         try:
-            latest = json.loads((self.local / RAY_SNAPSHOT).read_text()).get("latest_checkpoint_result")
+            latest = json.loads(self.files.read_text(RAY_SNAPSHOT) or "{}").get("latest_checkpoint_result")
         except (OSError, ValueError, AttributeError):
             return None
         return latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
@@ -106,12 +109,11 @@ class RunFolder:
     def checkpoints_before(self, name: str) -> list[str]:
         """The checkpoint folders older than `name`, newest first (Ray names them checkpoint_<date>_<time>.<us>,
         which sort in time order)."""
-        found = self.local.glob("checkpoint_*") if self.local else []
-        return sorted((p.name for p in found if p.is_dir() and p.name < name), reverse=True)
+        return sorted((d for d in self.files.dirs("checkpoint_*") if d < name), reverse=True)
 
-    def checkpoint_file(self, checkpoint: str) -> Path:
-        """The checkpoint file in the checkpoint folder `checkpoint` of this (local) run."""
-        return self.local / checkpoint / CHECKPOINT_FILE
+    def checkpoint_file(self, checkpoint: str) -> str:
+        """The checkpoint file in the checkpoint folder `checkpoint`: a path, or a URL on object storage."""
+        return f"{self.uri}/{checkpoint}/{CHECKPOINT_FILE}"
 
 
 def find_checkpoint(path: str) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.fs
 
 from pipelines.common.config import Config
-from pipelines.common.run_folder import BEST_FILE, CHECKPOINT_FILE, RunFolder, is_remote
+from pipelines.common.run_folder import BEST_DIR, BEST_FILE, CHECKPOINT_FILE, RunFolder, is_remote
 from sagan.checkpoint import save_checkpoint
 from sagan.step import Trainer
 
@@ -17,12 +17,10 @@ def best_so_far(cfg: Config, from_checkpoint: dict | None) -> dict | None:
     """The better of the best recorded in the checkpoint resumed from and <run dir>/best/best.json, which may be
     newer (an evaluation after that checkpoint): a resumed run must not replace a better best with a worse."""
     found = [from_checkpoint] if from_checkpoint else []
-    marker = RunFolder.of(cfg).best_marker
-    if marker is not None and marker.is_file():
-        try:
-            found.append(json.loads(marker.read_text()))
-        except ValueError:
-            pass
+    try:
+        found.append(json.loads(RunFolder.of(cfg).files.read_text(BEST_DIR, BEST_FILE) or "null"))
+    except ValueError:
+        pass
     found = [b for b in found if isinstance(b, dict) and isinstance(b.get("loop/fid"), (int, float))]
     return min(found, key=lambda b: b["loop/fid"]) if found else None
 

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, field
 
 from pipelines.common.config import Config
-from pipelines.common.run_folder import RunFolder
+from pipelines.common.run_folder import CHECKPOINT_FILE, RunFolder
 from pipelines.training.preflight import PreflightError
 from sagan.checkpoint import CheckpointError, load_checkpoint
 from sagan.config import to_dict
@@ -40,19 +40,20 @@ def check_resume(cfg: Config) -> ResumePlan:
     """The checkpoint a relaunch of `cfg.run.name` resumes from, read and checked on this machine (CPU).
 
     PreflightError when it was trained with other model.* settings, or when no checkpoint of the run is intact.
-    Remote storage (scheme://) is not checked here: the workers load Ray's latest as they always did.
+    On object storage each checkpoint looked at is downloaded once to a temporary file.
     """
     folder = RunFolder.of(cfg)
     latest = folder.ray_latest()
-    if latest is None:  # a new run, or remote storage
+    if latest is None:  # a new run
         return ResumePlan()
-    run_dir = folder.local
+    run_dir = folder.uri
     # Newest first: Ray names the folders checkpoint_<date>_<time>.<microseconds>, which sort in time order.
     older = folder.checkpoints_before(latest)
     damaged, first_error = [], None
     for name in [latest, *older]:
         try:
-            state = load_checkpoint(folder.checkpoint_file(name), map_location="cpu")
+            with folder.files.local_copy(name, CHECKPOINT_FILE) as path:
+                state = load_checkpoint(path or folder.checkpoint_file(name), map_location="cpu")
             break
         except CheckpointError as e:
             damaged.append(name)
@@ -75,7 +76,7 @@ def check_resume(cfg: Config) -> ResumePlan:
     warning = None
     if damaged:
         warning = (
-            f"the latest checkpoint of run {cfg.run.name} ({run_dir / latest}) is damaged ({first_error}); "
-            f"resuming from the newest intact one, {run_dir / name} (step {state['step']})"
+            f"the latest checkpoint of run {cfg.run.name} ({run_dir}/{latest}) is damaged ({first_error}); "
+            f"resuming from the newest intact one, {run_dir}/{name} (step {state['step']})"
         )
-    return ResumePlan(str(run_dir / name), int(state["step"]), damaged, warning)
+    return ResumePlan(f"{run_dir}/{name}", int(state["step"]), damaged, warning)

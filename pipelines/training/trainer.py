@@ -14,7 +14,7 @@ def open_tracking_run(cfg: Config, tracking_uri: str, continuing: bool | None = 
     """The MLflow run this training run logs into, made or, when the run resumes from a checkpoint
     (`continuing`; default: Ray has a checkpoint of it), continued by the driver; its id."""
     if continuing is None:
-        continuing = RunFolder.of(cfg).remote or RunFolder.of(cfg).ray_latest() is not None
+        continuing = RunFolder.of(cfg).ray_latest() is not None
     experiment_id = prepare_tracking(tracking_uri, cfg.mlflow.experiment)
     tags = {"git_commit": git_commit(), "ray_job_id": ray_job_id()}
     return open_run(

@@ -21,6 +21,7 @@ from sagan.checkpoint import load_checkpoint
 from sagan.models import build_models
 from sagan.speed import Speed, prepare_models
 from sagan.step import Trainer
+from sagan.storage import ray_storage
 
 # Console lines go through logging: Ray Train's patched print() would show each of them twice.
 log = logging.getLogger("sagan.train")
@@ -67,7 +68,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     extra = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint and Path(checkpoint.path).name in loop_config.get("damaged", ()):  # found so by the driver
-        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])  # a retry's newer one from Ray is used as is
+        where = ray_storage(loop_config["resume_from"])  # a retry's newer one from Ray is used as is
+        checkpoint = ray.train.Checkpoint(where["storage_path"], filesystem=where.get("storage_filesystem"))
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
