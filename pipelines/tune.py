@@ -61,13 +61,12 @@ def sweep(cfg, combos) -> int:
     # Ray Tune and MLflow load here, not at the top: a launch refused by main's checks costs no import (seconds).
     import mlflow
     import ray
-    from ray import tune
 
     from pipelines.sweep.outcomes import best_row, records_from_results, trial_rows
     from pipelines.sweep.report import table_markdown, write_report
     from pipelines.sweep.space import metric_mode
     from pipelines.sweep.trials import mark_interrupted, parent_run
-    from pipelines.sweep.tuner import run_sweep
+    from pipelines.sweep.tuner import can_restore, run_sweep
     from pipelines.tracking.delivery import bound_requests
     from pipelines.tracking.pending import deliver_pending
 
@@ -76,11 +75,7 @@ def sweep(cfg, combos) -> int:
     submitted = bool(os.environ.get("RAY_ADDRESS"))
     connect_ray()  # joins the cluster when submitted as a job (RAY_ADDRESS), else starts a local one
     bound_requests()  # after ray.init: a local cluster's processes keep their own settings (pipelines/tracking)
-    # On remote storage the rerun check is skipped: the sweep is named by tune.name alone there.
-    if folder.remote:
-        sweep_id = cfg.tune.name
-    else:
-        sweep_id = check_same_sweep(Path(sweep_dir), combos, cfg, restorable=tune.Tuner.can_restore(sweep_dir))
+    sweep_id = check_same_sweep(sweep_dir, combos, cfg, restorable=can_restore(sweep_dir))
     check_cluster(cfg, ray.cluster_resources())
     verify_shards(cfg)  # once per sweep, not per trial
     prepare_evaluation(cfg)

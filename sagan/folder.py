@@ -41,10 +41,12 @@ class Folder:
         return info.size if info.type == pafs.FileType.File else None
 
     def read_text(self, *parts: str) -> str | None:
-        if self.size(*parts) is None:
+        """The file's text, None when there is none (one request on object storage)."""
+        try:
+            with self.fs.open_input_stream(self._path(*parts)) as f:
+                return f.read().decode()
+        except FileNotFoundError:
             return None
-        with self.fs.open_input_stream(self._path(*parts)) as f:
-            return f.read().decode()
 
     def files(self, folder: str, pattern: str) -> dict[str, int]:
         """{name: bytes} of the files directly in `folder` matching the glob `pattern` (one listing request)."""

@@ -27,11 +27,7 @@ def fetch(url: str, size: int, sha256: str) -> bytes:
     try:  # a HEAD request (pyarrow's, for the size), then one GET of the whole object
         with fs.open_input_file(path) as f:
             data = f.read(size + 1)
-    except FileNotFoundError:
-        raise DataError(f"shard {url} is missing: no such object; {_fix(url)}") from None
-    except OSError as e:
-        if "NoSuchKey" not in str(e) and "NOT_FOUND" not in str(e).upper():
-            raise
+    except FileNotFoundError:  # pyarrow's answer to a missing key; another error of the store propagates
         raise DataError(f"shard {url} is missing: no such object; {_fix(url)}") from None
     if len(data) != size:
         raise DataError(f"shard {url} is damaged: the manifest says {size} bytes, found {len(data)}; {_fix(url)}")

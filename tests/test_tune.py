@@ -58,26 +58,33 @@ def sweep_runs(tmp_path, name):
     return client, parent, [r for r in runs if r.data.tags[ROLE_TAG] == "trial"]
 
 
-def test_a_rerun_with_changed_settings_is_refused_naming_them(tmp_path):
+def sweep_folder(where: str, tmp_path, request) -> str:
+    """A sweep's folder on a disk, or under a fresh bucket of the session's S3 server."""
+    return str(tmp_path / "sweep") if where == "disk" else f"{request.getfixturevalue('s3')}/sweeps/sweep"
+
+
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_a_rerun_with_changed_settings_is_refused_naming_them(tmp_path, request, where):
     from pipelines.sweep.space import SweepError, check_same_sweep
 
+    folder = sweep_folder(where, tmp_path, request)
     cfg = load_config(None, ["tune.attn=[[16]]"])
-    sweep_id = check_same_sweep(tmp_path, combinations(cfg), cfg, restorable=False)
-    assert check_same_sweep(tmp_path, combinations(cfg), cfg, restorable=True) == sweep_id  # the same sweep
+    sweep_id = check_same_sweep(folder, combinations(cfg), cfg, restorable=False)
+    assert check_same_sweep(folder, combinations(cfg), cfg, restorable=True) == sweep_id  # the same sweep
     changed = load_config(None, ["tune.attn=[[16]]", "model.ch=32"])
     with pytest.raises(SweepError, match=r"with other settings \(model.ch; relative paths .*\); rerun it unchanged"):
-        check_same_sweep(tmp_path, combinations(changed), changed, restorable=True)
+        check_same_sweep(folder, combinations(changed), changed, restorable=True)
     # Nothing to restore (the first run stopped at a pre-flight error): the corrected settings start afresh.
-    assert check_same_sweep(tmp_path, combinations(changed), changed, restorable=False) != sweep_id
+    assert check_same_sweep(folder, combinations(changed), changed, restorable=False) != sweep_id
 
 
 def test_a_rerun_may_change_how_the_data_is_verified(tmp_path):
     from pipelines.sweep.space import check_same_sweep
 
     cfg = load_config(None, ["tune.attn=[[16]]"])
-    sweep_id = check_same_sweep(tmp_path, combinations(cfg), cfg, restorable=False)
+    sweep_id = check_same_sweep(str(tmp_path), combinations(cfg), cfg, restorable=False)
     off = load_config(None, ["tune.attn=[[16]]", "data.verify=off"])
-    assert check_same_sweep(tmp_path, combinations(off), off, restorable=True) == sweep_id
+    assert check_same_sweep(str(tmp_path), combinations(off), off, restorable=True) == sweep_id
 
 
 def test_placements_are_tied_or_crossed_and_every_value_makes_a_trial():
@@ -235,19 +242,31 @@ def test_two_concurrent_trials_write_into_one_sqlite_store(ray_session, digits, 
         assert steps[-1] >= 10 and steps == list(range(5, steps[-1] + 1, 5))
 
 
-def test_asha_rebuilds_its_rungs_from_saved_results_on_restore(tmp_path):
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_asha_rebuilds_its_rungs_from_saved_results_on_restore(tmp_path, request, where):
     import json
     from types import SimpleNamespace
 
     from ray.tune.schedulers import TrialScheduler
 
     from pipelines.sweep.asha import ResumableASHA
+    from sagan.storage import ray_storage
+    from tests.servers import write_object
+
+    sweep = sweep_folder(where, tmp_path, request)
 
     def trial(name, results):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in results) + '{"step": 2')  # cut line
-        return SimpleNamespace(trial_id=name, path=str(folder))
+        folder = f"{sweep}/{name}"
+        lines = "".join(json.dumps(r) + "\n" for r in results) + '{"step": 2'  # a cut line
+        write_object(f"{folder}/result.json", lines.encode())
+        # As Tune gives it: the trial's path inside its storage filesystem (S3 with an endpoint: pyarrow's).
+        storage = ray_storage(folder)
+        fs = storage.get("storage_filesystem")
+        return SimpleNamespace(
+            trial_id=name,
+            path=folder,
+            storage=SimpleNamespace(storage_filesystem=fs, trial_fs_path=storage["storage_path"]) if fs else None,
+        )
 
     def asha():
         return ResumableASHA(

@@ -7,15 +7,15 @@ the trial (which it does again for every trial of a restored sweep, finished one
 """
 
 import json
-from pathlib import Path
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
-from pipelines.common.run_folder import is_remote
+from sagan.storage import filesystem
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
-    """ASHAScheduler whose rungs are rebuilt from the trials' result.json files on restore (local storage)."""
+    """ASHAScheduler whose rungs are rebuilt from the trials' result.json files on restore (on a disk or on
+    object storage: read through the filesystem Tune uses for the trial)."""
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
@@ -24,19 +24,28 @@ class ResumableASHA(AsyncHyperBandScheduler):
             trial_dir = trial.path
         except RuntimeError:  # a new trial has no folder yet, and nothing saved
             return
-        for result in saved_results(trial_dir):
+        storage = getattr(trial, "storage", None)
+        fs = getattr(storage, "storage_filesystem", None)
+        for result in saved_results(getattr(storage, "trial_fs_path", None) if fs else trial_dir, fs):
             if self._time_attr in result and self._metric in result:
                 # on_result records a value once per rung and trial, so replaying twice changes nothing.
                 bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
 
 
-def saved_results(trial_dir: str | None) -> list[dict]:
-    """The results Tune saved for a trial (result.json, one JSON object per line), or [] when there are none."""
-    path = Path(trial_dir or "") / "result.json"
-    if not trial_dir or is_remote(trial_dir) or not path.is_file():
+def saved_results(trial_dir: str | None, fs=None) -> list[dict]:
+    """The results Tune saved for a trial (result.json, one JSON object per line), or [] when there are none.
+    `trial_dir`: a path or URL, or a path inside the pyarrow filesystem `fs`."""
+    if not trial_dir:
+        return []
+    if fs is None:
+        fs, trial_dir = filesystem(trial_dir)
+    try:
+        with fs.open_input_stream(f"{trial_dir.rstrip('/')}/result.json") as f:
+            text = f.read().decode()
+    except FileNotFoundError:  # no results yet; another error of the store propagates (no silent wrong rungs)
         return []
     results = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             results.append(json.loads(line))
         except ValueError:  # a line cut short by a killed driver

@@ -5,11 +5,11 @@ model before Ray starts, and the record that a rerun of the same tune.name keeps
 import itertools
 import json
 import uuid
-from pathlib import Path
 
 from pipelines.common.config import TUNE_METRICS, Config
 from sagan.config import ConfigError, flatten, to_dict, with_overrides
 from sagan.errors import UserError
+from sagan.folder import Folder
 
 SPACE_FILE = "sweep.json"  # in the sweep's folder: its config and id; a rerun must not silently change them
 DRIVER_CPU = 0.01  # what a trial's driver function reserves; its Train workers reserve their own
@@ -100,14 +100,16 @@ def check_sweep(cfg: Config) -> list[dict]:
     return combos
 
 
-def check_same_sweep(sweep_dir: Path, combos: list[dict], cfg: Config, restorable: bool) -> str:
-    """Record the sweep (its whole config and combinations, and a new sweep id) in its folder. When Tune has
-    state to restore, SweepError if anything changed: the restored trials would mix old and new settings.
-    Returns the sweep id, which tags the MLflow parent: a sweep started afresh gets a parent of its own."""
+def check_same_sweep(sweep_dir: str, combos: list[dict], cfg: Config, restorable: bool) -> str:
+    """Record the sweep (its whole config and combinations, and a new sweep id) in its folder (a path or an
+    object-storage URL). When Tune has state to restore, SweepError if anything changed: the restored trials
+    would mix old and new settings. Returns the sweep id, which tags the MLflow parent: a sweep started afresh
+    gets a parent of its own."""
     record = {"config": to_dict(cfg), "combinations": combos}
-    path = sweep_dir / SPACE_FILE
-    if path.is_file() and restorable:
-        saved = json.loads(path.read_text())
+    files = Folder(sweep_dir)
+    text = files.read_text(SPACE_FILE) if restorable else None
+    if text is not None:
+        saved = json.loads(text)
         # How the data is checked changes no trial's result (and sweeps recorded before the key lack it).
         saved.get("config", {}).get("data", {})["verify"] = cfg.data.verify
         if {k: saved.get(k) for k in record} != json.loads(json.dumps(record)):
@@ -120,11 +122,9 @@ def check_same_sweep(sweep_dir: Path, combos: list[dict], cfg: Config, restorabl
                 "resume it, or choose another tune.name"
             )
         return saved["sweep_id"]
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    files.make_folder()
     record["sweep_id"] = uuid.uuid4().hex
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    files.write_text(SPACE_FILE, json.dumps(record, indent=1))
     return record["sweep_id"]
 
 

@@ -18,13 +18,25 @@ from sagan.errors import UsageError
 from sagan.storage import ray_storage
 
 
+def tune_storage(sweep_dir: str) -> tuple[str, object]:
+    """(path, filesystem) as Tune takes a sweep's folder: with an S3-compatible endpoint, its filesystem and the
+    path inside it; else the path or URL itself and None."""
+    storage = ray_storage(sweep_dir)
+    return storage["storage_path"], storage.get("storage_filesystem")
+
+
+def can_restore(sweep_dir: str) -> bool:
+    """Whether Tune has a saved sweep in `sweep_dir` (a path or an object-storage URL)."""
+    path, fs = tune_storage(sweep_dir)
+    return tune.Tuner.can_restore(path, storage_filesystem=fs)
+
+
 def run_sweep(cfg, combos, uri: str, experiment_id: str, parent_id: str, sweep_dir: str):
     """Start the sweep, or restore it from `sweep_dir`; returns Tune's ResultGrid and whether it was restored."""
     # Rank 0 reports the in-loop metric at evaluation steps only; the other reports (losses) lack it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     fn = trainable(cfg, uri, parent_id, sweep_dir)
-    storage = ray_storage(sweep_dir)  # with an S3-compatible endpoint: its filesystem, and the path inside it
-    path, fs = storage["storage_path"], storage.get("storage_filesystem")
+    path, fs = tune_storage(sweep_dir)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"resuming sweep {cfg.tune.name} from {sweep_dir}", flush=True)
         try:
