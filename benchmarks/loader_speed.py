@@ -4,6 +4,7 @@
     python benchmarks/loader_speed.py --work /tmp/loader      # keep the sources and shards for the next run
     python benchmarks/loader_speed.py --shards /data/imagenet128/train --batches 50
     python benchmarks/loader_speed.py --tiny --no-ray         # the test's size
+    python benchmarks/loader_speed.py --no-ray --s3           # also from a local S3 server, against disk
 
 All in one run, so the ratios compare like with like on whatever else the machine is doing:
 - raw JPEG decode of the shards' members already in memory: PIL (`decode_uint8`) and torchvision
@@ -157,8 +158,9 @@ def best_of(passes: list[dict], processes: int) -> dict:
     return row
 
 
-def ours(location: str, workers: int, batch: int, n: int, prefetch: int, repeats: int) -> tuple[dict, list]:
-    shards = find_shards(location)
+def ours(location, workers: int, batch: int, n: int, prefetch: int, repeats: int) -> tuple[dict, list]:
+    """Our loader's best pass over `location` (a shard location, or a ShardSet) and the labels it saw first."""
+    shards = find_shards(location) if isinstance(location, str) else location
     passes = []
     for _ in range(repeats):
         batches = rank_loader(shards, 0, 1, batch, seed=0, start_batch=0, workers=workers, prefetch=prefetch)
@@ -272,6 +274,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="passes per configuration; the best counts (default 3)")
     p.add_argument("--decode-images", type=int, default=4000, help="JPEGs for the raw decode rates (default 4000)")
     p.add_argument("--no-ray", action="store_true", help="skip Ray Data (it starts Ray twice, ~15 s each)")
+    p.add_argument("--s3", action="store_true", help="also read the shards from a local S3 server (moto), vs disk")
+    p.add_argument("--s3-url", default=None, help="... or from this s3:// prefix of a real store (AWS_* variables)")
     p.add_argument("--tiny", action="store_true", help="test size: 200 images in 2 shards, batch 32, 3 batches")
     p.add_argument("--out", default=str(RESULTS), help=f"JSON file (default {RESULTS.relative_to(ROOT)})")
     p.add_argument("--ray-cpus", type=int, default=None, help=argparse.SUPPRESS)  # the child process's mode
@@ -295,6 +299,15 @@ def main(argv=None) -> dict:
         }
         ours1, labels1 = ours(location, 1, args.batch, args.batches, args.prefetch, args.repeats)
         ours2, labels2 = ours(location, 2, args.batch, args.batches, args.prefetch, args.repeats)
+        s3 = None
+        if args.s3 or args.s3_url:
+            from benchmarks.loader_s3 import measure
+
+            def runner(shard_set, workers, repeats=None):
+                row, labels = ours(shard_set, workers, args.batch, args.batches, args.prefetch, repeats or args.repeats)
+                return {**row, "labels": labels}
+
+            s3 = measure(location, args, runner)
         ray1 = ray2 = None
         if not args.no_ray:
             ray1, ray2 = (ray_data_subprocess(location, cpus, args) for cpus in (1, 2))
@@ -335,6 +348,8 @@ def main(argv=None) -> dict:
             "ours_2_vs_1_workers": ratio(ours2, ours1),
         },
     }
+    if s3:
+        result["object_storage"] = s3
     if ray1:
         result["ray_data"] = {
             "cpus_1": ray1,

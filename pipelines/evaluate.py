@@ -34,11 +34,11 @@ import torch
 from pipelines.common.cli import pick_device
 from pipelines.common.config import from_dict
 from pipelines.common.provenance import git_commit
-from pipelines.common.run_folder import absolute, find_checkpoint
+from pipelines.common.run_folder import absolute, load_checkpoint_at
 from pipelines.release.registry import check_name, register_generator
 from pipelines.release.sources import shard_class_names
 from pipelines.tracking.evaluations import evaluation_target, log_evaluation
-from sagan.checkpoint import generator_from_state, load_checkpoint
+from sagan.checkpoint import generator_from_state
 from sagan.config import with_overrides
 from sagan.errors import JobFailed, UsageError, command, first_line
 from sagan.metrics import build_evaluator, feature_weights, verified_real_shards
@@ -85,8 +85,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    ckpt = find_checkpoint(args.checkpoint).resolve()
-    state = load_checkpoint(ckpt)
+    state, ckpt = load_checkpoint_at(args.checkpoint)  # a path or an object-storage URL
     bad = [o for o in args.overrides if not o.startswith(OVERRIDABLE)]
     if bad:
         raise UsageError(
@@ -133,7 +132,7 @@ def main(argv=None) -> int:
     return register(args, uri, run_id, G, cfg, ckpt, step, scores) if args.register is not None else 0
 
 
-def register(args, uri: str, run_id: str, G, cfg, ckpt: Path, step: int, scores: dict) -> int:
+def register(args, uri: str, run_id: str, G, cfg, ckpt: str, step: int, scores: dict) -> int:
     """Log G as an MLflow model in `run_id`, with the scores just measured, and register it under --register."""
     names = shard_class_names(cfg.data.train_shards, cfg.model.num_classes)
     meta = {

@@ -118,10 +118,20 @@ def test_loader_speed_benchmark_times_decode_and_both_worker_counts_on_equal_sam
     from benchmarks import loader_speed
 
     out = tmp_path / "loader_speed.json"
-    result = loader_speed.main(["--tiny", "--no-ray", "--work", str(tmp_path / "work"), "--out", str(out)])
+    result = loader_speed.main(["--tiny", "--no-ray", "--s3", "--work", str(tmp_path / "work"), "--out", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["shards"]["num_shards"] == 2 and result["pinned"] is False
     assert all(d["images_per_s"] > 0 for d in result["decode_one_core"].values())
     runs = [result["ours"]["workers_1"], result["ours"]["workers_2"]]
     assert all(r["images_per_s"] > 0 for r in runs) and {r["samples"] for r in runs} == {3 * 32}
     assert result["ours"]["same_order_with_1_and_2_workers"] and "ray_data" not in result
+    s3 = result["object_storage"]  # the same shards from a local S3 server, side by side with the disk
+    assert s3["same_batches_as_disk"] and all(r > 0 for r in s3["ratios_to_disk"].values())
+    requests = s3["requests"]
+    assert requests["disk_workers_1"]["shards_fetched"] == 0
+    assert requests["s3_cold_cache_workers_2"] == {
+        "shards_fetched": 2,
+        "requests_per_shard_max": 2,
+        "requests_total": 4,
+    }
+    assert requests["s3_warm_cache_workers_2"]["shards_fetched"] == 0  # HEAD + GET once per shard, then none

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from sagan.checkpoint import CheckpointError, load_checkpoint
 from sagan.errors import UsageError
 from sagan.folder import Folder
 from sagan.storage import is_url
@@ -133,3 +134,31 @@ def find_checkpoint(path: str) -> Path:
             f"no checkpoint at {p}: give a checkpoint.pt, a checkpoint_* directory or a run directory holding them"
         )
     return found[-1]  # Ray names checkpoints by time: the last in order is the newest
+
+
+def load_checkpoint_at(spec: str) -> tuple[dict, str]:
+    """The checkpoint at `spec`, a path or an object-storage URL (the file, its checkpoint_* folder, or a run
+    folder: its newest), loaded without executing code from it, and where it was found. On object storage the
+    file is downloaded once to a temporary copy; a message names the URL, never that copy."""
+    if not is_remote(spec):
+        path = find_checkpoint(spec).resolve()
+        return load_checkpoint(path), str(path)
+    url = spec.rstrip("/")
+    files = Folder(url)
+    if files.size() is not None:  # the file itself
+        folder, name = url.rpartition("/")[0], url.rpartition("/")[2]
+    elif files.size(CHECKPOINT_FILE) is not None:
+        folder, name = url, CHECKPOINT_FILE
+    else:
+        found = [d for d in files.dirs("checkpoint_*") if files.size(d, CHECKPOINT_FILE) is not None]
+        if not found:
+            raise UsageError(
+                f"no checkpoint at {url}: give a checkpoint.pt, a checkpoint_* prefix or a run prefix holding them"
+            )
+        folder, name = f"{url}/{found[-1]}", CHECKPOINT_FILE  # Ray names checkpoints by time: the last is newest
+    where = f"{folder}/{name}"
+    with Folder(folder).local_copy(name) as copy:
+        try:
+            return load_checkpoint(copy), where
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(str(copy), where)) from None

@@ -6,13 +6,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.common.run_folder import find_checkpoint
+from pipelines.common.run_folder import load_checkpoint_at
 from pipelines.tracking.store import TrackingError, check_tracking, default_tracking_uri
-from sagan.checkpoint import generator_from_state, load_checkpoint
+from sagan.checkpoint import generator_from_state
 from sagan.errors import UsageError, first_line
 from sagan.export import load_generator_file, save_generator_file
+from sagan.folder import Folder
 from sagan.models import generator_kwargs
 from sagan.sampling import class_names
+from sagan.storage import is_url
 
 
 @dataclass
@@ -44,8 +46,7 @@ def load_source(
         weights = meta.get("weights", "ema")
         source = Source(G, meta.pop("generator"), meta, meta.pop("class_names", None), f"{spec} ({weights} weights)")
     else:
-        ckpt = find_checkpoint(spec).resolve()
-        state = load_checkpoint(ckpt)
+        state, ckpt = load_checkpoint_at(spec)  # a path or an object-storage URL
         G, cfg = generator_from_state(state, ema, device)
         step = int(state["step"])
         meta = {"step": step, "weights": "ema" if ema else "raw", "checkpoint": str(ckpt)}
@@ -61,6 +62,14 @@ def load_source(
 def shard_class_names(train_shards: str, num_classes: int) -> list[str] | None:
     """The names in the classes.tsv that shard_imagenet.py wrote beside the split folders, when it is there:
     train_shards is the train split's folder (OUT/train) or a pattern of files inside it."""
+    if is_url(train_shards):  # on object storage: the same two places, read through a temporary copy
+        parent = train_shards.rstrip("/").rpartition("/")[0]
+        for folder in (parent, parent.rpartition("/")[0]):
+            with Folder(folder).local_copy("classes.tsv") as copy:
+                names = class_names(copy, num_classes) if copy else None
+            if names:
+                return names
+        return None
     folder = Path(train_shards)
     for candidate in (folder.parent / "classes.tsv", folder.parent.parent / "classes.tsv"):
         names = class_names(candidate, num_classes)
