@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sagan.storage import StorageError, check_storage
 from tests.servers import S3Server, objects, read_object, upload, write_object
@@ -128,3 +129,64 @@ def test_a_run_on_s3_reads_its_data_checkpoints_and_resumes_there(s3, digits, tm
     (mlflow_run,) = client.search_runs([client.get_experiment_by_name("sagan-train").experiment_id])
     assert mlflow_run.info.status == "FINISHED"  # one run, continued by the relaunch
     assert not (tmp_path / "s3:").exists()  # nothing went to a local folder named after the URL
+
+
+def test_a_run_goes_on_through_an_s3_server_that_stops_answering_for_seconds(digits, tmp_path, monkeypatch):
+    """The store freezes (SIGSTOP: connections hang, as with a network partition) for 8 s after the run's first
+    checkpoint, then answers again: the run finishes at its last step, with every checkpoint and log step."""
+    import signal
+
+    import mlflow
+    import pyarrow.fs as pafs
+
+    server = S3Server(tmp_path).start()
+    try:
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **server.env()}
+        for key, value in server.env().items():  # this process reads the bucket too
+            monkeypatch.setenv(key, value)
+        host = server.url.removeprefix("http://")
+        pafs.S3FileSystem(endpoint_override=host, scheme="http", allow_bucket_creation=True).create_dir("frozen")
+        upload(digits, "s3://frozen/digits")
+        args = [
+            "data.train_shards=s3://frozen/digits/train",
+            "run.storage_path=s3://frozen/runs",
+            "run.name=frozen",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+            "model.ch=8",
+            "train.batch_size=4",
+            "train.steps=12",
+            "train.ckpt_every=4",
+            "train.log_every=2",
+            "train.eval_every=0",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=0.5",
+        ]
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "pipelines" / "train.py"), *args],
+            cwd=tmp_path,
+            env={**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 300
+        while not any(p.endswith("/checkpoint.pt") for p in objects("s3://frozen/runs/frozen")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        time.sleep(8)
+        assert proc.poll() is None  # the run needed the store meanwhile (its next checkpoints): it waited
+        os.killpg(server.proc.pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, out[-3000:]
+        checkpoints = sorted(p for p in objects("s3://frozen/runs/frozen") if p.endswith("/checkpoint.pt"))
+        state = torch.load(io.BytesIO(read_object(f"s3://frozen/runs/frozen/{checkpoints[-1]}")), weights_only=True)
+        assert state["step"] == 12 and len(checkpoints) == 2  # steps 8 and 12 kept (run.keep_checkpoints=2)
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("sagan-train").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == list(range(2, 13, 2))
+    finally:
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGCONT)
+        server.kill()
