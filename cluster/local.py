@@ -58,7 +58,28 @@ def wait_http(url: str, timeout: float, what: str) -> None:
     raise SystemExit(f"error: {what} did not answer at {url} within {timeout:.0f} s")
 
 
-def up(folder: Path, workers: int, cpus: int, mlflow_port: int) -> dict:
+def mlflow_command(folder: Path, port: int, artifacts: str | None = None) -> list[str]:
+    """The MLflow server of the cluster: runs in sqlite under `folder`, artifacts proxied by the server (clients
+    upload to it over HTTP, so no node needs a shared disk or the store's keys) into `artifacts`: a folder, or
+    object storage (s3://BUCKET/PREFIX; the server reads AWS_ENDPOINT_URL and the AWS keys from its
+    environment). Default: folder/mlartifacts."""
+    return [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts or str(folder / "mlartifacts"),
+    ]
+
+
+def up(folder: Path, workers: int, cpus: int, mlflow_port: int, artifacts: str | None = None) -> dict:
     """Start the head, `workers` worker nodes and MLflow; returns the cluster's description (also in STATE)."""
     if (folder / STATE).is_file():
         raise SystemExit(
@@ -126,23 +147,7 @@ def up(folder: Path, workers: int, cpus: int, mlflow_port: int) -> dict:
         )
     log = open(folder / "mlflow.log", "ab")
     mlflow = subprocess.Popen(
-        [
-            str(bin_dir / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(folder / "mlartifacts"),
-        ],
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
+        mlflow_command(folder, mlflow_port, artifacts), stdout=log, stderr=log, start_new_session=True
     )
     state = {
         "address": f"http://127.0.0.1:{dashboard}",
@@ -235,12 +240,24 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default 1)")
     p.add_argument("--cpus", type=int, default=2, help="logical CPUs per node (default 2)")
     p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument(
+        "--artifacts-destination",
+        default=None,
+        help="where MLflow keeps artifacts: a folder or s3://BUCKET/PREFIX (AWS_* variables; default DIR/mlartifacts)",
+    )
     args = p.parse_args(argv)
     folder = Path(args.dir).expanduser().resolve()
     if args.command == "up":
         if args.workers < 1:
             raise SystemExit("error: --workers must be at least 1: a multi-node cluster needs a node besides the head")
-        up(folder, args.workers, args.cpus, args.mlflow_port)
+        if args.artifacts_destination and "://" in args.artifacts_destination:
+            from sagan.storage import StorageError, check_storage
+
+            try:  # the endpoint, keys and bucket: one line now, not a failed upload in MLflow's log later
+                check_storage(args.artifacts_destination, "--artifacts-destination")
+            except StorageError as e:
+                raise SystemExit(f"error: {e}") from None
+        up(folder, args.workers, args.cpus, args.mlflow_port, args.artifacts_destination)
         print(
             f"up: {1 + args.workers} Ray nodes, token auth on, MLflow at http://127.0.0.1:{args.mlflow_port}\n"
             f'submit jobs after:\n  eval "$(python cluster/local.py env)"\n{env_lines(folder)}'

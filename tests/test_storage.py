@@ -190,3 +190,33 @@ def test_a_run_goes_on_through_an_s3_server_that_stops_answering_for_seconds(dig
         if server.proc.poll() is None:
             os.killpg(server.proc.pid, signal.SIGCONT)
         server.kill()
+
+
+def test_the_local_clusters_mlflow_server_keeps_artifacts_on_s3(s3, tmp_path):
+    """cluster/local.py's MLflow server with --artifacts-destination on the S3 server: a client that only speaks
+    HTTP to the tracking server (no AWS keys, as on a node) logs an artifact, and it lands in the bucket."""
+    import mlflow
+
+    from cluster.local import mlflow_command
+    from tests.servers import free_port, kill_group, wait_for
+
+    port = free_port()
+    log = open(tmp_path / "mlflow.log", "ab")
+    server = subprocess.Popen(
+        mlflow_command(tmp_path, port, f"{s3}/mlartifacts"), stdout=log, stderr=log, start_new_session=True
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", 90, f"mlflow server did not start; see {tmp_path / 'mlflow.log'}")
+        (tmp_path / "grid.txt").write_text("a sample grid")
+        client_env = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AWS_")}  # the node has none
+        try:
+            client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+            run = client.create_run(client.create_experiment("on-s3"))
+            client.log_artifact(run.info.run_id, str(tmp_path / "grid.txt"), "samples")
+        finally:
+            os.environ.update(client_env)
+        stored = [k for k in objects(f"{s3}/mlartifacts") if k.endswith("samples/grid.txt")]
+        assert len(stored) == 1 and read_object(f"{s3}/mlartifacts/{stored[0]}") == b"a sample grid"
+        assert not (tmp_path / "mlartifacts").exists()
+    finally:
+        kill_group(server)
