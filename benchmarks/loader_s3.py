@@ -26,12 +26,13 @@ def _start_moto(folder: Path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = folder / "moto.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     import urllib.request
 
     for _ in range(600):
@@ -71,6 +72,16 @@ def measure(location: str, args, ours) -> dict:
     root = split_dir.parent
     with tempfile.TemporaryDirectory() as tmp:
         proc = log = None
+        saved_env = {
+            k: os.environ.get(k)
+            for k in (
+                "AWS_ENDPOINT_URL",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_REGION",
+                "AWS_EC2_METADATA_DISABLED",
+            )
+        }
         if args.s3_url:
             url = args.s3_url.rstrip("/")
         else:
@@ -118,6 +129,12 @@ def measure(location: str, args, ours) -> dict:
         finally:
             if proc:
                 proc.kill()
+                proc.wait()
+                for key, value in saved_env.items():  # the caller's environment as it was (the server is gone)
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
     shards = find_shards(location)
     result = {
         "store": "a real store at " + url if args.s3_url else "moto's S3 server on 127.0.0.1 (same machine)",

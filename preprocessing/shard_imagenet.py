@@ -194,6 +194,11 @@ def build(args) -> dict:
     missing = [s for s in splits if s not in source.split_dirs]
     if missing:
         raise UsageError(f"split(s) {missing} not found under {source.root}; available: {sorted(source.split_dirs)}")
+    if not out.remote:
+        try:
+            out.check_writable()
+        except OSError as e:
+            raise UsageError(f"--out {out.name} is not writable: {e.strerror or e}") from None
     options = {**{k: getattr(args, k) for k in CONTENT_OPTIONS}, **FIXED_OPTIONS}
     old = load_manifest(out)
     if old and not args.overwrite:
@@ -371,11 +376,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.src is not None:
         out = Output(args.out)
-        try:  # object storage: the endpoint, credentials and bucket, in one line within seconds
+        if out.remote:  # the endpoint, credentials and bucket, in one line within seconds, before the lock
             out.check_writable()
-        except OSError as e:
-            raise UsageError(f"--out {out.name} is not writable: {e.strerror or e}") from None
-        with output_lock(out):
+        with output_lock(out):  # on a disk, the lock makes --out (and removes it again if it is refused)
             build(args)
     if args.verify and verify(Output(args.out)):
         raise JobFailed("verification failed")

@@ -112,7 +112,7 @@ def find_shards(location: str, split: str = "train") -> ShardSet:
     files = _Files(loc)
     if not files.prefix:
         loc = files.path(loc)
-    kind = "none" if "{" in loc else files.kind(loc)
+    kind = files.kind(loc)  # a real folder whose name holds a brace is a folder, not a pattern
     if _base(loc) == "manifest.json":
         root, tar_dir, wanted = _parent(loc), f"{_parent(loc)}/{split}", None
     elif kind == "dir" and files.kind(f"{loc}/manifest.json") == "file":

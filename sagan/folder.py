@@ -74,7 +74,7 @@ class Folder:
         if not self.remote:
             yield self._path(*parts) if self.size(*parts) is not None else None
             return
-        fd, local = tempfile.mkstemp(prefix="shard-")
+        fd, local = tempfile.mkstemp(prefix="sagan-copy-")
         try:
             with os.fdopen(fd, "wb") as dst, self.fs.open_input_stream(self._path(*parts)) as src:
                 while block := src.read(8 << 20):
@@ -83,6 +83,9 @@ class Folder:
             os.unlink(local)
             yield None
             return
+        except BaseException:  # a store error or an interruption half-way: no partial copy left behind
+            os.unlink(local)
+            raise
         try:
             yield local
         finally:
@@ -119,5 +122,9 @@ class Folder:
             with self.fs.open_output_stream(self._path(tmp)) as f:
                 write(f)
             self.fs.move(self._path(tmp), self._path(name))
-        finally:
-            self.remove(tmp)
+        except BaseException:
+            try:
+                self.remove(tmp)
+            except OSError:  # the store is what failed: the next run removes the temporary file
+                pass
+            raise

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .config import SaganConfig
 from .data import DataError, ShardSet, _fix, batches_per_epoch
@@ -118,7 +118,7 @@ class ShardReader:
             from .shard_cache import RemoteShards
 
             self.remote = RemoteShards(shards, shards.cache_dir, shards.cache_bytes, keep=REMOTE_IN_MEMORY)
-            self.max_open = OPEN_FILES if shards.cache_dir else REMOTE_IN_MEMORY
+            self.max_open = REMOTE_IN_MEMORY  # an open cached file keeps its disk space after a trim removes it
 
     def _file(self, shard: int):
         f = self.files.pop(shard, None)
@@ -185,15 +185,17 @@ class Batches(Dataset):
         """The (shard, sample) pairs (B, 2) of batch `g`."""
         raise NotImplementedError
 
-    def upcoming(self, g: int) -> list[int]:
-        """The shards the batches after `g` read (within LOOKAHEAD batches), in the order they are first needed."""
+    def upcoming(self, g: int, stride: int = 1) -> list[int]:
+        """The shards that this process's next batches after `g` read (g + stride, g + 2 stride, ..., within
+        LOOKAHEAD batches of the schedule), in the order they are first needed."""
         return []
 
     def __getitem__(self, g: int):
         self.reader = self.reader or ShardReader(self.shards)
         try:
             refs = self.refs(g)
-            self.reader.prefetch(self.upcoming(g))
+            worker = get_worker_info()  # a DataLoader worker gets every num_workers-th batch: look ahead over its own
+            self.reader.prefetch(self.upcoming(g, worker.num_workers if worker else 1))
             return self.reader.batch(refs)
         except DataError as e:
             return str(e)
@@ -214,9 +216,9 @@ class PlannedBatches(Batches):
             self.plan = (epoch, epoch_plan(self.shards, self.rank, self.world, self.batch_size, epoch, self.seed))
         return self.plan[1][b]
 
-    def upcoming(self, g: int) -> list[int]:
+    def upcoming(self, g: int, stride: int = 1) -> list[int]:
         b = g % self.per_epoch
-        return _first_seen(self.plan[1][b + 1 : b + 1 + LOOKAHEAD, :, 0])
+        return _first_seen(self.plan[1][b + stride : b + 1 + LOOKAHEAD : stride, :, 0])
 
 
 class SequentialBatches(Batches):
@@ -233,8 +235,9 @@ class SequentialBatches(Batches):
     def refs(self, g: int) -> np.ndarray:
         return self.all[g]
 
-    def upcoming(self, g: int) -> list[int]:
-        return _first_seen(np.concatenate(self.all[g + 1 : g + 1 + LOOKAHEAD] or [np.zeros((0, 2), np.int64)])[:, 0])
+    def upcoming(self, g: int, stride: int = 1) -> list[int]:
+        ahead = self.all[g + stride : g + 1 + LOOKAHEAD : stride]
+        return _first_seen(np.concatenate(ahead or [np.zeros((0, 2), np.int64)])[:, 0])
 
 
 def _first_seen(shards: np.ndarray) -> list[int]:

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import io
 import os
+import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,10 +21,11 @@ from .data import DataError, ShardSet, _fix, sha256_message
 from .storage import filesystem
 
 
-def fetch(url: str, size: int, sha256: str) -> bytes:
+def fetch(url: str, size: int, sha256: str, fs=None) -> bytes:
     """The whole object `url` in one read, checked against the manifest's `size` and `sha256`: DataError
-    naming it when missing, cut or changed; an OSError of the store propagates (Ray Train retries it)."""
-    fs, path = filesystem(url)
+    naming it when missing, cut or changed; an OSError of the store propagates (Ray Train retries it).
+    `fs`: the store's pyarrow filesystem, when the caller keeps one (else made here)."""
+    fs, path = (fs, url.split("://", 1)[1]) if fs is not None else filesystem(url)
     try:  # a HEAD request (pyarrow's, for the size), then one GET of the whole object
         with fs.open_input_file(path) as f:
             data = f.read(size + 1)
@@ -48,14 +50,17 @@ class RemoteShards:
         self.held: OrderedDict[int, bytes] = OrderedDict()  # memory mode: most recently used last
         self.pending: dict[int, Future] = {}
         self.pool: ThreadPoolExecutor | None = None
+        self.fs = None  # the store's filesystem, made once per process (in a loader process: after the fork)
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
 
     def _get(self, shard: int):
         """bytes (memory mode) or an open file of the cached copy of `shard` (open before anyone can remove it)."""
         s = self.shards
+        if self.fs is None:
+            self.fs = filesystem(s.urls[shard])[0]
         if not self.cache_dir:
-            return fetch(s.urls[shard], s.sizes[shard], s.sha256s[shard])
+            return fetch(s.urls[shard], s.sizes[shard], s.sha256s[shard], self.fs)
         path = os.path.join(self.cache_dir, f"{s.sha256s[shard]}.tar")
         if (cached := self._open_fresh(path, s.sizes[shard])) is not None:
             return cached
@@ -63,12 +68,17 @@ class RemoteShards:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if (cached := self._open_fresh(path, s.sizes[shard])) is not None:
                 return cached
-            data = fetch(s.urls[shard], s.sizes[shard], s.sha256s[shard])
+            data = fetch(s.urls[shard], s.sizes[shard], s.sha256s[shard], self.fs)
             tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-            cached = open(path, "rb")  # an open file outlives its removal by another process's trim
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                cached = open(tmp, "rb")  # opened before the rename: outlives any trim by another process
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
             self._trim(keep=path)
             return cached
 
@@ -92,7 +102,14 @@ class RemoteShards:
         """Remove the least recently used cached shards until the cache is within its size (never `keep`)."""
         entries = []
         for name in os.listdir(self.cache_dir):
-            if name.endswith(".tar"):
+            if ".tar.tmp-" in name:  # a download a killed process left: counted, and removed after an hour
+                try:
+                    st = os.stat(os.path.join(self.cache_dir, name))
+                    if time.time() - st.st_mtime > 3600:
+                        os.unlink(os.path.join(self.cache_dir, name))
+                except FileNotFoundError:
+                    pass
+            elif name.endswith(".tar"):
                 try:
                     st = os.stat(os.path.join(self.cache_dir, name))
                 except FileNotFoundError:

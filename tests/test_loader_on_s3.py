@@ -96,3 +96,25 @@ def test_a_damaged_or_missing_object_is_named_in_one_line(on_s3, damage):
     message = str(e.value)
     assert message.startswith(f"shard {victim} {expected}") and len(message.splitlines()) == 1, message
     assert f"--out {url} --verify" in message
+
+
+def test_a_loader_process_prefetches_only_shards_its_own_batches_read(digits):
+    """With N loader processes, each reads every N-th batch: what it fetches ahead must be read by it, or the
+    bytes (or open files) of shards it never opens would pile up in it."""
+    import numpy as np
+
+    from sagan.loader import LOOKAHEAD, PlannedBatches, SequentialBatches
+
+    shards = find_shards(str(digits / "train"))
+    for dataset in (SequentialBatches(shards, 40), PlannedBatches(shards, 0, 1, 40, seed=0)):
+        n = len(dataset) if isinstance(dataset, SequentialBatches) else dataset.per_epoch
+        for stride in (1, 2, 3):
+            ahead = []
+            for g in range(n):
+                dataset.refs(g)
+                upcoming = dataset.upcoming(g, stride)
+                window = range(g + stride, min(n, g + 1 + LOOKAHEAD), stride)  # its own next batches, ahead
+                own = np.concatenate([dataset.refs(h) for h in window] or [np.zeros((0, 2))])
+                assert set(upcoming) <= {int(s) for s in own[:, 0]}, (type(dataset).__name__, stride, g)
+                ahead += upcoming
+            assert ahead  # something is fetched ahead at every stride

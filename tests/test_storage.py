@@ -119,7 +119,11 @@ def test_a_run_on_s3_reads_its_data_checkpoints_and_resumes_there(s3, digits, tm
     second = launch(6)
     assert second.returncode == 0, second.stderr[-3000:]
     out = second.stdout + second.stderr
-    assert f"the latest checkpoint of run on-s3 ({run}/{saved[-1]}) is damaged" in out, out[-3000:]
+    damaged = f"{run}/{saved[-1]}"
+    assert (
+        f"the latest checkpoint of run on-s3 ({damaged}) is damaged (checkpoint {damaged}/checkpoint.pt cannot" in out
+    )
+    assert "sagan-copy-" not in out  # the messages name the object, never the temporary copy
     assert f"resuming from the newest intact one, {run}/{saved[0]} (step 2)" in out
     assert "resumed from step 2" in out
     latest = sorted(p for p in objects(run) if p.startswith("checkpoint_") and p.endswith("/checkpoint.pt"))[-1]

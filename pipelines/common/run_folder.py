@@ -156,9 +156,16 @@ def load_checkpoint_at(spec: str) -> tuple[dict, str]:
                 f"no checkpoint at {url}: give a checkpoint.pt, a checkpoint_* prefix or a run prefix holding them"
             )
         folder, name = f"{url}/{found[-1]}", CHECKPOINT_FILE  # Ray names checkpoints by time: the last is newest
-    where = f"{folder}/{name}"
-    with Folder(folder).local_copy(name) as copy:
+    return load_checkpoint_in(Folder(folder), name, f"{folder}/{name}"), f"{folder}/{name}"
+
+
+def load_checkpoint_in(files: Folder, name: str, where: str, map_location="cpu") -> dict:
+    """The checkpoint file `name` of the folder `files` (a disk or object storage: through a temporary copy),
+    loaded without executing code from it; a CheckpointError names `where`, never the copy."""
+    with files.local_copy(name) as copy:
+        if copy is None:
+            raise CheckpointError(f"checkpoint {where} does not exist")
         try:
-            return load_checkpoint(copy), where
+            return load_checkpoint(copy, map_location=map_location)
         except CheckpointError as e:
             raise CheckpointError(str(e).replace(str(copy), where)) from None

@@ -108,6 +108,10 @@ def check_same_sweep(sweep_dir: str, combos: list[dict], cfg: Config, restorable
     record = {"config": to_dict(cfg), "combinations": combos}
     files = Folder(sweep_dir)
     text = files.read_text(SPACE_FILE) if restorable else None
+    if restorable and text is None:  # saved on object storage before its settings were recorded there: it
+        record["sweep_id"] = cfg.tune.name  # was known by tune.name, which keeps its MLflow parent run
+        files.write_text(SPACE_FILE, json.dumps(record, indent=1))
+        return record["sweep_id"]
     if text is not None:
         saved = json.loads(text)
         # How the data is checked changes no trial's result (and sweeps recorded before the key lack it).

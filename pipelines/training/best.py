@@ -5,11 +5,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import pyarrow.fs
-
 from pipelines.common.config import Config
 from pipelines.common.run_folder import BEST_DIR, BEST_FILE, CHECKPOINT_FILE, RunFolder, is_remote
 from sagan.checkpoint import save_checkpoint
+from sagan.folder import Folder
 from sagan.step import Trainer
 
 
@@ -36,7 +35,8 @@ def save_best(target: str, cfg: Config, trainer: Trainer, extra: dict) -> None:
         os.replace(tmp, Path(target) / BEST_FILE)
         return
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the checkpoint first, then the record naming it
         save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer, cfg, extra=extra)
-        (Path(tmp) / BEST_FILE).write_text(info)
-        pyarrow.fs.copy_files(tmp, target)
+        files = Folder(target)
+        files.upload(CHECKPOINT_FILE, str(Path(tmp) / CHECKPOINT_FILE))
+        files.write_text(BEST_FILE, info)

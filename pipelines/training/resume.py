@@ -5,10 +5,11 @@ import json
 from dataclasses import dataclass, field
 
 from pipelines.common.config import Config
-from pipelines.common.run_folder import CHECKPOINT_FILE, RunFolder
+from pipelines.common.run_folder import CHECKPOINT_FILE, RunFolder, load_checkpoint_in
 from pipelines.training.preflight import PreflightError
-from sagan.checkpoint import CheckpointError, load_checkpoint
+from sagan.checkpoint import CheckpointError
 from sagan.config import to_dict
+from sagan.folder import Folder
 
 
 @dataclass
@@ -52,8 +53,7 @@ def check_resume(cfg: Config) -> ResumePlan:
     damaged, first_error = [], None
     for name in [latest, *older]:
         try:
-            with folder.files.local_copy(name, CHECKPOINT_FILE) as path:
-                state = load_checkpoint(path or folder.checkpoint_file(name), map_location="cpu")
+            state = load_checkpoint_in(Folder(f"{folder.uri}/{name}"), CHECKPOINT_FILE, folder.checkpoint_file(name))
             break
         except CheckpointError as e:
             damaged.append(name)
