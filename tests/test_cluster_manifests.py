@@ -23,12 +23,13 @@ CRDS = ROOT / "cluster" / "kuberay" / "crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml.gz", "RayJob": "ray.io_rayjobs.yaml.gz"}
 APP = "/app"  # the image's WORKDIR, where cluster/Dockerfile copies the code
 MOUNT = "/mnt/shared"
+OBJECT_STORAGE = KUBERAY / "object-storage"  # the variant with everything in a bucket, no shared volume
 IMAGE = "REPLACE_ME/sagan-ray:latest"
 
 
-def documents(kind=None):
-    """(file name, manifest) for every YAML document in cluster/kuberay/, of `kind` when given."""
-    docs = [(p.name, d) for p in sorted(KUBERAY.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+def documents(kind=None, folder=KUBERAY):
+    """(file name, manifest) for every YAML document in `folder` (cluster/kuberay/), of `kind` when given."""
+    docs = [(p.name, d) for p in sorted(folder.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
     return [(name, d) for name, d in docs if kind is None or d["kind"] == kind]
 
 
@@ -377,3 +378,50 @@ def test_readme_applies_and_builds_files_that_exist():
     )
     assert "cluster/kuberay/raycluster.yaml" in named and "cluster/Dockerfile" in named
     assert [n for n in named if not (ROOT / n).is_file()] == []
+
+
+# --- the object-storage variant (cluster/kuberay/object-storage/) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,manifest",
+    [
+        pytest.param(n, d, id=n)
+        for n, d in documents("RayCluster", OBJECT_STORAGE) + documents("RayJob", OBJECT_STORAGE)
+    ],
+)
+def test_object_storage_manifests_validate_against_the_crd(name, manifest):
+    assert schema_errors(manifest) == []
+
+
+def test_object_storage_variant_needs_no_shared_volume_and_gives_every_pod_the_keys():
+    texts = yaml.safe_dump([d for _, d in documents(folder=OBJECT_STORAGE)])  # the manifests, not their comments
+    assert "ReadWriteMany" not in texts and "sagan-shared" not in texts and MOUNT not in texts
+    (secret,) = [d for _, d in documents("Secret", OBJECT_STORAGE)]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= set(secret["stringData"])
+    wanted = {"secretRef": {"name": secret["metadata"]["name"]}}
+    (cluster,) = [d for _, d in documents("RayCluster", OBJECT_STORAGE)]
+    (mlflow,) = [d for _, d in documents("Deployment", OBJECT_STORAGE)]
+    pods = ray_pods(cluster) + [("mlflow", mlflow["spec"]["template"]["spec"])]
+    for group, pod in pods:
+        assert wanted in pod["containers"][0].get("envFrom", []), f"{group} does not load the store's keys"
+    args = mlflow["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert any(a.startswith("--artifacts-destination=s3://") for a in args) and "--serve-artifacts" in args
+    (claim,) = [d for _, d in documents("PersistentVolumeClaim", OBJECT_STORAGE)]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    volumes = mlflow["spec"]["template"]["spec"]["volumes"]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in volumes] == [claim["metadata"]["name"]]
+
+
+def test_object_storage_train_job_reads_and_writes_the_bucket_and_caches_shards_on_the_gpu_nodes():
+    (job,) = [d for _, d in documents("RayJob", OBJECT_STORAGE)]
+    test_rayjob_entrypoint_names_a_script_its_flags_and_config_keys("object-storage/job-train.yaml", job)
+    cfg = job_config(job)
+    for key in ("data.train_shards", "data.val_shards", "run.storage_path"):
+        section, field = key.split(".")
+        assert str(getattr(getattr(cfg, section), field)).startswith("s3://"), key
+    (cluster,) = [d for _, d in documents("RayCluster", OBJECT_STORAGE)]
+    (gpu,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-8x"]
+    mounts = [m["mountPath"] for m in gpu["template"]["spec"]["containers"][0]["volumeMounts"]]
+    assert any(cfg.data.cache_dir.startswith(m + "/") for m in mounts), (cfg.data.cache_dir, mounts)
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
