@@ -23,7 +23,6 @@ CRDS = ROOT / "cluster" / "kuberay" / "crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml.gz", "RayJob": "ray.io_rayjobs.yaml.gz"}
 APP = "/app"  # the image's WORKDIR, where cluster/Dockerfile copies the code
 MOUNT = "/mnt/shared"
-OBJECT_STORAGE = KUBERAY / "object-storage"  # the variant with everything in a bucket, no shared volume
 IMAGE = "REPLACE_ME/sagan-ray:latest"
 
 
@@ -258,6 +257,11 @@ def job_config(job):
 
 @pytest.mark.parametrize("name,job", [pytest.param(n, d, id=n) for n, d in documents("RayJob")])
 def test_rayjob_entrypoint_names_a_script_its_flags_and_config_keys(name, job):
+    check_entrypoint(name, job)
+
+
+def check_entrypoint(name, job):
+    """The RayJob's entrypoint runs a script of the image with flags and config keys that exist."""
     from pipelines.common.config import Config
     from sagan.config import flatten
 
@@ -378,50 +382,3 @@ def test_readme_applies_and_builds_files_that_exist():
     )
     assert "cluster/kuberay/raycluster.yaml" in named and "cluster/Dockerfile" in named
     assert [n for n in named if not (ROOT / n).is_file()] == []
-
-
-# --- the object-storage variant (cluster/kuberay/object-storage/) -----------------------------------------
-
-
-@pytest.mark.parametrize(
-    "name,manifest",
-    [
-        pytest.param(n, d, id=n)
-        for n, d in documents("RayCluster", OBJECT_STORAGE) + documents("RayJob", OBJECT_STORAGE)
-    ],
-)
-def test_object_storage_manifests_validate_against_the_crd(name, manifest):
-    assert schema_errors(manifest) == []
-
-
-def test_object_storage_variant_needs_no_shared_volume_and_gives_every_pod_the_keys():
-    texts = yaml.safe_dump([d for _, d in documents(folder=OBJECT_STORAGE)])  # the manifests, not their comments
-    assert "ReadWriteMany" not in texts and "sagan-shared" not in texts and MOUNT not in texts
-    (secret,) = [d for _, d in documents("Secret", OBJECT_STORAGE)]
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= set(secret["stringData"])
-    wanted = {"secretRef": {"name": secret["metadata"]["name"]}}
-    (cluster,) = [d for _, d in documents("RayCluster", OBJECT_STORAGE)]
-    (mlflow,) = [d for _, d in documents("Deployment", OBJECT_STORAGE)]
-    pods = ray_pods(cluster) + [("mlflow", mlflow["spec"]["template"]["spec"])]
-    for group, pod in pods:
-        assert wanted in pod["containers"][0].get("envFrom", []), f"{group} does not load the store's keys"
-    args = mlflow["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert any(a.startswith("--artifacts-destination=s3://") for a in args) and "--serve-artifacts" in args
-    (claim,) = [d for _, d in documents("PersistentVolumeClaim", OBJECT_STORAGE)]
-    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
-    volumes = mlflow["spec"]["template"]["spec"]["volumes"]
-    assert [v["persistentVolumeClaim"]["claimName"] for v in volumes] == [claim["metadata"]["name"]]
-
-
-def test_object_storage_train_job_reads_and_writes_the_bucket_and_caches_shards_on_the_gpu_nodes():
-    (job,) = [d for _, d in documents("RayJob", OBJECT_STORAGE)]
-    test_rayjob_entrypoint_names_a_script_its_flags_and_config_keys("object-storage/job-train.yaml", job)
-    cfg = job_config(job)
-    for key in ("data.train_shards", "data.val_shards", "run.storage_path"):
-        section, field = key.split(".")
-        assert str(getattr(getattr(cfg, section), field)).startswith("s3://"), key
-    (cluster,) = [d for _, d in documents("RayCluster", OBJECT_STORAGE)]
-    (gpu,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-8x"]
-    mounts = [m["mountPath"] for m in gpu["template"]["spec"]["containers"][0]["volumeMounts"]]
-    assert any(cfg.data.cache_dir.startswith(m + "/") for m in mounts), (cfg.data.cache_dir, mounts)
-    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
