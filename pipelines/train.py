@@ -19,7 +19,7 @@ from pipelines.common.cli import config_args
 from pipelines.common.config import Config, load_config
 from pipelines.common.ray_address import connect_ray
 from pipelines.common.run_folder import RunFolder
-from pipelines.tracking.pending import deliver_pending
+from pipelines.tracking.kept import deliver_kept, gather, keep
 from pipelines.tracking.store import check_tracking, default_tracking_uri, end_run, prepare_tracking, refused_everything
 from pipelines.training.placement import fit
 from pipelines.training.preflight import (
@@ -86,8 +86,7 @@ def launch(cfg: Config) -> int:
 def train(cfg: Config, uri: str, resume: ResumePlan) -> int:
     """Fit, with the MLflow run opened here before any worker starts and closed here when the run fails."""
     folder = RunFolder.of(cfg)
-    pending = folder.pending
-    deliver_pending(pending, uri, "the last launch of this run had kept")  # before this launch's points
+    deliver_kept(folder, uri, "the last launch of this run had kept")  # before this launch's points
     raise_if_stopped(cfg)
     run_id = open_tracking_run(cfg, uri, continuing=resume.checkpoint is not None)
     status = "FAILED"  # unless fit() returns; rank 0 ends a finished run itself, after its last metrics
@@ -101,11 +100,15 @@ def train(cfg: Config, uri: str, resume: ResumePlan) -> int:
         raise_if_stopped(cfg)  # a stopped run: one line naming the step or the file, not the workers' traceback
         raise
     finally:
-        deliver_pending(pending, uri, "rank 0 had kept")
+        deliver_kept(folder, uri, "rank 0 had kept")
         if status:
-            end_run(uri, run_id, status, pending)
+            end_run(uri, run_id, status, folder.pending)
+            keep(folder)  # on object storage: into the run's prefix, for the next launch wherever it runs
     ckpt = result.checkpoint.path if result.checkpoint else None
-    lost = refused_everything(uri, run_id, pending)
+    try:
+        lost = refused_everything(uri, run_id, gather(folder))
+    finally:
+        keep(folder)
     if lost:
         raise JobFailed(f"the run trained (last checkpoint {ckpt}) but its record is lost: {lost}")
     print(f"done: last checkpoint {ckpt}\nbrowse the run: mlflow ui --backend-store-uri {uri}")

@@ -68,7 +68,7 @@ def sweep(cfg, combos) -> int:
     from pipelines.sweep.trials import mark_interrupted, parent_run
     from pipelines.sweep.tuner import can_restore, run_sweep
     from pipelines.tracking.delivery import bound_requests
-    from pipelines.tracking.pending import deliver_pending
+    from pipelines.tracking.kept import deliver_kept
 
     folder = RunFolder(cfg.run.storage_path, cfg.tune.name)
     sweep_dir = folder.uri  # a string: s3://... is no local Path
@@ -101,7 +101,7 @@ def sweep(cfg, combos) -> int:
     records = records_from_results(results, cfg.tune.metric, sweep_dir)
     for rec in records:
         trial = RunFolder(f"{sweep_dir}/train", f"trial-{rec['trial_id']}")
-        deliver_pending(trial.pending, uri, f"trial {rec['trial_id']}'s rank 0 had kept")
+        deliver_kept(trial, uri, f"trial {rec['trial_id']}'s rank 0 had kept")
     rows, curves = trial_rows(cfg, records)
     best = best_row(rows, metric_mode(cfg))
     print("\n" + table_markdown(rows, cfg.tune.metric))

@@ -156,7 +156,8 @@ class EvalConfig(ConfigModel):
     batch_size: Positive = 250
     """images per generator and feature-extractor batch"""
     cache_dir: Str | None = None
-    """real statistics, sample classifier; default <shards root>/cache or ~/.cache/sagan"""
+    """real statistics, sample classifier: a folder or s3://... (mirrored on each node); default <shards root>/cache
+    or ~/.cache/sagan"""
     seed: int = 0
     """latents and labels of the scored samples: the same on every evaluation"""
 

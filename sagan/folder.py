@@ -91,6 +91,19 @@ class Folder:
         finally:
             os.unlink(local)
 
+    def download(self, name: str, target: str) -> bool:
+        """The file `name` copied to the local path `target`, in place only when complete; False when absent."""
+        from .files import atomic_output
+
+        try:
+            src = self.fs.open_input_stream(self._path(name))
+        except FileNotFoundError:
+            return False
+        with src, atomic_output(target) as tmp, open(tmp, "wb") as dst:
+            while block := src.read(8 << 20):
+                dst.write(block)
+        return True
+
     def remove(self, *parts: str) -> None:
         try:
             self.fs.delete_file(self._path(*parts))

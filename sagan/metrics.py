@@ -22,13 +22,14 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_generative_model
 
-from . import inception
+from . import cache_mirror, inception
 from .config import INCEPTION, SAMPLE_CLASSIFIER, SaganConfig
 from .data import DataError, ShardSet, find_shards, sha256_mismatch, size_mismatch, with_cache
 from .errors import MetricsError
 from .files import copy_into, sha256_file
 from .real_stats import LAYERS, default_cache_dir, on_device, real_statistics, statistics
 from .sample_classifier import accuracy, sample_classifier
+from .storage import is_url
 
 ISC_SPLITS = 10  # the standard Inception Score protocol (Salimans et al. 2016)
 
@@ -119,24 +120,38 @@ class Evaluator:
 
 
 def eval_cache_dir(cfg: SaganConfig) -> Path:
-    """eval.cache_dir, else the default next to the real shards (see `default_cache_dir`)."""
+    """eval.cache_dir, else the default next to the real shards (see `default_cache_dir`). On object storage:
+    its local mirror, with the bucket's files pulled (sagan.cache_mirror); `publish_cache` uploads new ones."""
+    if is_url(cfg.eval.cache_dir):
+        return cache_mirror.pull(cfg.eval.cache_dir)
     return Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else default_cache_dir(real_shards(cfg))
+
+
+def publish_cache(cfg: SaganConfig) -> None:
+    """What this process added to an eval.cache_dir on object storage, uploaded for every other node."""
+    if is_url(cfg.eval.cache_dir):
+        cache_mirror.push(cfg.eval.cache_dir)
 
 
 def feature_weights(cfg: SaganConfig, log=print) -> tuple[Path, str]:
     """(weights file in the eval cache, identity for cache keys) of cfg.eval.feature_extractor: the Inception
-    file found or downloaded and copied into the cache (so every node sharing it finds it), or the sample
-    classifier, trained if it is not cached. Raises MetricsError when the weights cannot be had."""
-    e = cfg.eval
+    file found in the cache, given, or downloaded, and copied into the cache (so every node sharing it finds
+    it), or the sample classifier, trained if it is not cached. Raises MetricsError when the weights cannot be
+    had."""
+    e, cache = cfg.eval, eval_cache_dir(cfg)
     if e.feature_extractor == INCEPTION:
-        return copy_into(
-            inception.inception_weights(e.inception_weights), eval_cache_dir(cfg)
-        ), inception.INCEPTION_SHA256_PREFIX
+        cached = cache / inception.INCEPTION_FILE  # the same bytes as a given file: it is checked by sha256
+        weights = copy_into(
+            inception.inception_weights(str(cached) if cached.is_file() else e.inception_weights), cache
+        )
+        publish_cache(cfg)
+        return weights, inception.INCEPTION_SHA256_PREFIX
     try:
         train, val = find_shards(cfg.data.train_shards, "train"), find_shards(cfg.data.val_shards, "val")
     except DataError as err:
         raise MetricsError(f"the sample classifier needs the sample set's shards: {err}") from None
-    path = sample_classifier(train, val, eval_cache_dir(cfg), log)
+    path = sample_classifier(train, val, cache, log)
+    publish_cache(cfg)
     return path, sha256_file(path)
 
 
@@ -192,4 +207,5 @@ def build_evaluator(
         real = real_statistics(
             extractor, identity, shards, eval_cache_dir(cfg), cfg.eval.batch_size, device, stats_file, log
         )
+    publish_cache(cfg)
     return Evaluator(extractor, real, cfg.model.num_classes, cfg.eval.batch_size, device, cfg.eval.seed)

@@ -18,6 +18,7 @@ from .data import ShardSet
 from .errors import MetricsError
 from .files import load_cached
 from .loader import iter_uint8
+from .storage import user_cache
 
 # (FID layer, IS layer) per extractor: Inception's pool features and bias-free logits, as torch-fidelity does.
 LAYERS = {INCEPTION: ("2048", "logits_unbiased"), SAMPLE_CLASSIFIER: ("features", "logits")}
@@ -37,7 +38,7 @@ def default_cache_dir(shards: ShardSet) -> Path:
     """<shards root>/cache when the data folder is writable, else $XDG_CACHE_HOME/sagan (~/.cache/sagan)."""
     if not shards.remote and os.access(shards.root, os.W_OK):
         return Path(shards.root) / "cache"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "sagan"
+    return user_cache()
 
 
 @torch.no_grad()

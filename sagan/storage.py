@@ -7,9 +7,11 @@ The one exception pyarrow does not read is the endpoint of an S3-compatible stor
 AWS_ENDPOINT_URL_S3), which boto3 and MLflow use: it is mapped onto pyarrow here, and only here.
 """
 
+import copyreg
 import os
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import UserError
@@ -19,6 +21,11 @@ SCHEMES = ("s3", "gs", "gcs")
 
 class StorageError(UserError):
     """Object storage that cannot be used as configured (endpoint, credentials, bucket); one line."""
+
+
+def user_cache() -> Path:
+    """This node's own cache folder: $XDG_CACHE_HOME/sagan, else ~/.cache/sagan."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "sagan"
 
 
 def is_url(path: str | os.PathLike | None) -> bool:
@@ -35,9 +42,31 @@ def s3_endpoint() -> tuple[str, str] | None:
     return parsed.netloc, parsed.scheme
 
 
+# Attempts per S3 request that meets a network error, a 5xx or throttling (not a 403 or a 404): the AWS SDK's
+# default strategy waits 25 ms * 2^k before retry k, so 12 attempts span about 100 s (pyarrow's default, 3
+# attempts, gives up after about 3 s: a store restarting for 8 s failed a run's checkpoint upload).
+S3_ATTEMPTS = 12
+
+
+def _s3_with_retries(options: dict):
+    import pyarrow.fs as pafs
+
+    copyreg.pickle(pafs.S3FileSystem, _reduce_s3)  # passed on pickled again (Ray's controller to its workers)
+    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+
+
+def _reduce_s3(fs):
+    """How an S3FileSystem pickles in a process that made one here: with S3_ATTEMPTS retries. pyarrow's own
+    pickling drops the retry strategy (apache/arrow GH-47348), so Ray Train's controller and workers, which
+    receive the run's filesystem pickled, would give up on a request after pyarrow's 3 attempts."""
+    _, (options,) = fs.__reduce__()
+    return _s3_with_retries, (options,)
+
+
 def filesystem(url: str, timeout: float | None = None):
     """(pyarrow filesystem, path inside it) for a URL or a local path. `timeout`: seconds to connect and per
-    request, with no retries (for checks that must answer quickly); default: pyarrow's, with its retries."""
+    request, with no retries (for checks that must answer quickly); default: pyarrow's timeouts, and retries
+    for about 100 s (S3_ATTEMPTS)."""
     import pyarrow.fs as pafs  # here: pyarrow loads only where storage is used (benchmarks/import_times.py)
 
     url = str(url)
@@ -62,6 +91,9 @@ def filesystem(url: str, timeout: float | None = None):
             options["region"] = region
         if timeout is not None:
             options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=1)
+        else:  # rides out a store away for about 100 s (a restart, a failover), not pyarrow's default 3 s
+            options["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_ATTEMPTS)
+            copyreg.pickle(pafs.S3FileSystem, _reduce_s3)
         return pafs.S3FileSystem(**options), rest.rstrip("/")
     if scheme in ("gs", "gcs"):
         options = {"retry_time_limit": timedelta(seconds=timeout)} if timeout else {}
@@ -70,10 +102,10 @@ def filesystem(url: str, timeout: float | None = None):
 
 
 def ray_storage(url: str) -> dict:
-    """Ray Train's and Tune's RunConfig storage arguments for `url`: with an S3-compatible endpoint
-    (AWS_ENDPOINT_URL), which pyarrow's own URI parsing would not use, the filesystem made here and the path
-    inside it (Ray takes a custom filesystem with a prefix-stripped path)."""
-    if str(url).startswith("s3://") and s3_endpoint():
+    """Ray Train's and Tune's RunConfig storage arguments for `url`: on S3, the filesystem made here (with the
+    endpoint of AWS_ENDPOINT_URL, which pyarrow's own URI parsing would not use, and S3_ATTEMPTS retries) and the
+    path inside it (Ray takes a custom filesystem with a prefix-stripped path)."""
+    if str(url).startswith("s3://"):
         fs, path = filesystem(url)
         return {"storage_path": path, "storage_filesystem": fs}
     return {"storage_path": url}

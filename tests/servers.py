@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -104,6 +105,70 @@ class S3Server:
 
     def kill(self) -> None:
         kill_group(self.proc)
+
+
+class Endpoint:
+    """A TCP port in front of a server on 127.0.0.1. `down()` closes it and cuts every open connection, so a client
+    meets what a stopped server gives it (connections reset, then refused); `up()` listens on the same port again.
+    The server behind keeps its data, as a restarted S3 server with a disk does (moto keeps objects in memory: a
+    restart of its process would empty the bucket)."""
+
+    def __init__(self, target_port: int):
+        self.port, self.target = free_port(), target_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock, self._open, self._listener = threading.Lock(), set(), None
+
+    def up(self) -> "Endpoint":
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of _accept, which then ends
+        self._listener.close()
+        with self._lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            pair = [client, server, 2]  # the two sockets, and the directions still open
+            with self._lock:
+                self._open |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b, pair), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, pair: list) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        with self._lock:
+            pair[2] -= 1
+            if pair[2] == 0:  # both directions ended: the connection is over
+                for sock in pair[:2]:
+                    sock.close()
+                    self._open.discard(sock)
 
 
 def objects(url: str) -> list[str]:

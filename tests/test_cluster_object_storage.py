@@ -52,7 +52,8 @@ def test_object_storage_train_job_reads_and_writes_the_bucket_and_caches_shards_
     (job,) = [d for _, d in documents("RayJob", OBJECT_STORAGE)]
     check_entrypoint("object-storage/job-train.yaml", job)
     cfg = job_config(job)
-    for key in ("data.train_shards", "data.val_shards", "run.storage_path"):
+    # eval.cache_dir too: in-loop FID's statistics are computed by a task on one node and read by rank 0 on another
+    for key in ("data.train_shards", "data.val_shards", "run.storage_path", "eval.cache_dir"):
         section, field = key.split(".")
         assert str(getattr(getattr(cfg, section), field)).startswith("s3://"), key
     (cluster,) = [d for _, d in documents("RayCluster", OBJECT_STORAGE)]

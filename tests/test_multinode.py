@@ -1,5 +1,9 @@
 """The job path on a real multi-node Ray cluster on this machine (cluster/local.py: a head and a worker node,
-token authentication on, a real MLflow server): sharding, training across the nodes, evaluation."""
+token authentication on, a real MLflow server): sharding, training across the nodes, evaluation.
+
+The nodes share no folder: shards, checkpoints, the evaluation cache and MLflow's artifacts are on a real S3
+server (moto, on 127.0.0.1), as on a cloud cluster without a ReadWriteMany volume. Every single-node test runs
+the shared-disk path."""
 
 import json
 import subprocess
@@ -10,6 +14,7 @@ import mlflow
 import pytest
 
 from cluster.local import free_port, ray_env
+from tests.servers import objects, read_object
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = [sys.executable, str(REPO / "cluster" / "local.py")]
@@ -17,22 +22,33 @@ LOCAL = [sys.executable, str(REPO / "cluster" / "local.py")]
 pytestmark = pytest.mark.cluster
 
 
+BUCKET = "s3://cluster"
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, s3_server):
+    """(folder, state) of a 2-node cluster whose processes, MLflow server included, have the S3 server's AWS_*
+    variables (as a Secret gives every pod on KubeRay), as this module's tests do, and whose MLflow artifacts go
+    to BUCKET/mlartifacts."""
+    import pyarrow.fs as pafs
+
     folder = tmp_path_factory.mktemp("cluster")
     port = free_port()
-    up = subprocess.run(
-        [*LOCAL, "up", "--dir", str(folder), "--workers", "1", "--cpus", "1", "--mlflow-port", str(port)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    try:
-        assert up.returncode == 0, up.stderr + up.stdout
-        state = json.loads((folder / "cluster.json").read_text())
-        yield folder, state
-    finally:
-        subprocess.run([*LOCAL, "down", "--dir", str(folder)], capture_output=True, timeout=120)
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in s3_server.env().items():
+            env.setenv(key, value)
+        pafs.S3FileSystem(
+            endpoint_override=f"127.0.0.1:{s3_server.port}", scheme="http", allow_bucket_creation=True
+        ).create_dir(BUCKET.removeprefix("s3://"))
+        cmd = [*LOCAL, "up", "--dir", str(folder), "--workers", "1", "--cpus", "1", "--mlflow-port", str(port)]
+        cmd += ["--artifacts-destination", f"{BUCKET}/mlartifacts"]
+        up = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        try:
+            assert up.returncode == 0, up.stderr + up.stdout
+            state = json.loads((folder / "cluster.json").read_text())
+            yield folder, state
+        finally:
+            subprocess.run([*LOCAL, "down", "--dir", str(folder)], capture_output=True, timeout=120)
 
 
 def submit(state: dict, folder: Path, *entrypoint: str, token: bool = True) -> subprocess.CompletedProcess:
@@ -70,12 +86,12 @@ def test_a_submission_without_the_token_is_refused(cluster):
     assert "Missing authentication token" in out.stdout + out.stderr
 
 
-def test_shard_train_across_nodes_and_evaluate_as_jobs(cluster, tmp_path):
+def test_shard_train_across_nodes_and_evaluate_as_jobs_on_object_storage(cluster, tmp_path):
     folder, state = cluster
     from preprocessing.make_sample_data import write_sample_data
 
     write_sample_data(tmp_path / "raw")
-    shards, runs = tmp_path / "shards", tmp_path / "runs"
+    shards, runs = f"{BUCKET}/shards", f"{BUCKET}/runs"
     out = submit(
         state,
         folder,
@@ -86,14 +102,14 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs(cluster, tmp_path):
         "--src",
         str(tmp_path / "raw"),
         "--out",
-        str(shards),
+        shards,
         "--size",
         "32",
         "--shard-size",
         "200",
     )
     assert out.returncode == 0, out.stdout[-3000:]
-    assert json.loads((shards / "manifest.json").read_text())["complete"]
+    assert json.loads(read_object(f"{shards}/manifest.json"))["complete"]
     assert len(task_nodes(state, folder, "write_shard")) == 2  # one CPU per node: the shards were written on both
 
     out = submit(
@@ -101,8 +117,8 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs(cluster, tmp_path):
         folder,
         "python",
         "pipelines/train.py",
-        f"data.train_shards={shards / 'train'}",
-        f"data.val_shards={shards / 'val'}",
+        f"data.train_shards={shards}/train",
+        f"data.val_shards={shards}/val",
         f"run.storage_path={runs}",
         "run.name=spread",
         f"mlflow.tracking_uri={state['mlflow']}",
@@ -118,11 +134,14 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs(cluster, tmp_path):
         "train.eval_every=0",
     )
     assert out.returncode == 0, out.stdout[-3000:]
-    assert list((runs / "spread").glob("checkpoint_*/checkpoint.pt"))
+    assert any(k.startswith("checkpoint_") and k.endswith("/checkpoint.pt") for k in objects(f"{runs}/spread"))
     client = mlflow.MlflowClient(state["mlflow"])
     (run,) = client.search_runs([client.get_experiment_by_name("sagan-train").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [1, 2]
     assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+    # ... uploaded through the MLflow server into the bucket, not into a folder of the cluster's
+    assert any(run.info.run_id in k and "/images/samples" in k for k in objects(f"{BUCKET}/mlartifacts"))
+    assert not (folder / "mlartifacts").exists()
     # The two workers ran on the two nodes: Ray Train's STRICT_SPREAD would not have started them otherwise.
     assert run.data.params["scaling.placement_strategy"] == "STRICT_SPREAD"
 
@@ -132,11 +151,14 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs(cluster, tmp_path):
         "python",
         "pipelines/evaluate.py",
         "--checkpoint",
-        str(runs / "spread"),
+        f"{runs}/spread",
         "eval.num_samples=40",
         "eval.feature_extractor=sample-classifier",
-        f"eval.cache_dir={tmp_path / 'cache'}",
+        f"eval.cache_dir={BUCKET}/eval-cache",
         f"mlflow.tracking_uri={state['mlflow']}",
     )
     assert out.returncode == 0, out.stdout[-3000:]
     assert client.get_metric_history(run.info.run_id, "eval/fid")[0].step == 2
+    cached = objects(f"{BUCKET}/eval-cache")
+    assert any(k.startswith("sample-classifier-") for k in cached) and any(k.startswith("fid-stats-") for k in cached)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # nothing written beside the source images

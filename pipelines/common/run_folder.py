@@ -19,7 +19,7 @@ from pathlib import Path
 from sagan.checkpoint import CheckpointError, load_checkpoint
 from sagan.errors import UsageError
 from sagan.folder import Folder
-from sagan.storage import is_url
+from sagan.storage import is_url, user_cache
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
@@ -94,9 +94,10 @@ class RunFolder:
 
     @property
     def pending(self) -> Path:
-        """Where undelivered MLflow items wait: in the run folder, or a local cache for remote storage."""
+        """Where undelivered MLflow items wait: in the run folder, or (for a run on object storage) in this node's
+        cache, from where pipelines.tracking.kept moves them into the run's prefix."""
         if self.remote:
-            return Path.home() / ".cache" / "sagan" / PENDING_DIR / self.name
+            return user_cache() / PENDING_DIR / self.name
         return self.local / PENDING_DIR
 
     def ray_latest(self) -> str | None:

@@ -17,7 +17,7 @@ from pipelines.common.provenance import git_commit, ray_job_id
 from pipelines.common.run_folder import RunFolder
 from pipelines.sweep.space import DRIVER_CPU, lr_d_of, trial_config
 from pipelines.tracking.delivery import bound_requests
-from pipelines.tracking.pending import deliver_pending
+from pipelines.tracking.kept import deliver_kept
 from pipelines.tracking.store import find_run, log_params
 from pipelines.training.placement import PlacementTimeout, fit
 from pipelines.training.preflight import PreflightError
@@ -136,7 +136,7 @@ def run_trial(params: dict, *, base: dict, tracking_uri: str, parent_id: str, sw
         client.set_terminated(run_id, "FAILED")
         raise RuntimeError(reason) from None
     finally:  # what rank 0 kept during an outage of the store
-        deliver_pending(RunFolder.of(cfg).pending, tracking_uri, f"trial {trial_id}'s rank 0 had kept")
+        deliver_kept(RunFolder.of(cfg), tracking_uri, f"trial {trial_id}'s rank 0 had kept")
     try:  # not reached when ASHA stops the trial (Tune kills this actor); the report settles the status anyway
         client.set_tag(run_id, REASON_TAG, "completed")
     except Exception as e:  # noqa: BLE001 - the training succeeded; a tag must not turn it into a failure

@@ -39,20 +39,22 @@ def reject(folder: Path, uri: str, run_id: str, item: dict, error: BaseException
     log.warning(f"{what} ({brief_error(error)}); set aside in {folder / f'rejected-{run_id}.txt'}")
 
 
-def deliver_pending(pending: Path, uri: str, whose: str) -> None:
-    """Deliver the MLflow items waiting in `pending` (a spill of an outage); a warning, never an error."""
+def deliver_pending(pending: Path, uri: str, whose: str, shown: str | None = None) -> None:
+    """Deliver the MLflow items waiting in `pending` (a spill of an outage); a warning, never an error. `shown`:
+    where the messages say the items wait (default `pending`)."""
     if not pending.is_dir():
         return
     try:
         delivered, _, left = replay(pending)
     except Exception as e:  # noqa: BLE001 - tracking must not stop a launch
         delivered, left = 0, f"some ({type(e).__name__}: {brief_error(e)})"
+    shown = shown or str(pending)
     if delivered:
-        print(f"MLflow: delivered {delivered} item(s) {whose} in {pending}", flush=True)
+        print(f"MLflow: delivered {delivered} item(s) {whose} in {shown}", flush=True)
     if left:
         print(
-            f"warning: MLflow at {uri} has not taken {left} item(s) kept in {pending}; the next launch of this "
-            f"run or `python pipelines/replay_tracking.py {pending}` delivers them",
+            f"warning: MLflow at {uri} has not taken {left} item(s) kept in {shown}; the next launch of this "
+            f"run or `python pipelines/replay_tracking.py {shown}` delivers them",
             file=sys.stderr,
         )
 

@@ -59,11 +59,13 @@ def check_cluster(cfg: Config, cluster: dict) -> None:
 def check_inputs(cfg: Config) -> None:
     """Raise PreflightError for bad data (a shard off its manifest's size too, unless data.verify=off),
     mismatched classes or unwritable storage. Needs no Ray: run it before ray.init, which takes seconds."""
-    for key, value in (("data.cache_dir", cfg.data.cache_dir), ("eval.cache_dir", cfg.eval.cache_dir)):
-        if value and is_remote(value):
-            raise PreflightError(
-                f"{key}={value} is a URL; it must be a folder on a disk (for {key.split('.')[0]}'s local copies)"
-            )
+    if cfg.data.cache_dir and is_remote(cfg.data.cache_dir):
+        raise PreflightError(
+            f"data.cache_dir={cfg.data.cache_dir} is a URL; it must be a folder on each node's disk, where the "
+            "loader keeps local copies of the shards it reads from object storage"
+        )
+    if cfg.eval.cache_dir and is_remote(cfg.eval.cache_dir):
+        check_storage(cfg.eval.cache_dir, "eval.cache_dir")
     for key, value in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
         if key == "data.train_shards" or cfg.train.eval_every:  # endpoint, credentials, bucket, in seconds
             check_storage(value, key, writable=False)
@@ -197,4 +199,5 @@ def prepare_evaluation(cfg: Config) -> None:
             raise PreflightError(str(e.cause)) from None
         raise
     if cfg.eval.feature_extractor == INCEPTION:
-        cfg.eval.inception_weights = weights  # the copy in the shared cache, for rank 0 wherever it runs
+        if not is_remote(cfg.eval.cache_dir):  # on object storage, rank 0 finds it in its node's mirror
+            cfg.eval.inception_weights = weights  # the copy in the shared cache, for rank 0 wherever it runs
