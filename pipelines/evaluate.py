@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from pipelines.common.cli import pick_device
+from pipelines.common.cli import local_file, pick_device
 from pipelines.common.config import from_dict
 from pipelines.common.provenance import git_commit
 from pipelines.common.run_folder import absolute, load_checkpoint_at
@@ -84,7 +84,8 @@ def parse_args(argv=None):
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
-
+    local_file(args.stats_file, "--stats-file", "share statistics between machines with eval.cache_dir=s3://...")
+    local_file(args.inception_weights, "--inception-weights", "download the file and give its path")
     state, ckpt = load_checkpoint_at(args.checkpoint)  # a path or an object-storage URL
     bad = [o for o in args.overrides if not o.startswith(OVERRIDABLE)]
     if bad:

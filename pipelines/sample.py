@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common.cli import check_writable, pick_device
+from pipelines.common.cli import check_writable, local_file, pick_device, staged_output
 from pipelines.release.sample_files import (
     GRID_COLS,
     MAX_STEPS,
@@ -55,7 +55,9 @@ def parse_args(argv=None):
         required=True,
         help="checkpoint.pt, checkpoint_* or run directory, .safetensors file, or models:/NAME/VERSION",
     )
-    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    p.add_argument(
+        "--out", default="samples", help="output folder, or s3://BUCKET/PREFIX (uploaded when done; default ./samples)"
+    )
     p.add_argument("--classes", help="class indices, e.g. 207,208, or all (default)")
     p.add_argument(
         "--per-class",
@@ -90,6 +92,8 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """What cannot work, before any model is loaded; fills in the grid defaults."""
+    local_file(args.export_safetensors, "--export-safetensors", "write it here, then upload it")
+    local_file(args.class_names, "--class-names", "download it, or leave it out (the checkpoint's shards name them)")
     if args.interpolate:
         given = (
             ("--classes", args.classes),
@@ -140,25 +144,27 @@ def check_args(args) -> None:
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_args(args)
+    device = pick_device(args.device)
     try:
-        check_args(args)
-        out = Path(args.out).expanduser()
-        target = Path(args.export_safetensors).expanduser() if args.export_safetensors else None
-        check_writable(target.parent if target else out, "--export-safetensors" if target else "--out")
-        device = pick_device(args.device)
-        source = load_source(
-            args.checkpoint,
-            ema=not args.raw,
-            device=device,
-            names_file=args.class_names,
-            tracking_uri=args.tracking_uri,
-        )
-        if target:
-            print(
-                f"wrote {source.export(target)} ({source.description}); load it with "
-                "sagan.export.load_generator_file(PATH)"
-            )
-            return 0
+        if args.export_safetensors:
+            target = Path(args.export_safetensors).expanduser()
+            check_writable(target.parent, "--export-safetensors")
+            source = load(args, device)
+            written = source.export(target)
+            done = f"wrote {written} ({source.description}); load it with sagan.export.load_generator_file(PATH)"
+        else:
+            done = sample(args, device)
+    except OSError as e:  # a file that could not be read (--class-names) or written (--out, --export-safetensors)
+        raise UsageError(f"{first_line(e)}: check that path, or choose another --out") from None
+    print(done)
+    return 0
+
+
+def sample(args, device) -> str:
+    """Write the grid or the interpolation under --out; what was written, as a line to print."""
+    with staged_output(args.out, "--out") as (out, name):
+        source = load(args, device)
         check_room(args, source, out)
         n_images = 0
         if args.interpolate:
@@ -168,11 +174,19 @@ def main(argv=None) -> int:
             print(f"sampling {total} images from {source.description} on {device}", flush=True)
             with progress_bar(total) as bar:
                 written, n_images = write_grid(args, source, out, bar.update)
-    except OSError as e:  # a file that could not be read (--class-names) or written (--out, --export-safetensors)
-        raise UsageError(f"{first_line(e)}: check that path, or choose another --out") from None
-    extra = f" and {n_images} image files in {out / 'images'}" if n_images else ""
-    print("wrote " + ", ".join(str(p) for p in written) + extra)
-    return 0
+        extra = f" and {n_images} image files in {name(out / 'images')}" if n_images else ""
+        return "wrote " + ", ".join(name(p) for p in written) + extra
+
+
+def load(args, device):
+    """The generator to sample, on `device`."""
+    return load_source(
+        args.checkpoint,
+        ema=not args.raw,
+        device=device,
+        names_file=args.class_names,
+        tracking_uri=args.tracking_uri,
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Helpers for the entry scripts' flags: the config and its overrides, the torch device to use, a folder that
-must be writable."""
+must be writable (on a disk or on object storage), a flag that takes only a local file."""
 
 import argparse
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from sagan.errors import UsageError, first_line
+from sagan.folder import Folder
+from sagan.storage import check_storage, is_url
 
 
 def pick_device(name: str):
@@ -31,6 +34,32 @@ def check_writable(folder: Path, flag: str) -> None:
         raise UsageError(
             f"{flag} {folder} is not a writable folder ({e.strerror or first_line(e)}); choose another"
         ) from None
+
+
+def local_file(value: str | None, flag: str, instead: str) -> None:
+    """UsageError for a URL given to a flag that reads or writes a file on this machine; `instead`: what to do."""
+    if is_url(value):
+        raise UsageError(f"{flag} {value} is a URL, but {flag} takes a file on this machine; {instead}")
+
+
+@contextmanager
+def staged_output(out: str, flag: str):
+    """(local folder to write in, how to name a file written there) for an output folder `out`: the folder itself,
+    or for object storage (s3://...) a temporary folder whose files are uploaded under `out` when the block
+    succeeds, each object complete or absent. Checked first: a folder where nothing can be written, or a bucket
+    that cannot be used, is one line."""
+    if not is_url(out):
+        folder = Path(out).expanduser()
+        check_writable(folder, flag)
+        yield folder, str
+        return
+    check_storage(out, flag)
+    remote = Folder(out)
+    with tempfile.TemporaryDirectory(prefix="sagan-out-") as tmp:
+        staging = Path(tmp)
+        yield staging, lambda path: remote.url(Path(path).relative_to(staging).as_posix())
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            remote.upload(path.relative_to(staging).as_posix(), str(path))
 
 
 def config_args(prog: str, description: str, demo_config: Path, example: str, argv=None) -> argparse.Namespace:
