@@ -4,6 +4,7 @@
     ray job submit --working-dir . -- python preprocessing/shard_imagenet.py --backend ray --src ... --out /shared/...
     python preprocessing/shard_imagenet.py --out /data/imagenet128 --verify     # check existing shards
     python preprocessing/shard_imagenet.py --src /data/imagenet --out s3://bucket/imagenet128  # object storage
+    python preprocessing/shard_imagenet.py --src s3://bucket/imagenet --out s3://bucket/imagenet128
 
 Writes OUT/{train,val}/imagenet128-<split>-NNNNNN.tar (per sample: <key>.jpg, <key>.cls, <key>.json),
 OUT/classes.tsv, OUT/failures.jsonl and OUT/manifest.json. Re-running skips shards that are complete;
@@ -36,7 +37,7 @@ from preprocessing.sources import SourceError, detect_source, list_samples, plan
 from sagan.errors import JobFailed, UsageError, command
 from sagan.folder_lock import FolderLock, describe
 from sagan.object_lock import ObjectLockMixin
-from sagan.storage import is_url
+from sagan.storage import check_storage, is_url
 
 MANIFEST_FORMAT = "sagan-webdataset-shards"
 LOCK_FILE = ".shard_imagenet.lock"  # held while a run writes the folder
@@ -49,7 +50,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="shard_imagenet.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--src", help="ImageNet root: SRC/train/<wnid>/*.JPEG, or the Kaggle layout SRC/ILSVRC/Data/CLS-LOC")
+    p.add_argument(
+        "--src",
+        help="ImageNet root: SRC/train/<wnid>/*.JPEG, or the Kaggle layout SRC/ILSVRC/Data/CLS-LOC; a folder, or "
+        "object storage (s3://bucket/prefix: read with a listing per folder and a request per image)",
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -96,14 +101,13 @@ def parse_args(argv=None):
         raise UsageError(f"--max-failures must be 0 or more, got {args.max_failures}")
     if args.src is None and not args.verify:
         raise UsageError("--src is required (or use --verify alone to check an existing --out)")
-    if args.src and is_url(args.src):  # a URL would otherwise be read as a local folder named "s3:"
-        raise UsageError(
-            f"--src {args.src} is a URL; the source images are read from a local or mounted path (copy them, or "
-            "mount the bucket); --out may be object storage"
+    if args.src is not None and is_url(args.src) == is_url(args.out):
+        src, out = (
+            (args.src.rstrip("/"), args.out.rstrip("/"))
+            if is_url(args.src)
+            else (Path(args.src).expanduser().resolve(), Path(args.out).expanduser().resolve())
         )
-    if args.src is not None and not is_url(args.out):
-        src, out = Path(args.src).expanduser().resolve(), Path(args.out).expanduser().resolve()
-        if out == src or src in out.parents:
+        if out == src or (f"{out}".startswith(f"{src}/") if is_url(args.src) else src in out.parents):
             raise UsageError(
                 f"--out {args.out} is inside --src {args.src}: a rerun would read the shards as a class of images; "
                 "choose an --out outside the source folder"
@@ -376,7 +380,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.src is not None:
         out = Output(args.out)
-        if out.remote:  # the endpoint, credentials and bucket, in one line within seconds, before the lock
+        # the endpoint, credentials and bucket, in one line within seconds, before the lock and the listing
+        check_storage(args.src, "--src", writable=False)
+        if out.remote:
             out.check_writable()
         with output_lock(out):  # on a disk, the lock makes --out (and removes it again if it is refused)
             build(args)

@@ -4,6 +4,7 @@ One shard is written by one process (`write_shard`), so the same function serves
 Ray tasks. A shard appears under its final name only when complete (temp file + rename).
 """
 
+import functools
 import hashlib
 import io
 import json
@@ -16,7 +17,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageOps
 
-from sagan.storage import is_url
+from sagan.storage import filesystem, is_url
 
 from .output import Output, write_remote
 from .sources import Sample
@@ -54,6 +55,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def source_file(path: str):
+    """What PIL opens for the source image at `path`: the path, or the bytes of an object (one request)."""
+    if not is_url(path):
+        return path
+    scheme, rest = path.split("://", 1)
+    bucket, key = rest.split("/", 1)
+    with _filesystem(f"{scheme}://{bucket}").open_input_stream(f"{bucket}/{key}") as f:
+        return io.BytesIO(f.read())
+
+
+@functools.lru_cache(maxsize=4)
+def _filesystem(bucket_url: str):  # one per process and bucket (each holds a connection pool)
+    return filesystem(bucket_url)[0]
+
+
 def load_square(path: str, opts: ImageOptions, draft: bool = True) -> tuple[Image.Image, dict]:
     """The centre square crop of side min(w, h) of the image at `path`, resized to opts.size, as RGB, and
     {"size": [w, h], "mode": mode} of the source. Raises on unreadable or truncated files.
@@ -63,7 +79,7 @@ def load_square(path: str, opts: ImageOptions, draft: bool = True) -> tuple[Imag
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns on odd EXIF data; a failed decode still raises
-        with Image.open(path) as img:
+        with Image.open(source_file(path)) as img:
             info = {"size": list(img.size), "mode": img.mode}
             if draft and img.format == "JPEG" and img.mode in ("RGB", "L"):
                 w, h = img.size

@@ -329,11 +329,18 @@ def test_an_out_inside_src_is_refused_before_any_shard(where, folder_tree, capsy
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # nothing written into the source
 
 
-def test_a_source_url_is_refused_before_any_work(folder_tree, tmp_path, capsys, monkeypatch):
+def test_a_source_url_whose_store_does_not_answer_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    for key, value in {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+    }.items():
+        monkeypatch.setenv(key, value)
     assert main(["--src", "s3://bucket/imagenet", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--src s3://bucket/imagenet is a URL" in err and len(err.splitlines()) == 1
+    assert err.startswith("error: --src=s3://bucket/imagenet") and len(err.splitlines()) == 1, err
+    assert "AWS_ENDPOINT_URL" in err  # the fix
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "o").exists()
 
 

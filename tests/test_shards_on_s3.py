@@ -6,7 +6,7 @@ import os
 
 from preprocessing.shard_imagenet import LOCK_FILE, ShardObjectLock
 from sagan.storage import filesystem
-from tests.servers import objects, read_object, write_object
+from tests.servers import objects, read_object, upload, write_object
 from tests.test_shard_imagenet import shard, tar_bytes
 
 
@@ -75,3 +75,26 @@ def test_a_missing_bucket_for_out_is_one_line_before_any_work(s3, folder_tree, c
     assert shard(folder_tree[0], out) == 2
     err = capsys.readouterr().err.strip()
     assert f"--out={out}" in err and "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_shards_from_a_source_on_s3_are_the_bytes_of_shards_from_a_disk(s3, folder_tree, folder_out, tmp_path, capsys):
+    root, made = folder_tree
+    upload(root, f"{s3}/imagenet-raw")  # the fake ImageNet, with its odd and undecodable files
+    out = tmp_path / "shards"
+    assert shard(f"{s3}/imagenet-raw", out) == 0
+    assert tar_bytes(out) == tar_bytes(folder_out)
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["path"] for f in failures) == sorted(
+        p.replace(str(root), f"{s3}/imagenet-raw") for p in made["bad"]
+    )
+    assert json.loads((out / "manifest.json").read_text())["source"]["path"] == f"{s3}/imagenet-raw"
+    assert (out / "classes.tsv").read_bytes() == (folder_out / "classes.tsv").read_bytes()  # names read there too
+    capsys.readouterr()
+    assert shard(f"{s3}/imagenet-raw", f"{s3}/imagenet-raw/shards") == 2  # --out inside --src
+    assert "is inside --src" in capsys.readouterr().err
+    assert shard("s3://no-such-bucket/raw", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --src=s3://no-such-bucket/raw: the bucket no-such-bucket does not exist"), err
+    assert len(err.splitlines()) == 1
+    assert shard(f"{s3}/nothing-here", tmp_path / "other") == 2
+    assert "holds nothing" in capsys.readouterr().err
