@@ -14,6 +14,7 @@ import mlflow
 import pytest
 
 from cluster.local import free_port, ray_env
+from pipelines.training.batch_log import read_log, sample_ids
 from tests.servers import objects, read_object
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,13 +52,17 @@ def cluster(tmp_path_factory, s3_server):
             subprocess.run([*LOCAL, "down", "--dir", str(folder)], capture_output=True, timeout=120)
 
 
-def submit(state: dict, folder: Path, *entrypoint: str, token: bool = True) -> subprocess.CompletedProcess:
+def submit(
+    state: dict, folder: Path, *entrypoint: str, token: bool = True, job_env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`ray job submit` the entrypoint; `job_env`: variables of the job's processes (its runtime env)."""
     env = {**ray_env(folder), "RAY_ADDRESS": state["address"]}
     if not token:
         env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     ray = str(Path(sys.executable).parent / "ray")
+    runtime = ["--runtime-env-json", json.dumps({"env_vars": job_env})] if job_env else []
     return subprocess.run(
-        [ray, "job", "submit", "--working-dir", str(REPO), "--", *entrypoint],
+        [ray, "job", "submit", "--working-dir", str(REPO), *runtime, "--", *entrypoint],
         env=env,
         capture_output=True,
         text=True,
@@ -112,9 +117,7 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs_on_object_storage(cluster
     assert json.loads(read_object(f"{shards}/manifest.json"))["complete"]
     assert len(task_nodes(state, folder, "write_shard")) == 2  # one CPU per node: the shards were written on both
 
-    out = submit(
-        state,
-        folder,
+    train = [
         "python",
         "pipelines/train.py",
         f"data.train_shards={shards}/train",
@@ -127,17 +130,23 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs_on_object_storage(cluster
         "scaling.placement_strategy=STRICT_SPREAD",
         "model.ch=8",
         "train.batch_size=4",
-        "train.steps=2",
         "train.log_every=1",
         "train.ckpt_every=2",
         "train.sample_every=2",
         "train.eval_every=0",
-    )
+    ]
+    batch_log = {"SAGAN_BATCH_LOG": str(tmp_path / "batches")}  # what each step trained on, by rank
+    out = submit(state, folder, *train, "train.steps=2", job_env=batch_log)
     assert out.returncode == 0, out.stdout[-3000:]
+    out = submit(state, folder, *train, "train.steps=4", job_env=batch_log)  # a relaunch: on to step 4
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "resumed from step 2" in out.stdout
+    # Steps 1-4, over two launches on two nodes, trained on the samples of one uninterrupted schedule.
+    assert read_log(tmp_path / "batches") == uninterrupted(f"{shards}/train", world=2, batch=4, steps=4)
     assert any(k.startswith("checkpoint_") and k.endswith("/checkpoint.pt") for k in objects(f"{runs}/spread"))
     client = mlflow.MlflowClient(state["mlflow"])
     (run,) = client.search_runs([client.get_experiment_by_name("sagan-train").experiment_id])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [1, 2, 3, 4]
     assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
     # ... uploaded through the MLflow server into the bucket, not into a folder of the cluster's
     assert any(run.info.run_id in k and "/images/samples" in k for k in objects(f"{BUCKET}/mlartifacts"))
@@ -158,7 +167,28 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs_on_object_storage(cluster
         f"mlflow.tracking_uri={state['mlflow']}",
     )
     assert out.returncode == 0, out.stdout[-3000:]
-    assert client.get_metric_history(run.info.run_id, "eval/fid")[0].step == 2
+    assert client.get_metric_history(run.info.run_id, "eval/fid")[0].step == 4
+
+    out = submit(
+        state, folder, "python", "pipelines/sample.py", "--checkpoint", f"{runs}/spread", "--out", f"{BUCKET}/samples"
+    )
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "grid.png" in objects(f"{BUCKET}/samples")
     cached = objects(f"{BUCKET}/eval-cache")
     assert any(k.startswith("sample-classifier-") for k in cached) and any(k.startswith("fid-stats-") for k in cached)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # nothing written beside the source images
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batches", "raw"]  # the source images, the test's log
+
+
+def uninterrupted(train_shards: str, world: int, batch: int, steps: int) -> dict[int, list[str]]:
+    """{step: sorted sample ids} of steps 1..`steps` of a run that is never stopped (the default seed, n_dis 1):
+    each rank's loader from batch 0."""
+    from sagan.data import find_shards
+    from sagan.loader import rank_loader
+
+    shards, expected = find_shards(train_shards), {}
+    for rank in range(world):
+        batches = rank_loader(shards, rank, world, batch, seed=0, start_batch=0)
+        for step in range(1, steps + 1):
+            expected.setdefault(step, []).extend(sample_ids(*next(batches)))
+        batches.close()
+    return {step: sorted(ids) for step, ids in expected.items()}

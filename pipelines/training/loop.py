@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipelines.common.config import Config
 from pipelines.common.run_folder import CHECKPOINT_FILE, RunFolder
+from pipelines.training.batch_log import BatchLog
 from pipelines.training.best import best_so_far, save_best
 from pipelines.training.ddp import agree, param_spread
 from pipelines.training.stop import stop_run
@@ -120,6 +121,7 @@ class Loop:
         torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # different latents per rank
         self.fixed = [v.to(device) for v in grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.train.seed)]
         self.stream = batch_stream(cfg, rank, world, trainer.step * cfg.optim.n_dis, device)
+        self.batch_log = BatchLog(rank, world)  # SAGAN_BATCH_LOG: what each step trained on
         self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
         # The worker group's placement group, named in the reports: a sweep's driver removes it when the trial
         # ends, should Ray's own cleaner have failed to (pipelines.sweep.tuner.ReleasePlacementGroups).
@@ -165,6 +167,7 @@ class Loop:
         try:
             batches = [next(self.stream) for _ in range(self.cfg.optim.n_dis)]
             self.data_wait += time.perf_counter() - start  # the step waited this long for its data
+            self.batch_log.record(self.trainer.step + 1, batches)
             return batches
         except DataError as e:
             raise stop_run(self.cfg, f"data error at step {self.trainer.step + 1}: {e}") from None
