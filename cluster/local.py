@@ -7,7 +7,8 @@ job path of a real cluster (`ray job submit`), for trying it before a cloud bill
     python cluster/local.py down
 
 Everything lives in --dir (default .local-cluster/, git-ignored): the auth token, Ray's temporary files,
-the MLflow store and artifacts, logs. `down` stops only this cluster's processes, never another Ray.
+the MLflow store and artifacts, logs, and each node's own cache folder (DIR/head/cache, DIR/worker-N/cache: its
+XDG_CACHE_HOME, so the nodes share no ~/.cache/sagan, as separate machines would not). `down` stops only this cluster's processes, never another Ray.
 """
 
 import argparse
@@ -108,6 +109,10 @@ def up(folder: Path, workers: int, cpus: int, mlflow_port: int, artifacts: str |
         ]
 
     print(f"starting the head node (port {port}, dashboard {dashboard}) ...", flush=True)
+
+    def node_env(node: str) -> dict:  # each node its own ~/.cache/sagan, as separate machines have
+        return {**env, "XDG_CACHE_HOME": str(folder / node / "cache")}
+
     run(
         [
             str(bin_dir / "ray"),
@@ -126,7 +131,7 @@ def up(folder: Path, workers: int, cpus: int, mlflow_port: int, artifacts: str |
             *common,
             *own_ports(),
         ],
-        env,
+        node_env("head"),
         "ray start --head",
     )
     for i in range(workers):
@@ -142,7 +147,7 @@ def up(folder: Path, workers: int, cpus: int, mlflow_port: int, artifacts: str |
                 *common,
                 *own_ports(),
             ],
-            env,
+            node_env(f"worker-{i + 1}"),
             f"ray start (worker node {i + 1})",
         )
     log = open(folder / "mlflow.log", "ab")

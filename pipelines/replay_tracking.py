@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.common.run_folder import PENDING_DIR, RAY_SNAPSHOT, STOPPED_FILE, RunFolder
-from pipelines.tracking.kept import gather, keep
+from pipelines.tracking.kept import pending_here
 from pipelines.tracking.pending import replay
 from pipelines.tracking.store import check_tracking
 from sagan.errors import JobFailed, UsageError, command
@@ -53,21 +53,22 @@ def main(argv=None) -> int:
 
 def replay_remote(url: str, tracking_uri: str | None) -> int:
     """Deliver the pending items in the prefix of the run at `url` (object storage); the rest stay there."""
+    storage, _, name = url.rpartition("/")
+    if "/" not in url.split("://", 1)[1]:
+        raise UsageError(f"{url} is a bucket, not a run folder: give run.storage_path/run.name (s3://BUCKET/runs/NAME)")
     check_storage(url, "the run folder")  # the endpoint, keys and bucket: one line within seconds
     run = Folder(url)
     if not (run.dirs("*") or run.files("", "*")):
         raise UsageError(f"{url} is not a run folder: nothing is stored under it; give run.storage_path/run.name")
-    storage, _, name = url.rpartition("/")
-    folder = RunFolder(storage, name)
-    try:
-        return deliver(gather(folder), f"{url}/{PENDING_DIR}", tracking_uri)
-    finally:
-        keep(folder)  # what was not delivered, and what was set aside, back in the bucket
+    if tracking_uri:  # before any item moves
+        check_tracking(tracking_uri, setting="give --tracking-uri")
+    with pending_here(RunFolder(storage, name)) as local:  # what is not delivered goes back to the bucket
+        return deliver(local, f"{url}/{PENDING_DIR}", tracking_uri)
 
 
 def deliver(folder: Path, shown: str, tracking_uri: str | None) -> int:
     """Replay the pending files in `folder` (named `shown` in messages); 0, or JobFailed when some are left."""
-    files = sorted(folder.glob("*.jsonl"))
+    files = sorted(p for p in folder.glob("*.jsonl") if not p.name.startswith("."))
     if not files:
         print(f"nothing to deliver: no pending MLflow items in {shown}")
         return 0

@@ -18,8 +18,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from pipelines.common.cli import config_args
 from pipelines.common.config import Config, load_config
 from pipelines.common.ray_address import connect_ray
-from pipelines.common.run_folder import RunFolder
-from pipelines.tracking.kept import deliver_kept, gather, keep
+from pipelines.common.run_folder import PENDING_DIR, RunFolder
+from pipelines.tracking.kept import deliver_kept, pending_here
+from pipelines.tracking.pending import deliver_pending
 from pipelines.tracking.store import check_tracking, default_tracking_uri, end_run, prepare_tracking, refused_everything
 from pipelines.training.placement import fit
 from pipelines.training.preflight import (
@@ -100,15 +101,13 @@ def train(cfg: Config, uri: str, resume: ResumePlan) -> int:
         raise_if_stopped(cfg)  # a stopped run: one line naming the step or the file, not the workers' traceback
         raise
     finally:
-        deliver_kept(folder, uri, "rank 0 had kept")
-        if status:
-            end_run(uri, run_id, status, folder.pending)
-            keep(folder)  # on object storage: into the run's prefix, for the next launch wherever it runs
+        with pending_here(folder) as pending:  # on object storage: gathered from the run's prefix, and back
+            shown = f"{folder.uri}/{PENDING_DIR}" if folder.remote else None
+            deliver_pending(pending, uri, "rank 0 had kept", shown=shown)
+            if status:
+                end_run(uri, run_id, status, pending)
+            lost = None if status else refused_everything(uri, run_id, pending)
     ckpt = result.checkpoint.path if result.checkpoint else None
-    try:
-        lost = refused_everything(uri, run_id, gather(folder))
-    finally:
-        keep(folder)
     if lost:
         raise JobFailed(f"the run trained (last checkpoint {ckpt}) but its record is lost: {lost}")
     print(f"done: last checkpoint {ckpt}\nbrowse the run: mlflow ui --backend-store-uri {uri}")

@@ -24,12 +24,14 @@ def _visible(name: str) -> bool:
     return not name.startswith(".") and not fnmatch.fnmatch(name, TEMP_PATTERN)
 
 
-def pull(url: str) -> Path:
-    """The mirror of `url`, holding every file of the bucket's folder (one listing request, then one download
-    per file the mirror lacks)."""
+def pull(url: str, skip: tuple[str, ...] = ()) -> Path:
+    """The mirror of `url`, holding every file of the bucket's folder but those matching a pattern of `skip`
+    (one listing request, then one download per file the mirror lacks)."""
     local, remote = mirror_dir(url), Folder(url)
     local.mkdir(parents=True, exist_ok=True)
     for name, size in remote.files("", "*").items():
+        if any(fnmatch.fnmatch(name, pattern) for pattern in skip):
+            continue
         if _visible(name) and not ((local / name).is_file() and (local / name).stat().st_size == size):
             remote.download(name, str(local / name))
     return local

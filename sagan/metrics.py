@@ -122,8 +122,9 @@ class Evaluator:
 def eval_cache_dir(cfg: SaganConfig) -> Path:
     """eval.cache_dir, else the default next to the real shards (see `default_cache_dir`). On object storage:
     its local mirror, with the bucket's files pulled (sagan.cache_mirror); `publish_cache` uploads new ones."""
-    if is_url(cfg.eval.cache_dir):
-        return cache_mirror.pull(cfg.eval.cache_dir)
+    if is_url(cfg.eval.cache_dir):  # the other extractor's weights are not fetched
+        other = "sample-classifier-*" if cfg.eval.feature_extractor == INCEPTION else inception.INCEPTION_FILE
+        return cache_mirror.pull(cfg.eval.cache_dir, skip=(other,))
     return Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else default_cache_dir(real_shards(cfg))
 
 

@@ -52,7 +52,8 @@ def _s3_with_retries(options: dict):
     import pyarrow.fs as pafs
 
     copyreg.pickle(pafs.S3FileSystem, _reduce_s3)  # passed on pickled again (Ray's controller to its workers)
-    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+    # a pyarrow that pickles the strategy itself (apache/arrow GH-47348) passes it in `options`: it wins
+    return pafs.S3FileSystem(**{"retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_ATTEMPTS), **options})
 
 
 def _reduce_s3(fs):

@@ -3,6 +3,7 @@
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -108,50 +109,51 @@ class S3Server:
 
 
 class Endpoint:
-    """A TCP port in front of a server on 127.0.0.1. `down()` closes it and cuts every open connection, so a client
-    meets what a stopped server gives it (connections reset, then refused); `up()` listens on the same port again.
-    The server behind keeps its data, as a restarted S3 server with a disk does (moto keeps objects in memory: a
-    restart of its process would empty the bucket)."""
+    """A TCP port in front of a server on 127.0.0.1. `down()` cuts every open connection and resets each new one
+    (a client meets what a stopped or restarting server gives it) until `up()`. The server behind keeps its data,
+    as a restarted S3 server with a disk does (moto keeps objects in memory: a restart of its process would
+    empty the bucket). The port stays bound throughout, so no other socket can take it meanwhile."""
 
     def __init__(self, target_port: int):
-        self.port, self.target = free_port(), target_port
+        self.target = target_port
+        self._lock, self._open, self._down = threading.Lock(), set(), False
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port = self._listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._lock, self._open, self._listener = threading.Lock(), set(), None
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def up(self) -> "Endpoint":
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(128)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        with self._lock:
+            self._down = False
         return self
 
     def down(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of _accept, which then ends
-        self._listener.close()
         with self._lock:
+            self._down = True
             for sock in self._open:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
+                _reset(sock)
             self._open.clear()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self) -> None:
         while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
+            client, _ = self._listener.accept()
+            with self._lock:
+                if self._down:
+                    _reset(client)
+                    continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.target))
             except OSError:
-                client.close()
+                _reset(client)
                 continue
             pair = [client, server, 2]  # the two sockets, and the directions still open
             with self._lock:
+                if self._down:  # went down meanwhile
+                    _reset(client)
+                    _reset(server)
+                    continue
                 self._open |= {client, server}
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b, pair), daemon=True).start()
@@ -169,6 +171,15 @@ class Endpoint:
                 for sock in pair[:2]:
                     sock.close()
                     self._open.discard(sock)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close `sock` with a TCP reset, as a server process that dies does to its connections."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
 
 
 def objects(url: str) -> list[str]:

@@ -38,6 +38,7 @@ def cluster(tmp_path_factory, s3_server):
     with pytest.MonkeyPatch.context() as env:
         for key, value in s3_server.env().items():
             env.setenv(key, value)
+        env.setenv("XDG_CACHE_HOME", str(folder / "client-cache"))  # this process's, never the user's ~/.cache
         pafs.S3FileSystem(
             endpoint_override=f"127.0.0.1:{s3_server.port}", scheme="http", allow_bucket_creation=True
         ).create_dir(BUCKET.removeprefix("s3://"))
@@ -176,6 +177,7 @@ def test_shard_train_across_nodes_and_evaluate_as_jobs_on_object_storage(cluster
     assert "grid.png" in objects(f"{BUCKET}/samples")
     cached = objects(f"{BUCKET}/eval-cache")
     assert any(k.startswith("sample-classifier-") for k in cached) and any(k.startswith("fid-stats-") for k in cached)
+    assert list(folder.glob("*/cache/sagan/mirrors/*/sample-classifier-*"))  # the job's node used its own cache
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batches", "raw"]  # the source images, the test's log
 
 

@@ -7,10 +7,10 @@ import pytest
 
 from pipelines.common.run_folder import RunFolder
 from pipelines.replay_tracking import main as replay_main
-from pipelines.tracking.kept import gather, keep
+from pipelines.tracking.kept import gather, keep, keep_safely, pending_here
 from pipelines.tracking.outbox import Outbox
 from sagan import cache_mirror
-from tests.servers import objects, read_object, write_object
+from tests.servers import objects, write_object
 from tests.test_tracking import UNREACHABLE, new_run
 
 
@@ -37,13 +37,14 @@ def test_pending_items_of_a_run_on_s3_move_into_its_prefix_and_replay_from_any_m
     spill(run, run_id, [2, 4], image=True)
     assert keep(run) == 2 and not run.pending.exists()  # the items file and the image, moved
     stored = objects(prefix)
-    assert stored[-1] == f"{run_id}.jsonl" and stored[0].endswith(".png") and len(stored) == 2
+    assert len(stored) == 2 and stored[0].endswith(".png")
+    assert stored[1].startswith(f"{run_id}~") and stored[1].endswith(".jsonl")  # a part: objects are never rewritten
     on_node(monkeypatch, tmp_path, "node-b")  # rank 0 of the next launch, on another node
     spill(run, run_id, [6])
     assert keep(run) == 1
-    lines = read_object(f"{prefix}/{run_id}.jsonl").decode().splitlines()
-    assert [eval_step(line) for line in lines] == [2, 4, 0, 6]  # joined in order; 0: the image's step line
-
+    parts = [k for k in objects(prefix) if k.endswith(".jsonl")]
+    assert len(parts) == 2 and parts[0] == stored[1]  # the earlier part sorts first
+    stored = objects(prefix)
     on_node(monkeypatch, tmp_path, "laptop")
     assert replay_main([f"{s3}/runs/r1", "--tracking-uri", UNREACHABLE]) == 2
     assert "did not answer" in capsys.readouterr().err
@@ -74,17 +75,36 @@ def test_what_the_store_does_not_take_stays_in_the_bucket(s3, tmp_path, monkeypa
     on_node(monkeypatch, tmp_path, "node-b")
     assert replay_main([f"{s3}/runs/r2"]) == 1  # the items' own store is still down
     assert "2 item(s) not delivered" in capsys.readouterr().err
-    assert objects(f"{s3}/runs/r2/mlflow-pending") == [f"{run_id}.jsonl"] and not run.pending.exists()
+    (kept,) = objects(f"{s3}/runs/r2/mlflow-pending")
+    assert kept.startswith(f"{run_id}~") and not run.pending.exists()
     # the next delivery attempt finds them in the bucket and its own node's items after them
     spill(run, run_id, [3])
     assert [eval_step(line) for line in (gather(run) / f"{run_id}.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert objects(f"{s3}/runs/r2/mlflow-pending") == []
 
 
-def test_replay_of_an_empty_prefix_is_one_line(s3, capsys):
-    assert replay_main([f"{s3}/runs/none"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "is not a run folder" in err and len(err.splitlines()) == 1
+def test_replay_of_an_empty_prefix_or_a_bare_bucket_is_one_line(s3, capsys):
+    for url in (f"{s3}/runs/none", s3):
+        assert replay_main([url]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "not a run folder" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_store_out_of_reach_leaves_the_items_on_the_node_with_a_warning(s3, tmp_path, monkeypatch, caplog):
+    import sagan.storage
+
+    _, run_id = new_run(tmp_path)
+    run = RunFolder(f"{s3}/runs", "r3")
+    on_node(monkeypatch, tmp_path, "node-a")
+    spill(run, run_id, [1])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the store is away
+    monkeypatch.setattr(sagan.storage, "S3_ATTEMPTS", 1)  # and this test does not wait out its retries
+    keep_safely(run)  # a warning, not an error: a run's outcome is not the store's
+    assert (run.pending / f"{run_id}.jsonl").is_file()
+    assert f"they stay in {run.pending} on this node" in caplog.text
+    with pending_here(run) as local:  # the driver's delivery: what is here, and a warning for the bucket
+        assert (local / f"{run_id}.jsonl").is_file()
+    assert "could not read the kept MLflow items" in caplog.text
 
 
 def test_an_eval_cache_on_s3_is_filled_by_one_node_and_read_by_another(s3, tmp_path, monkeypatch):

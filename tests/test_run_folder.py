@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.common.run_folder import RAY_SNAPSHOT, RunFolder, absolute, is_remote
+from sagan.storage import user_cache
 from tests.servers import write_object
 
 
@@ -25,7 +26,8 @@ def test_a_remote_run_folder_names_its_parts_by_url_and_keeps_pending_items_in_a
     assert f.remote and f.uri == "s3://bucket/runs/r1" and f.best == "s3://bucket/runs/r1/best"
     assert (f.stopped, f.best_marker) == ("s3://bucket/runs/r1/STOPPED.json", "s3://bucket/runs/r1/best/best.json")
     assert (f.local, f.samples, f.lock) == (None,) * 3
-    assert f.pending == Path.home() / ".cache" / "sagan" / "mlflow-pending" / "r1"
+    assert f.pending.parent == user_cache() / "mlflow-pending" and f.pending.name.startswith("r1-")
+    assert RunFolder("s3://other/runs", "r1").pending != f.pending  # one name in two buckets: two folders
 
 
 @pytest.mark.parametrize("where", ["disk", "s3"])

@@ -300,6 +300,11 @@ def test_a_multi_node_cluster_is_warned_of_what_its_nodes_cannot_share(tmp_path)
     assert storage.startswith(f"run.storage_path {tmp_path / 'runs'} is a local path and the cluster has 2 nodes")
     cfg.run.storage_path = "s3://bucket/runs"
     assert multinode_warnings(cfg, "http://mlflow:5000", nodes=2, submitted=True) == []
+    cfg.data.train_shards, cfg.train.eval_every = "s3://bucket/imagenet128/train", 1000  # in-loop FID, no cache
+    (cache,) = multinode_warnings(cfg, "http://mlflow:5000", nodes=2, submitted=True)
+    assert "set eval.cache_dir=s3://" in cache
+    cfg.eval.cache_dir = "s3://bucket/eval-cache"
+    assert multinode_warnings(cfg, "http://mlflow:5000", nodes=2, submitted=True) == []
 
 
 @pytest.mark.parametrize("script", ["train", "tune"])

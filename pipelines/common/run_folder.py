@@ -12,6 +12,7 @@ The storage may be a local (or mounted) folder or object storage (`s3://bucket/p
 writes either (sagan.folder); `is_remote` tells them apart where it matters (the lock, the MLflow outbox).
 """
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,8 @@ class RunFolder:
         """Where undelivered MLflow items wait: in the run folder, or (for a run on object storage) in this node's
         cache, from where pipelines.tracking.kept moves them into the run's prefix."""
         if self.remote:
-            return user_cache() / PENDING_DIR / self.name
+            # named by the run's URL too: runs of one name in two buckets must not share it
+            return user_cache() / PENDING_DIR / f"{self.name}-{hashlib.sha256(self.uri.encode()).hexdigest()[:8]}"
         return self.local / PENDING_DIR
 
     def ray_latest(self) -> str | None:

@@ -37,10 +37,13 @@ class Outbox:
     rejected file with one warning, so it cannot hold up the ones behind it.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, spill_to: Path, max_backoff: float = 30.0):
+    def __init__(
+        self, tracking_uri: str, run_id: str, spill_to: Path, max_backoff: float = 30.0, shown: str | None = None
+    ):
         bound_requests(max_retries=0)
         self.client = mlflow.MlflowClient(tracking_uri)
         self.uri, self.run_id, self.spill_to = tracking_uri, run_id, Path(spill_to)
+        self.shown = shown  # where the spilled items end up, when not in spill_to (a run on object storage)
         self.max_backoff = max_backoff
         self.items: deque = deque()
         self.queued_bytes = 0  # of the images waiting: a long outage must not fill rank 0's memory
@@ -110,11 +113,12 @@ class Outbox:
         self._spill(left)
         pending = self.spilled
         if pending:
-            where = f"{self.spill_to}" + (" on this node" if self.spill_to.is_relative_to(Path.home()) else "")
+            shown = self.shown or str(self.spill_to)
+            where = shown + (" on this node" if not self.shown and self.spill_to.is_relative_to(Path.home()) else "")
             log.warning(
                 f"MLflow at {self.uri} did not take {pending} item(s) of run {self.run_id}; they are kept "
                 f"in {where} and delivered by the next launch of this run or by "
-                f"`python pipelines/replay_tracking.py {self.spill_to}`"
+                f"`python pipelines/replay_tracking.py {shown}`"
             )
         return pending
 

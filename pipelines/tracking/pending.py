@@ -95,7 +95,7 @@ def replay(folder: Path, tracking_uri: str | None = None) -> Replayed:
 
     bound_requests()
     folder, delivered, set_aside, left = Path(folder), 0, 0, 0
-    for path in sorted(folder.glob("*.jsonl")):
+    for path in sorted(p for p in folder.glob("*.jsonl") if not p.name.startswith(".")):  # not a write cut short
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         done = aside = 0
         for line in lines:

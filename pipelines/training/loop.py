@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from pipelines.common.config import Config
-from pipelines.common.run_folder import CHECKPOINT_FILE, RunFolder
+from pipelines.common.run_folder import CHECKPOINT_FILE, PENDING_DIR, RunFolder
+from pipelines.tracking.kept import keep_safely
 from pipelines.training.batch_log import BatchLog
 from pipelines.training.best import best_so_far, save_best
 from pipelines.training.ddp import agree, param_spread
@@ -63,7 +64,9 @@ class Tracker:
         if enabled:
             from pipelines.tracking.outbox import Outbox  # here: MLflow's import is rank 0's alone (import_times.py)
 
-            self.outbox = Outbox(self.tracking_uri, self.run_id, RunFolder.of(cfg).pending)
+            self.folder = RunFolder.of(cfg)
+            shown = f"{self.folder.uri}/{PENDING_DIR}" if self.folder.remote else None
+            self.outbox = Outbox(self.tracking_uri, self.run_id, self.folder.pending, shown=shown)
 
     def checkpoint_extra(self) -> dict:
         """What a checkpoint records of the MLflow run, so evaluation can log into it."""
@@ -86,14 +89,19 @@ class Tracker:
             self.outbox.curve(metric, artifact_file)
 
     def persist(self) -> None:
+        """During an outage, what waits to this node's disk now, and on object storage on into the run's prefix
+        (Ray may kill this process later, and its node may go with it)."""
         if self.outbox:
-            self.outbox.persist()
+            if self.outbox.persist() and self.folder.remote:
+                with self.outbox.spill_lock:  # no spill appends to a file while it is moved
+                    keep_safely(self.folder)
 
     def close(self, finished: bool) -> None:
         if self.outbox is not None:
             if finished:
                 self.outbox.terminate("FINISHED")
             self.outbox.close()
+            keep_safely(self.folder)  # on object storage: into the run's prefix, where the driver finds them
 
 
 def _gammas(G, D) -> dict[str, float]:

@@ -154,7 +154,7 @@ def verify_shards(cfg: Config) -> None:
 
 def multinode_warnings(cfg: Config, tracking_uri: str, nodes: int, submitted: bool) -> list[str]:
     """One line each for what a cluster of `nodes` live nodes (or a submitted job, whose nodes may change)
-    cannot share: a sqlite MLflow store, a local run.storage_path."""
+    cannot share: a sqlite MLflow store, a local run.storage_path, a node-local eval cache for in-loop FID."""
     if nodes <= 1 and not submitted:
         return []
     where = f"the cluster has {nodes} nodes" if nodes > 1 else "a submitted job may run on any node"
@@ -168,6 +168,11 @@ def multinode_warnings(cfg: Config, tracking_uri: str, nodes: int, submitted: bo
         out.append(
             f"run.storage_path {cfg.run.storage_path} is a local path and {where}: every node must see the "
             "same folder (an NFS/EFS/Filestore mount on all of them) or use a bucket (s3://..., gs://...)"
+        )
+    if nodes > 1 and cfg.train.eval_every and not cfg.eval.cache_dir and is_remote(cfg.data.train_shards):
+        out.append(
+            f"in-loop FID's real statistics go to each node's ~/.cache/sagan (the shards are in a bucket) and {where}: "
+            "rank 0 may compute them again, while the other ranks wait; set eval.cache_dir=s3://... (or a shared folder)"
         )
     return out
 

@@ -14,8 +14,7 @@ import ray.train.torch
 import torch
 
 from pipelines.common.config import from_dict
-from pipelines.common.run_folder import CHECKPOINT_FILE, RunFolder
-from pipelines.tracking.kept import keep
+from pipelines.common.run_folder import CHECKPOINT_FILE
 from pipelines.training.loop import Loop, Tracker
 from pipelines.training.stop import raise_if_stopped
 from sagan.checkpoint import load_checkpoint
@@ -103,7 +102,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loop.stream.close()  # the loader's processes end with the loop
         finally:
             tracker.close(finished)  # what MLflow has not taken yet goes to the run's pending file
-            if rank == 0:
-                keep(RunFolder.of(cfg))  # on object storage: into the run's prefix, where the driver finds it
     if rank == 0:
         log.info(f"finished {cfg.train.steps} steps; MLflow run {tracker.run_id}")
