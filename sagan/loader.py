@@ -202,23 +202,35 @@ class Batches(Dataset):
 
 
 class PlannedBatches(Batches):
-    """A rank's endless schedule: batch g is batch g % batches_per_epoch of epoch g // batches_per_epoch."""
+    """A worker's endless schedule: batch g is batch g % batches_per_epoch of epoch g // batches_per_epoch of each
+    of `ranks` (ranks of a world of `world_size`), concatenated in rank order. One rank per worker is plain data
+    parallelism; several are the virtual ranks an elastic run's worker serves (`serving`)."""
 
-    def __init__(self, shards: ShardSet, rank: int, world_size: int, batch_size: int, seed: int):
+    def __init__(self, shards: ShardSet, ranks: int | tuple[int, ...], world_size: int, batch_size: int, seed: int):
         super().__init__(shards)
-        self.rank, self.world, self.batch_size, self.seed = rank, world_size, batch_size, seed
+        self.ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+        self.world, self.batch_size, self.seed = world_size, batch_size, seed
         self.per_epoch = batches_per_epoch(shards, world_size, batch_size)
-        self.plan: tuple[int, np.ndarray] | None = None  # the current epoch's, made once per process
+        self.plan: tuple[int, np.ndarray] | None = None  # the current epoch's (B x ranks), made once per process
 
     def refs(self, g: int) -> np.ndarray:
         epoch, b = divmod(g, self.per_epoch)
         if self.plan is None or self.plan[0] != epoch:
-            self.plan = (epoch, epoch_plan(self.shards, self.rank, self.world, self.batch_size, epoch, self.seed))
+            plans = [epoch_plan(self.shards, r, self.world, self.batch_size, epoch, self.seed) for r in self.ranks]
+            self.plan = (epoch, np.concatenate(plans, axis=1))
         return self.plan[1][b]
 
     def upcoming(self, g: int, stride: int = 1) -> list[int]:
         b = g % self.per_epoch
         return _first_seen(self.plan[1][b + stride : b + 1 + LOOKAHEAD : stride, :, 0])
+
+
+def serving(rank: int, world: int, virtual: int) -> tuple[int, ...]:
+    """The virtual ranks worker `rank` of `world` serves when the data is planned for `virtual` ranks: rank,
+    rank + world, ... Every virtual rank has one worker at any world size from 1 to `virtual`."""
+    if not 1 <= world <= virtual:
+        raise ValueError(f"{world} workers cannot serve {virtual} virtual ranks (1 to {virtual} can)")
+    return tuple(range(rank, virtual, world))
 
 
 class SequentialBatches(Batches):
@@ -276,9 +288,14 @@ def rank_loader(
     workers: int = 0,
     prefetch: int = 2,
     pin: bool = False,
+    virtual: int | None = None,
 ):
-    """Endless uint8 batches of this rank's schedule from batch `start_batch` on (epoch after epoch)."""
-    return load(PlannedBatches(shards, rank, world_size, batch_size, seed), start_batch, 2**62, workers, prefetch, pin)
+    """Endless uint8 batches of this rank's schedule from batch `start_batch` on (epoch after epoch). With
+    `virtual` (an elastic run), the data is planned for that many ranks whatever `world_size` is, and each batch
+    holds this worker's virtual ranks' batches one after the other (batch_size each)."""
+    ranks = serving(rank, world_size, virtual) if virtual else (rank,)
+    plan = PlannedBatches(shards, ranks, virtual or world_size, batch_size, seed)
+    return load(plan, start_batch, 2**62, workers, prefetch, pin)
 
 
 def rank_batches(shards: ShardSet, rank: int, world_size: int, batch_size: int, epoch: int, seed: int = 0):

@@ -7,12 +7,14 @@ The step never waits on the GPU: it returns loss tensors, and `LossMonitor` read
 """
 
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 from .checkpoint import check_fits, load_checkpoint
 from .config import SaganConfig, saved_config
@@ -23,9 +25,49 @@ from .speed import Speed, compile_model, is_channels_last, prepare_models
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@contextmanager
+def buffers_held(*models: nn.Module, held: bool = True):
+    """Within the block (when `held`), forwards leave the models' buffers as they are: no spectral-norm power
+    iteration, no BatchNorm running statistics (batch statistics are still used). An elastic worker's second
+    and later micro-batches run so: each buffer then moves once per forward, on the first micro-batch (virtual
+    rank), as it does on every worker of a run with one virtual rank per worker."""
+    if not held:
+        yield
+        return
+    saved = []
+    for model in models:
+        for m in unwrap(model).modules():
+            if isinstance(m, _SpectralNorm) and m.training:
+                saved.append((m, "training", True))
+                m.training = False
+            elif isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
+                saved.append((m, "momentum", m.momentum))
+                saved.append((m.num_batches_tracked, "count", m.num_batches_tracked.clone()))
+                m.momentum = 0.0  # the running statistics keep their values
+    try:
+        yield
+    finally:
+        for obj, what, value in reversed(saved):
+            if what == "count":
+                obj.copy_(value)
+            else:
+                setattr(obj, what, value)
+
+
+def latent_seed(seed: int, virtual_rank: int, step: int, draw: int) -> int:
+    """The seed of the latents of one draw (a D step j < n_dis, or the G step: n_dis) of step `step` of one virtual
+    rank: the same whichever worker serves that rank."""
+    return ((seed * 1_000_003 + virtual_rank) * 1_000_033 + step * 64 + draw) % 2**63
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper, or `model` itself."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _no_sync(model: nn.Module, skip: bool = True):
+    """DDP's no_sync (gradients accumulate locally, no all-reduce) when `skip` and `model` is DDP-wrapped."""
+    return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else nullcontext()
 
 
 class EMA:
@@ -162,7 +204,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.speed.cudnn_benchmark  # a process-wide switch
         self.z_dim, self.num_classes = cfg.model.z_dim, cfg.model.num_classes
-        self.n_dis = cfg.optim.n_dis
+        self.n_dis, self.seed = cfg.optim.n_dis, cfg.train.seed
         self.amp_dtype = _AUTOCAST_DTYPES[self.speed.precision]
         self.opt_g, self.opt_d = make_optimizers(G, D, cfg, fused=self.speed.fused_adam)
         self._groups = {opt: [dict(g) for g in opt.param_groups] for opt in (self.opt_g, self.opt_d)}
@@ -180,65 +222,100 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def sample_latents(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (B, z_dim) ~ N(0, I) and labels y (B,) uniform over the classes, on the trainer's device."""
-        z = torch.randn(batch_size, self.z_dim, device=self.device)
-        y = torch.randint(0, self.num_classes, (batch_size,), device=self.device)
+    def sample_latents(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, z_dim) ~ N(0, I) and labels y (B,) uniform over the classes, on the trainer's device, from
+        `generator` (default: torch's global one)."""
+        z = torch.randn(batch_size, self.z_dim, device=self.device, generator=generator)
+        y = torch.randint(0, self.num_classes, (batch_size,), device=self.device, generator=generator)
         return z, y
 
-    def _d_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch = real.shape[0]
+    def _latents(self, batch_size: int, ranks: tuple[int, ...] | None, c: int, draw: int):
+        """The latents of micro-batch `c`: from virtual rank ranks[c]'s seed for this step and draw, or (no
+        ranks) from torch's global generator."""
+        if ranks is None:
+            return self.sample_latents(batch_size)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(latent_seed(self.seed, ranks[c], self.step + 1, draw))
+        return self.sample_latents(batch_size, gen)
+
+    def _d_step(self, real, labels, ranks=None, weight: float = 1.0, j: int = 0) -> dict[str, torch.Tensor]:
+        k = len(ranks) if ranks else 1
         real = real.contiguous(memory_format=self.speed.memory_format)
         self.opt_d.zero_grad(set_to_none=True)  # the G step left gradients in D
-        z, y_fake = self.sample_latents(batch)
-        with torch.no_grad(), self._autocast():
-            fake = self.G(z, y_fake)
-        with self._autocast():
-            # One D forward over real and fake together: two forwards before one backward break DDP's
-            # buffer broadcast (pytorch#175024); D has no BatchNorm, so the scores are the same.
-            scores = self.D(torch.cat([real, fake.to(real.dtype)]), torch.cat([labels, y_fake])).float()
-        real_scores, fake_scores = scores[:batch], scores[batch:]
-        loss = hinge_d_loss(real_scores, fake_scores)
-        self.scaler_d.scale(loss).backward()
+        for c, (real_c, labels_c) in enumerate(zip(real.chunk(k), labels.chunk(k))):
+            batch = real_c.shape[0]
+            z, y_fake = self._latents(batch, ranks, c, j)
+            with buffers_held(self.G, self.D, held=c > 0), _no_sync(self.D, c < k - 1):
+                with torch.no_grad(), self._autocast():
+                    fake = self.G(z, y_fake)
+                with self._autocast():
+                    # One D forward over real and fake together: two forwards before one backward break DDP's
+                    # buffer broadcast (pytorch#175024); D has no BatchNorm, so the scores are the same.
+                    scores = self.D(torch.cat([real_c, fake.to(real_c.dtype)]), torch.cat([labels_c, y_fake])).float()
+                real_scores, fake_scores = scores[:batch], scores[batch:]
+                loss = hinge_d_loss(real_scores, fake_scores)
+                self.scaler_d.scale(loss * weight if weight != 1.0 else loss).backward()
+            if c == 0:  # the first virtual rank's, as one rank's are logged in a run of one virtual rank per worker
+                out = {
+                    "d_loss": loss.detach(),
+                    "d_real": real_scores.detach().mean(),
+                    "d_fake": fake_scores.detach().mean(),
+                }
         self.scaler_d.step(self.opt_d)
         self.scaler_d.update()
-        return {"d_loss": loss.detach(), "d_real": real_scores.detach().mean(), "d_fake": fake_scores.detach().mean()}
+        return out
 
-    def _g_step(self, batch: int) -> torch.Tensor:
+    def _g_step(self, batch: int, ranks=None, weight: float = 1.0) -> torch.Tensor:
+        k = len(ranks) if ranks else 1
         self.opt_g.zero_grad(set_to_none=True)
-        z, y_fake = self.sample_latents(batch)
-        # G's update needs D's input gradient only: D's weight gradients would be thrown away by the next
-        # D step, so they are not computed (~6% of the step's FLOPs) and not all-reduced.
-        no_sync = self.D.no_sync() if isinstance(self.D, DistributedDataParallel) else nullcontext()
         d_params = list(unwrap(self.D).parameters())
         trainable = [p.requires_grad for p in d_params]  # restored as they were: a frozen layer stays frozen
-        with no_sync:
-            for p in d_params:
-                p.requires_grad_(False)
-            try:
-                with self._autocast():
-                    loss = hinge_g_loss(self.D(self.G(z, y_fake), y_fake).float())
-                self.scaler_g.scale(loss).backward()
-            finally:
-                for p, flag in zip(d_params, trainable):
-                    p.requires_grad_(flag)
+        for c in range(k):
+            z, y_fake = self._latents(batch // k, ranks, c, self.n_dis)
+            # G's update needs D's input gradient only: D's weight gradients would be thrown away by the next
+            # D step, so they are not computed (~6% of the step's FLOPs) and not all-reduced.
+            with _no_sync(self.D), _no_sync(self.G, c < k - 1), buffers_held(self.G, self.D, held=c > 0):
+                for p in d_params:
+                    p.requires_grad_(False)
+                try:
+                    with self._autocast():
+                        loss = hinge_g_loss(self.D(self.G(z, y_fake), y_fake).float())
+                    self.scaler_g.scale(loss * weight if weight != 1.0 else loss).backward()
+                finally:
+                    for p, flag in zip(d_params, trainable):
+                        p.requires_grad_(flag)
+            if c == 0:
+                first = loss.detach()
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
-        return loss.detach()
+        return first
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def train_step(
+        self,
+        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        ranks: tuple[int, ...] | None = None,
+        weight: float = 1.0,
+    ) -> dict[str, torch.Tensor]:
         """One iteration over `optim.n_dis` real batches of (images (B, 3, R, R) in [-1, 1], labels (B,)).
 
-        Returns detached scalar tensors: d_loss, g_loss, d_real and d_fake (D's mean scores on the last
-        D step); reading them with .item() is left to the caller, so a GPU step does not wait on them.
+        `ranks`: the virtual ranks whose batches each of `batches` holds, one after the other (an elastic worker
+        serves several): each is a micro-batch with its own forward, its gradients accumulated and reduced once,
+        its latents drawn from its own seed for this step (latent_seed), so a step computes the same whatever
+        the world size. `weight`: world size / virtual ranks, so DDP's mean over the workers is the mean over
+        the virtual ranks. None: one batch, latents from torch's global generator.
+
+        Returns detached scalar tensors: d_loss, g_loss, d_real and d_fake (D's mean scores on the last D step,
+        of the first virtual rank); reading them with .item() is left to the caller, so a GPU step does not wait.
         """
         if len(batches) != self.n_dis:
             raise ValueError(f"train_step needs optim.n_dis = {self.n_dis} real batches, got {len(batches)}")
         if self.speed.compile and self.speed.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs may be overwritten now
-        for real, labels in batches:
-            metrics = self._d_step(real, labels)
-        metrics["g_loss"] = self._g_step(batches[-1][0].shape[0])
+        for j, (real, labels) in enumerate(batches):
+            metrics = self._d_step(real, labels, ranks, weight, j)
+        metrics["g_loss"] = self._g_step(batches[-1][0].shape[0], ranks, weight)
         self.step += 1
         self.ema.update(self.G, self.step)
         return metrics

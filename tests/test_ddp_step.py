@@ -1,6 +1,7 @@
 """The training step under torch DistributedDataParallel (gloo, 2 CPU processes), without Ray."""
 
 import os
+import re
 import socket
 
 import torch
@@ -45,3 +46,69 @@ def test_ddp_ranks_stay_identical(tmp_path):
         assert params
         for k in params:
             assert torch.equal(r0[net][k], r1[net][k]), f"{net}.{k} differs between ranks"
+
+
+# ---------------------------------------------------------------- elastic: virtual ranks served by fewer workers
+
+
+def _virtual_rank_batches(step: int, ranks: tuple[int, ...]):
+    """Step `step`'s real batch of each of `ranks`, one after the other (as an elastic worker's loader gives)."""
+    from tests.test_step import real_batch
+
+    parts = [real_batch(seed=10 * step + r) for r in ranks]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+# G's convolutions that feed a BatchNorm: their biases are cancelled by it, so their gradients are float noise,
+# which Adam scales up to steps of about the learning rate in a direction that depends on summation order. They
+# change nothing G computes (a running mean follows them) and are left out of the comparison.
+NOISE_ONLY = re.compile(r"^blocks\.\d+\.(conv1|conv2|shortcut)\.bias$")
+
+
+def _fixed_worker(rank, world, port, out_dir):
+    """One of 2 workers, each serving its own virtual rank; buffers not broadcast (as pipelines/training does)."""
+    from tests.test_step import tiny_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = tiny_config()
+    G, D = build_models(cfg.model, seed=0)
+    trainer = Trainer(DDP(G, broadcast_buffers=False), DDP(D, broadcast_buffers=False), cfg)
+    losses = [trainer.train_step([_virtual_rank_batches(step, (rank,))], ranks=(rank,)) for step in range(3)]
+    if rank == 0:
+        torch.save({"state": trainer.state_dict(), "losses": losses}, os.path.join(out_dir, "fixed.pt"))
+    dist.destroy_process_group()
+
+
+def test_one_worker_serving_two_virtual_ranks_trains_as_two_workers_do(tmp_path):
+    """The elastic step: a worker serving virtual ranks 0 and 1 (micro-batches, each with its own latents and
+    its own batch statistics, buffers moved by the first alone, gradients weighted 1/2) ends each step with the
+    weights, buffers and logged losses of a 2-worker DDP run, up to float rounding (the sums run in another
+    order)."""
+    from tests.test_step import tiny_config
+
+    mp.spawn(_fixed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    fixed = torch.load(tmp_path / "fixed.pt", weights_only=True)
+    cfg = tiny_config()
+    G, D = build_models(cfg.model, seed=0)
+    trainer = Trainer(G, D, cfg)
+    losses = [trainer.train_step([_virtual_rank_batches(step, (0, 1))], ranks=(0, 1), weight=0.5) for step in range(3)]
+    elastic = trainer.state_dict()
+    for net in ("G", "D", "G_ema"):
+        for key, value in fixed["state"][net].items():  # weights, spectral-norm vectors, BN running statistics
+            if NOISE_ONLY.match(key):
+                continue
+            atol = 1e-3 if key.endswith("running_mean") else 1e-5  # the running means take in those biases
+            assert torch.allclose(elastic[net][key].float(), value.float(), rtol=1e-4, atol=atol), f"{net}.{key}"
+    for a, b in zip(losses, fixed["losses"]):  # the first virtual rank's, on rank 0 of either run
+        assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in b), (a, b)
+    # The comparison can fail: unweighted gradients (twice the mean) give other weights.
+    G, D = build_models(cfg.model, seed=0)
+    wrong = Trainer(G, D, cfg)
+    for step in range(3):
+        wrong.train_step([_virtual_rank_batches(step, (0, 1))], ranks=(0, 1), weight=1.0)
+    assert not all(
+        torch.allclose(wrong.state_dict()["D"][k].float(), v.float(), rtol=1e-4, atol=1e-5)
+        for k, v in fixed["state"]["D"].items()
+    )

@@ -127,3 +127,32 @@ def test_loader_processes_end_when_the_training_process_is_killed(digits):
     while any(_stat(w) for w in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert [w for w in workers if _stat(w)] == []
+
+
+def test_virtual_ranks_give_each_step_the_same_samples_at_every_world_size(digits):
+    """An elastic run plans its data for `virtual` ranks: whether 1, 2 or 4 workers serve 4 virtual ranks, and
+    from whichever batch a worker group starts, step k trains on the same samples, each virtual rank's in order."""
+    shards = find_shards(digits / "train")
+
+    def step_batches(world: int, start: int, n: int) -> list[torch.Tensor]:
+        workers = [rank_loader(shards, r, world, 2, seed=3, start_batch=start, virtual=4) for r in range(world)]
+        steps = [[next(w) for w in workers] for _ in range(n)]
+        for w in workers:
+            w.close()
+        # worker r serves virtual ranks r, r + world, ...: put the 2-sample slices back in virtual-rank order
+        out = []
+        for batches in steps:
+            slices = {
+                v: x[2 * i : 2 * i + 2]
+                for r, (x, _) in enumerate(batches)
+                for i, v in enumerate(loader.serving(r, world, 4))
+            }
+            out.append(torch.cat([slices[v] for v in range(4)]))
+        return out
+
+    reference = step_batches(4, 0, 6)
+    for world in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(step_batches(world, 0, 6), reference))
+    assert all(torch.equal(a, b) for a, b in zip(step_batches(2, 3, 3), reference[3:]))  # a resize at step 3
+    with pytest.raises(ValueError, match="3 workers cannot serve 2 virtual ranks"):
+        loader.serving(0, 3, 2)
