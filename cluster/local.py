@@ -4,6 +4,8 @@ job path of a real cluster (`ray job submit`), for trying it before a cloud bill
     python cluster/local.py up                 # head + 1 worker node (each its own raylet), MLflow on :5000
     python cluster/local.py up --workers 2 --cpus 2
     python cluster/local.py env                # the exports `ray job submit` needs (address, token)
+    python cluster/local.py stop-node --node 1 # kill worker node 1 at once, as a lost machine (rehearse a loss)
+    python cluster/local.py start-node --node 1  # and bring it back
     python cluster/local.py down
 
 Everything lives in --dir (default .local-cluster/, git-ignored): the auth token, Ray's temporary files,
@@ -93,26 +95,7 @@ def up(folder: Path, workers: int, cpus: int, mlflow_port: int, artifacts: str |
     temp_dir = tempfile.mkdtemp(prefix="sagan-ray-")
     port, dashboard, bin_dir = free_port(), free_port(), Path(sys.executable).parent
     env = ray_env(folder)
-    common = ["--temp-dir", temp_dir, "--disable-usage-stats", "--object-store-memory", str(200 * 2**20)]
-
-    def own_ports() -> list[str]:  # every node on one machine needs its own agent ports (defaults collide)
-        return [
-            arg
-            for flag in (
-                "--dashboard-agent-listen-port",
-                "--dashboard-agent-grpc-port",
-                "--runtime-env-agent-port",
-                "--metrics-export-port",
-                "--ray-client-server-port",
-            )
-            for arg in (flag, str(free_port()))
-        ]
-
     print(f"starting the head node (port {port}, dashboard {dashboard}) ...", flush=True)
-
-    def node_env(node: str) -> dict:  # each node its own ~/.cache/sagan, as separate machines have
-        return {**env, "XDG_CACHE_HOME": str(folder / node / "cache")}
-
     run(
         [
             str(bin_dir / "ray"),
@@ -128,28 +111,14 @@ def up(folder: Path, workers: int, cpus: int, mlflow_port: int, artifacts: str |
             str(cpus),
             "--resources",
             '{"head": 1}',
-            *common,
-            *own_ports(),
+            *common_args(temp_dir),
         ],
-        node_env("head"),
+        node_env(folder, "head"),
         "ray start --head",
     )
-    for i in range(workers):
-        print(f"starting worker node {i + 1} of {workers} ...", flush=True)
-        run(
-            [
-                str(bin_dir / "ray"),
-                "start",
-                "--address",
-                f"127.0.0.1:{port}",
-                "--num-cpus",
-                str(cpus),
-                *common,
-                *own_ports(),
-            ],
-            node_env(f"worker-{i + 1}"),
-            f"ray start (worker node {i + 1})",
-        )
+    for i in range(1, workers + 1):
+        print(f"starting worker node {i} of {workers} ...", flush=True)
+        start_worker(folder, f"127.0.0.1:{port}", temp_dir, cpus, i)
     log = open(folder / "mlflow.log", "ab")
     mlflow = subprocess.Popen(
         mlflow_command(folder, mlflow_port, artifacts), stdout=log, stderr=log, start_new_session=True
@@ -158,6 +127,7 @@ def up(folder: Path, workers: int, cpus: int, mlflow_port: int, artifacts: str |
         "address": f"http://127.0.0.1:{dashboard}",
         "gcs": f"127.0.0.1:{port}",
         "temp_dir": temp_dir,
+        "cpus": cpus,
         "mlflow": f"http://127.0.0.1:{mlflow_port}",
         "mlflow_pid": mlflow.pid,
         "nodes": 1 + workers,
@@ -167,6 +137,62 @@ def up(folder: Path, workers: int, cpus: int, mlflow_port: int, artifacts: str |
     wait_http(f"{state['mlflow']}/health", 90, "the MLflow server")
     wait_nodes(state, 1 + workers, env)
     return state
+
+
+def common_args(temp_dir: str) -> list[str]:
+    """`ray start` arguments of every node: the cluster's temp dir, a small object store, and ports of its own
+    (every node on one machine needs its own agent ports: the defaults collide)."""
+    common = ["--temp-dir", temp_dir, "--disable-usage-stats", "--object-store-memory", str(200 * 2**20)]
+    return common + [
+        arg
+        for flag in (
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+            "--ray-client-server-port",
+        )
+        for arg in (flag, str(free_port()))
+    ]
+
+
+def node_env(folder: Path, node: str) -> dict:
+    """The environment of one node's processes: each node its own ~/.cache/sagan (XDG_CACHE_HOME under `folder`),
+    as separate machines have; `stop-node` finds a node's processes by it."""
+    return {**ray_env(folder), "XDG_CACHE_HOME": str(folder / node / "cache")}
+
+
+def start_worker(folder: Path, gcs: str, temp_dir: str, cpus: int, i: int) -> None:
+    """Start worker node `i` (1, 2, ...) and join it to the head at `gcs`."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--address", gcs, "--num-cpus", str(cpus)]
+    run(cmd + common_args(temp_dir), node_env(folder, f"worker-{i}"), f"ray start (worker node {i})")
+
+
+def node_processes(folder: Path, node: str) -> list[int]:
+    """The live processes of one node of the cluster in `folder` (its raylet, its workers...), by their environment."""
+    mark = f"XDG_CACHE_HOME={folder / node / 'cache'}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in (proc / "environ").read_bytes().split(b"\0") and int(proc.name) != os.getpid():
+                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def stop_node(folder: Path, i: int) -> int:
+    """Kill worker node `i` at once (SIGKILL to its raylet and every process it started: a lost machine)."""
+    pids = node_processes(folder, f"worker-{i}")
+    if not pids:
+        raise SystemExit(f"error: worker node {i} of the cluster in {folder} is not running")
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
 
 
 def wait_nodes(state: dict, n: int, env: dict, timeout: float = 60) -> None:
@@ -240,7 +266,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="local.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("command", choices=["up", "down", "env"])
+    p.add_argument("command", choices=["up", "down", "env", "stop-node", "start-node"])
+    p.add_argument("--node", type=int, default=1, help="stop-node / start-node: which worker node (default 1)")
     p.add_argument("--dir", default=str(ROOT / ".local-cluster"), help="where the token, MLflow store and logs live")
     p.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default 1)")
     p.add_argument("--cpus", type=int, default=2, help="logical CPUs per node (default 2)")
@@ -267,6 +294,19 @@ def main(argv=None) -> int:
             f"up: {1 + args.workers} Ray nodes, token auth on, MLflow at http://127.0.0.1:{args.mlflow_port}\n"
             f'submit jobs after:\n  eval "$(python cluster/local.py env)"\n{env_lines(folder)}'
         )
+    elif args.command in ("stop-node", "start-node"):
+        if not (folder / STATE).is_file():
+            raise SystemExit(f"error: no cluster is up in {folder}; `python cluster/local.py up` first")
+        state = json.loads((folder / STATE).read_text())
+        if not 1 <= args.node < state["nodes"]:
+            raise SystemExit(f"error: --node {args.node}: the cluster has worker nodes 1 to {state['nodes'] - 1}")
+        if args.command == "stop-node":
+            print(f"killed worker node {args.node} ({stop_node(folder, args.node)} processes), as a lost machine")
+        elif node_processes(folder, f"worker-{args.node}"):
+            raise SystemExit(f"error: worker node {args.node} is running; `stop-node --node {args.node}` first")
+        else:
+            start_worker(folder, state["gcs"], state["temp_dir"], state["cpus"], args.node)
+            print(f"started worker node {args.node} again")
     elif args.command == "env":
         if not (folder / STATE).is_file():
             raise SystemExit(f"error: no cluster is up in {folder}; `python cluster/local.py up` first")

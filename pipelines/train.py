@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python pipelines/train.py --config configs/imagenet128.yaml
 
 Overrides are dotted key=value pairs (docs/configuration.md lists every key; --print-config prints them resolved). Running again with the same
-run.name resumes from the run's last checkpoint. The global batch is train.batch_size x scaling.num_workers.
+run.name resumes from the run's last checkpoint. The global batch is train.batch_size x scaling.num_workers (its MAX when elastic: [MIN, MAX]).
 """
 
 import os
@@ -76,8 +76,8 @@ def launch(cfg: Config) -> int:
     for line in multinode_warnings(cfg, uri, sum(n["Alive"] for n in ray.nodes()), submitted):
         print(f"warning: {line}", file=sys.stderr)
     print(
-        f"training {cfg.run.name}: {cfg.scaling.num_workers} worker(s), global batch "
-        f"{cfg.train.batch_size * cfg.scaling.num_workers}, {cfg.train.steps} steps; "
+        f"training {cfg.run.name}: {cfg.scaling.describe()}, global batch "
+        f"{cfg.train.batch_size * cfg.scaling.max_workers}, {cfg.train.steps} steps; "
         f"checkpoints in {RunFolder.of(cfg).uri}; MLflow at {uri}",
         flush=True,
     )

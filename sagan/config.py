@@ -91,7 +91,7 @@ class TrainConfig(ConfigModel):
     steps: Positive = 1000
     """G updates in total"""
     batch_size: Positive = 32
-    """per worker: the global batch is batch_size x scaling.num_workers"""
+    """per worker: the global batch is batch_size x scaling.num_workers (its MAX when elastic)"""
     precision: Literal[PRECISIONS] = "auto"
     """auto (bf16 on GPUs, fp32 on CPUs), fp32, bf16 (autocast) or fp16 (autocast + loss scaling)"""
     channels_last: AutoBool = None

@@ -265,11 +265,11 @@ def test_a_sqlite_store_that_cannot_be_one_is_one_line_before_ray(tmp_path, caps
         ("run.storage_path=/proc/nope", "is not writable"),
         (
             "data.cache_dir=s3://bucket/cache",
-            "data.cache_dir=s3://bucket/cache is a URL; it must be a folder on a disk",
+            "data.cache_dir=s3://bucket/cache is a URL; it must be a folder on each node",
         ),
         (
-            "eval.cache_dir=gs://bucket/cache",
-            "eval.cache_dir=gs://bucket/cache is a URL; it must be a folder on a disk",
+            "scaling.num_workers=[2,1]",
+            "scaling.num_workers: [2, 1] is neither a number of workers (1 or more) nor [MIN, MAX] with 1 <= MIN <= MAX",
         ),
     ],
 )

@@ -112,6 +112,7 @@ def test_placements_are_tied_or_crossed_and_every_value_makes_a_trial():
         ("tune.grace_period=20", "tune.grace_period (20) must be below tune.steps (20)"),
         ("tune.g_attn=[[8]]", "tune.attn (tied placements) and tune.g_attn / tune.d_attn (crossed) are both set"),
         ("tune.name=it's", "tune.name: 'it's' must be letters, digits"),
+        ("scaling.num_workers=[1,2]", "a sweep's trials take a fixed number of workers"),
     ],
 )
 def test_bad_search_space_fails_in_one_line_before_any_trial(digits, tmp_path, capsys, override, message):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
 from sagan.config import SaganConfig
 from sagan.config import from_dict as _from_dict
@@ -34,11 +35,30 @@ SCHEMA_COMMAND = "python -m pipelines.common.config --schema > configs/schema.js
 Placements = Annotated[tuple[Ints, ...], TUPLE]
 
 
+def workers_range(value):
+    """scaling.num_workers: N (a fixed size) or [MIN, MAX] (elastic, 1 <= MIN <= MAX); [N] is N."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not (1 <= len(items) <= 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items)):
+        raise PydanticCustomError("workers", "not a number of workers")
+    if len(items) == 1 or items[0] == items[1]:
+        return items[0]
+    if items[0] > items[1]:
+        raise PydanticCustomError("workers", "minimum above maximum")
+    return tuple(items)
+
+
 class ScalingConfig(ConfigModel):
     """Ray Train's workers."""
 
-    num_workers: Positive = 2
-    """Ray Train workers, one per GPU when use_gpu"""
+    num_workers: Annotated[
+        Positive | tuple[Positive, Positive],
+        BeforeValidator(workers_range),
+        Rule("{input} is neither a number of workers (1 or more) nor [MIN, MAX] with 1 <= MIN <= MAX (elastic)"),
+    ] = 2
+    """Ray Train workers, one per GPU when use_gpu; [MIN, MAX]: elastic, any size in between, the data and the
+    global batch (train.batch_size x MAX) the same at every size"""
+    resize_check_s: PositiveFinite = 60.0
+    """elastic runs: how often Ray Train checks whether more workers can be placed (and grows the group)"""
     use_gpu: bool = False
     """one GPU per worker"""
     cpus_per_worker: PositiveFinite = 0.5
@@ -48,6 +68,26 @@ class ScalingConfig(ConfigModel):
     placement_timeout_s: PositiveFinite = 600.0
     """how long to wait for the workers to be placed (a lost node, a busy cluster) before the run fails naming
     what is missing; a node back within it lets the run go on"""
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The workers of a full group: the data's virtual ranks, and the global batch's share count."""
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    def describe(self) -> str:
+        return (
+            f"{self.min_workers}-{self.max_workers} workers (elastic)"
+            if self.elastic
+            else f"{self.num_workers} worker(s)"
+        )
 
 
 class RunConfig(ConfigModel):

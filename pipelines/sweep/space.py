@@ -62,6 +62,11 @@ def trial_config(base: Config, combo: dict) -> Config:
 def check_sweep(cfg: Config) -> list[dict]:
     """The combinations of cfg's search space, or SweepError for one that cannot run (checked before any trial)."""
     t = cfg.tune
+    if cfg.scaling.elastic:  # docs/tuning.md: why trials are not elastic
+        raise SweepError(
+            f"scaling.num_workers={list(cfg.scaling.num_workers)}: a sweep's trials take a fixed number of workers "
+            "(Tune reserves each trial's resources up front and ASHA compares trials at equal steps); give one number"
+        )
     if t.attn is not None and (t.g_attn is not None or t.d_attn is not None):
         raise SweepError(
             "tune.attn (tied placements) and tune.g_attn / tune.d_attn (crossed) are both set; "
@@ -138,8 +143,8 @@ def concurrency(cfg: Config, cluster: dict) -> int:
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     s = cfg.scaling
-    by_cpu = int(cluster.get("CPU", 0) // (s.num_workers * s.cpus_per_worker + DRIVER_CPU))
-    by_gpu = int(cluster.get("GPU", 0) // s.num_workers) if s.use_gpu else by_cpu
+    by_cpu = int(cluster.get("CPU", 0) // (s.max_workers * s.cpus_per_worker + DRIVER_CPU))
+    by_gpu = int(cluster.get("GPU", 0) // s.max_workers) if s.use_gpu else by_cpu
     return max(1, min(by_cpu, by_gpu))
 
 

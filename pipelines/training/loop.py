@@ -22,7 +22,7 @@ from pipelines.training.ddp import agree, param_spread
 from pipelines.training.stop import stop_run
 from sagan.checkpoint import save_checkpoint
 from sagan.data import DataError, find_shards, with_cache
-from sagan.loader import loader_workers, rank_loader
+from sagan.loader import loader_workers, rank_loader, serving
 from sagan.step import DivergenceGuard, LossMonitor, Trainer, unwrap
 from sagan.viz import attention_figures, grid_inputs, sample_grid
 
@@ -45,6 +45,7 @@ def batch_stream(cfg: Config, rank: int, world: int, start_batch: int, device):
         loader_workers(cfg, cfg.scaling.cpus_per_worker),
         cfg.data.prefetch,
         pin=device.type == "cuda",
+        virtual=cfg.scaling.max_workers,
     )
     try:
         for x, y in batches:
@@ -128,6 +129,9 @@ class Loop:
         self.guard.largest = dict(extra.get("guard", {}))  # the ranges seen before a resume
         torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # different latents per rank
         self.fixed = [v.to(device) for v in grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.train.seed)]
+        # The data is planned for scaling.num_workers' maximum of virtual ranks; this rank serves some of them.
+        self.virtual = serving(rank, world, cfg.scaling.max_workers)
+        self.weight = world / cfg.scaling.max_workers  # DDP's mean over the workers is then the virtual ranks' mean
         self.stream = batch_stream(cfg, rank, world, trainer.step * cfg.optim.n_dis, device)
         self.batch_log = BatchLog(rank, world)  # SAGAN_BATCH_LOG: what each step trained on
         self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
@@ -142,7 +146,7 @@ class Loop:
             self.evaluate(0)  # the baseline every FID curve starts from
         start_step, run_start = trainer.step, time.perf_counter()
         while trainer.step < t.steps:
-            self.monitor.update(trainer.step + 1, trainer.train_step(self.next_batches()))
+            self.monitor.update(trainer.step + 1, trainer.train_step(self.next_batches(), self.virtual, self.weight))
             step = trainer.step
             self.window_steps += 1
             due = {
@@ -200,7 +204,7 @@ class Loop:
         step_time = elapsed / self.window_steps
         values = {
             **values,
-            "images_per_s": t.batch_size * self.world * self.cfg.optim.n_dis / step_time,
+            "images_per_s": t.batch_size * self.cfg.scaling.max_workers * self.cfg.optim.n_dis / step_time,
             "step_time_s": step_time,
             "data_wait_s": self.data_wait / self.window_steps,
             "data_wait_share": self.data_wait / elapsed,
@@ -274,6 +278,7 @@ class Loop:
                 self.tracker.persist()  # during an outage: to disk now, in case Ray kills this process later
                 extra = {
                     **self.tracker.checkpoint_extra(),
+                    "world_size": self.world,  # a resumed group of another size says so (worker.resize_line)
                     "guard": self.guard.largest,
                     **({"best": self.best} if self.best else {}),
                 }

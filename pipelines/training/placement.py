@@ -83,7 +83,7 @@ def placement_failure(cfg, nodes: list[dict], free: dict, what: str = "training 
     """One line naming what `count` (default scaling.num_workers) `what`s need, what the cluster's alive nodes
     have and have free, and the fix. `nodes`: ray.nodes(); `free`: ray.available_resources()."""
     s = cfg.scaling
-    count = count or s.num_workers
+    count = count or s.min_workers
     per_worker = worker_resources(cfg)
     need = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
     alive = [n for n in nodes if n.get("Alive")]

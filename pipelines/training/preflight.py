@@ -42,16 +42,16 @@ def preflight(cfg: Config, cluster: dict) -> None:
 def check_cluster(cfg: Config, cluster: dict) -> None:
     """Raise PreflightError when the cluster (ray.cluster_resources()) lacks the workers' GPUs or CPUs."""
     s = cfg.scaling
-    if s.use_gpu and cluster.get("GPU", 0) < s.num_workers:
+    if s.use_gpu and cluster.get("GPU", 0) < s.min_workers:  # an elastic run starts with its minimum
         raise PreflightError(
-            f"scaling.num_workers={s.num_workers} GPU workers but the cluster has "
+            f"scaling.num_workers={s.num_workers}: {s.min_workers} GPU workers at least but the cluster has "
             f"{int(cluster.get('GPU', 0))} GPU(s) up; lower scaling.num_workers or start more GPU "
             "nodes (an autoscaling cluster: raise the GPU node type's min_workers)"
         )
-    need = s.num_workers * s.cpus_per_worker
+    need = s.min_workers * s.cpus_per_worker
     if cluster.get("CPU", 0) < need:
         raise PreflightError(
-            f"{s.num_workers} workers x {s.cpus_per_worker} CPUs = {need} CPUs but the cluster has "
+            f"{s.min_workers} workers x {s.cpus_per_worker} CPUs = {need} CPUs but the cluster has "
             f"{cluster.get('CPU', 0)}; lower scaling.num_workers or scaling.cpus_per_worker"
         )
 
@@ -71,7 +71,7 @@ def check_inputs(cfg: Config) -> None:
             check_storage(value, key, writable=False)
     try:
         shards = find_shards(cfg.data.train_shards)
-        batches_per_epoch(shards, cfg.scaling.num_workers, cfg.train.batch_size)
+        batches_per_epoch(shards, cfg.scaling.max_workers, cfg.train.batch_size)  # planned for MAX ranks
     except DataError as e:
         raise PreflightError(f"data.train_shards: {e}") from None
     if shards.num_classes != cfg.model.num_classes:
@@ -135,7 +135,7 @@ def verify_shards(cfg: Config) -> None:
         urls += shard_set.urls
         sha256s += shard_set.sha256s
         total += sum(shard_set.sizes)
-    k = min(cfg.scaling.num_workers, len(urls))
+    k = min(cfg.scaling.min_workers, len(urls))
     print(f"verifying {len(urls)} shards ({total / 1e9:.2f} GB) with sha256 on {k} tasks ...", end=" ", flush=True)
     start = time.perf_counter()
     with reserved(cfg, k, "shard-verification task") as where:  # a worker's CPUs each, within the placement bound

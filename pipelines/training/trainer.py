@@ -54,10 +54,11 @@ def build_trainer(
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers,
+            num_workers=s.num_workers,  # (MIN, MAX): elastic, resized at failures and at resize checks
             use_gpu=s.use_gpu,
             placement_strategy=s.placement_strategy,
             resources_per_worker={"CPU": s.cpus_per_worker},
+            elastic_resize_monitor_interval_s=s.resize_check_s,
         ),
         run_config=RunConfig(
             name=cfg.run.name,

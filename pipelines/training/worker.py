@@ -7,6 +7,7 @@ checkpoint to resume from, and `ray.train.report`. The step itself is `sagan.ste
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 import ray.train
@@ -51,6 +52,23 @@ def prepare_eval_cache(config: dict) -> str:
     return str(weights[0])
 
 
+def resize_line(cfg, world: int, step: int, extra: dict) -> str | None:
+    """The log line of a worker group that starts at another size than the one that saved its checkpoint (when,
+    from, to, why), or None."""
+    before = extra.get("world_size")
+    if before is None or before == world:
+        return None
+    why = (
+        "fewer workers could be placed: a worker or its node was lost, Ray Train restarted from the last checkpoint"
+        if world < before
+        else "more workers could be placed at a resize check"
+    )
+    return (
+        f"resize at {time.strftime('%Y-%m-%d %H:%M:%S')}, step {step}: {before} -> {world} workers ({why}); "
+        f"the data and the global batch ({cfg.train.batch_size * cfg.scaling.max_workers}) are unchanged"
+    )
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Train SAGAN on this rank. `loop_config`: {"config": to_dict(cfg), "tracking_uri": ..., "mlflow_run_id":
     the run the driver made}."""
@@ -63,7 +81,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     G, D = build_models(cfg.model, seed=cfg.train.seed)  # the same initial weights on every rank
     speed = Speed.from_config(cfg.train, device)
     prepare_models(speed, G, D)  # memory layout before DDP lays out its gradient buckets
-    G, D = ray.train.torch.prepare_model(G), ray.train.torch.prepare_model(D)
+    # No buffer broadcast at each forward (one collective less per forward): every rank moves its spectral-norm
+    # vectors the same way from the same weights, and only rank 0's BatchNorm statistics are saved. An elastic
+    # worker also runs more forwards than another when it serves more virtual ranks, which broadcasts would hang.
+    ddp = {"parallel_strategy_kwargs": {"broadcast_buffers": False}}
+    G, D = ray.train.torch.prepare_model(G, **ddp), ray.train.torch.prepare_model(D, **ddp)
     trainer = Trainer(G, D, cfg, speed)
     extra = {}
     checkpoint = ray.train.get_checkpoint()
@@ -78,6 +100,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             log.info(f"resumed from step {trainer.step} ({checkpoint.path})")
     if rank == 0:
+        line = resize_line(cfg, world, trainer.step, extra)
+        if line:
+            log.warning(line)
         log.info(f"step settings on {device.type}: {speed}")
         if speed.compile:
             log.info("torch.compile: the first steps compile G and D (about 2.5 minutes for SAGAN-128 on an H200)")
@@ -92,6 +117,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         evaluator = build_evaluator(cfg, device, log=log.info)
     tracker = Tracker(rank == 0, cfg, loop_config)
     tracker.tags({f"speed.{k}": str(v) for k, v in dataclasses.asdict(speed).items()})  # what "auto" resolved to
+    tracker.metrics({"world_size": world}, trainer.step)  # one point per worker-group start: its size over time
     loop = Loop(cfg, trainer, rank, world, device, tracker, evaluator, extra)
     finished = False
     try:
