@@ -8,6 +8,7 @@ the shared-disk path."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -15,7 +16,7 @@ import pytest
 
 from cluster.local import free_port, ray_env
 from pipelines.training.batch_log import read_log, sample_ids
-from tests.servers import objects, read_object
+from tests.servers import objects, read_object, upload
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = [sys.executable, str(REPO / "cluster" / "local.py")]
@@ -194,3 +195,102 @@ def uninterrupted(train_shards: str, world: int, batch: int, steps: int) -> dict
             expected.setdefault(step, []).extend(sample_ids(*next(batches)))
         batches.close()
     return {step: sorted(ids) for step, ids in expected.items()}
+
+
+def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_returns(cluster, digits, tmp_path):
+    """scaling.num_workers=[1, 2] on the 2 nodes: the worker node is killed mid-run (every process of it, as a
+    lost machine); the run goes on with one worker from its last checkpoint, grows back to two at a resize check
+    once the node is started again, and ends at its last step: one MLflow run, every step trained on the samples
+    of an uninterrupted 2-worker schedule."""
+    folder, state = cluster
+    data, runs, log = f"{BUCKET}/elastic-data", f"{BUCKET}/elastic-runs", tmp_path / "batches"
+    upload(digits, data)
+    steps = 300
+    cmd = [*submit_command(state), "--runtime-env-json", json.dumps({"env_vars": {"SAGAN_BATCH_LOG": str(log)}})]
+    cmd += ["--", "python", "pipelines/train.py", f"data.train_shards={data}/train", f"run.storage_path={runs}"]
+    cmd += ["run.name=elastic", f"mlflow.tracking_uri={state['mlflow']}", "scaling.num_workers=[1,2]"]
+    cmd += ["scaling.resize_check_s=5", "scaling.cpus_per_worker=1"]  # a node holds one worker: Ray Train counts CPUs
+    cmd += ["model.ch=8", "train.batch_size=4", f"train.steps={steps}", "train.log_every=10", "train.ckpt_every=10"]
+    cmd += ["train.sample_every=1000", "train.eval_every=0", "run.max_failures=3"]
+    job = subprocess.Popen(
+        cmd, env=submit_env(state, folder), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_until(lambda: worlds_after(log, 0) and max(worlds_after(log, 0)) == 2 and checkpoints(runs), job, 240)
+        killed_at = time.time()
+        stop = subprocess.run(
+            [*LOCAL, "stop-node", "--dir", str(folder), "--node", "1"], capture_output=True, text=True
+        )
+        assert stop.returncode == 0, stop.stderr
+        wait_until(lambda: 1 in worlds_after(log, killed_at), job, 240)
+        lost = first_step_time(log, killed_at, world=1) - killed_at
+        start = subprocess.run(
+            [*LOCAL, "start-node", "--dir", str(folder), "--node", "1"], capture_output=True, text=True
+        )
+        assert start.returncode == 0, start.stderr
+        back_at = time.time()
+        wait_until(lambda: 2 in worlds_after(log, back_at), job, 240)
+        grown = first_step_time(log, back_at, world=2) - back_at
+        out, _ = job.communicate(timeout=400)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-4000:]
+    print(
+        f"\nelastic: from the kill to the next step on 1 worker {lost:.1f} s; from the restart to 2 workers {grown:.1f} s"
+    )
+    assert "resize at" in out and "2 -> 1 workers" in out and "1 -> 2 workers" in out
+    client = mlflow.MlflowClient(state["mlflow"])
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("sagan-train").experiment_id], "tags.`mlflow.runName` = 'elastic'"
+    )
+    sizes = [int(m.value) for m in client.get_metric_history(run.info.run_id, "world_size")]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "d_loss")}) == list(
+        range(10, steps + 1, 10)
+    )
+    assert run.info.status == "FINISHED"
+    # Every step, whichever group ran it, trained on the samples of an uninterrupted 2-worker run.
+    assert read_log(log) == uninterrupted(f"{data}/train", world=2, batch=4, steps=steps)
+
+
+def submit_command(state: dict) -> list[str]:
+    return [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(REPO)]
+
+
+def submit_env(state: dict, folder: Path) -> dict:
+    return {**ray_env(folder), "RAY_ADDRESS": state["address"]}
+
+
+def wait_until(ready, job: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert job.poll() is None, job.communicate()[0][-4000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def entries(log: Path) -> list[dict]:
+    """Every line of a SAGAN_BATCH_LOG folder so far (the line being written may be cut: left out)."""
+    out = []
+    for path in log.glob("rank-*.jsonl") if log.is_dir() else []:
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def worlds_after(log: Path, since: float) -> set[int]:
+    """The world sizes of the steps logged after `since`."""
+    return {e["world"] for e in entries(log) if e["time"] >= since}
+
+
+def first_step_time(log: Path, since: float, world: int) -> float:
+    """When the first step of a group of `world` workers after `since` was taken."""
+    return min(e["time"] for e in entries(log) if e["time"] >= since and e["world"] == world)
+
+
+def checkpoints(runs: str) -> bool:
+    return any(k.endswith("/checkpoint.pt") for k in objects(f"{runs}/elastic"))

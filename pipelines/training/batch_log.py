@@ -1,7 +1,7 @@
 """What each step trained on, for tests and for checking a resume or a resize by hand. With SAGAN_BATCH_LOG set
 to a folder, every rank appends one line per step to FOLDER/rank-R-PID.jsonl:
 
-    {"step": 5, "rank": 0, "world": 2, "samples": ["3f2a...", ...]}
+    {"step": 5, "rank": 0, "world": 2, "time": 1796000000.0, "samples": ["3f2a...", ...]}
 
 one id per image of the step's batches (optim.n_dis of them): a hash of its pixels and label, the same whatever
 the device, the loader or the storage that produced it. Unset (the default), it costs nothing.
@@ -10,6 +10,7 @@ the device, the loader or the storage that produced it. Unset (the default), it 
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -40,19 +41,24 @@ class BatchLog:
         ids = []
         for x, y in batches:
             ids += sample_ids(((x.detach() + 1) * 127.5).round().to(torch.uint8), y)
-        self.file.write(json.dumps({"step": step, "rank": self.rank, "world": self.world, "samples": ids}) + "\n")
+        entry = {"step": step, "rank": self.rank, "world": self.world, "time": time.time(), "samples": ids}
+        self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
 
 
 def read_log(folder: Path) -> dict[int, list[str]]:
-    """{step: the sorted ids of every rank's samples of that step} from a SAGAN_BATCH_LOG folder; a step logged
-    again (a retry or a relaunch from an earlier checkpoint) counts once per rank, its last logging."""
-    per_rank: dict[tuple[int, int], list[str]] = {}
-    for path in sorted(Path(folder).glob("rank-*.jsonl"), key=lambda p: p.stat().st_mtime):
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
-            per_rank[(entry["step"], entry["rank"])] = entry["samples"]
-    steps: dict[int, list[str]] = {}
-    for (step, _), ids in sorted(per_rank.items()):
-        steps.setdefault(step, []).extend(ids)
-    return {step: sorted(ids) for step, ids in steps.items()}
+    """{step: the sorted ids of every rank's samples of that step} from a SAGAN_BATCH_LOG folder. A step logged
+    again (a retry or a resized group going on from an earlier checkpoint) counts as its last group logged it:
+    the ranks of the world size of its latest line."""
+    lines = []
+    for path in Path(folder).glob("rank-*.jsonl"):
+        lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest: dict[tuple[int, int, int], dict] = {}  # (step, world, rank) -> its latest line
+    last_world: dict[int, tuple[float, int]] = {}  # step -> (time, world) of its latest line
+    for e in sorted(lines, key=lambda e: e["time"]):
+        latest[(e["step"], e["world"], e["rank"])] = e
+        last_world[e["step"]] = (e["time"], e["world"])
+    steps = {}
+    for step, (_, world) in sorted(last_world.items()):
+        steps[step] = sorted(i for r in range(world) for i in latest.get((step, world, r), {}).get("samples", []))
+    return steps

@@ -14,6 +14,10 @@ from contextlib import contextmanager
 from sagan.errors import JobFailed, UsageError
 
 ATTEMPT_S = 60.0  # Ray Train's own default startup timeout
+# An elastic run's group size comes from Ray's view of the free resources, which lags a lost node by seconds: a
+# group sized on it waits for a placement that never comes. Measured on the local cluster: 60 s lost so, after a
+# node was killed (tests/test_multinode.py). Only the placement wait is bounded, not the workers' start.
+ELASTIC_ATTEMPT_S = 10.0
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by the controller (Train propagates it)
 
 
@@ -21,11 +25,13 @@ class PlacementTimeout(JobFailed):
     """The run's workers could not be placed within scaling.placement_timeout_s (exit 1, one line)."""
 
 
-def startup_limits(timeout_s: float) -> tuple[float, int]:
+def startup_limits(timeout_s: float, elastic: bool = False) -> tuple[float, int]:
     """(seconds per attempt, retries after the first) for a total wait of about `timeout_s`; the attempt is
     the user's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S when set."""
     try:
-        attempt = float(os.environ.get(START_TIMEOUT_ENV) or min(ATTEMPT_S, timeout_s))
+        attempt = float(
+            os.environ.get(START_TIMEOUT_ENV) or min(ELASTIC_ATTEMPT_S if elastic else ATTEMPT_S, timeout_s)
+        )
     except ValueError:
         attempt = 0.0
     if not (math.isfinite(attempt) and attempt > 0):
@@ -38,7 +44,7 @@ def startup_limits(timeout_s: float) -> tuple[float, int]:
 def fit(trainer, cfg):
     """trainer.fit() with each worker-group start bounded (the controller reads the variable when fit creates
     it; set for this call only); PlacementTimeout naming what is missing when the workers never got placed."""
-    attempt, _ = startup_limits(cfg.scaling.placement_timeout_s)
+    attempt, _ = startup_limits(cfg.scaling.placement_timeout_s, cfg.scaling.elastic)
     user = os.environ.get(START_TIMEOUT_ENV)
     os.environ[START_TIMEOUT_ENV] = user or f"{attempt:g}"
     try:
