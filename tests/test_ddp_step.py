@@ -1,5 +1,6 @@
 """The training step under torch DistributedDataParallel (gloo, 2 CPU processes), without Ray."""
 
+import copy
 import os
 import re
 import socket
@@ -66,7 +67,8 @@ NOISE_ONLY = re.compile(r"^blocks\.\d+\.(conv1|conv2|shortcut)\.bias$")
 
 
 def _fixed_worker(rank, world, port, out_dir):
-    """One of 2 workers, each serving its own virtual rank; buffers not broadcast (as pipelines/training does)."""
+    """One of 2 workers, each serving its own virtual rank, for 6 steps (buffers not broadcast, as
+    pipelines/training does); rank 0 saves the state after steps 3 and 6, and its losses."""
     from tests.test_step import tiny_config
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -75,40 +77,53 @@ def _fixed_worker(rank, world, port, out_dir):
     cfg = tiny_config()
     G, D = build_models(cfg.model, seed=0)
     trainer = Trainer(DDP(G, broadcast_buffers=False), DDP(D, broadcast_buffers=False), cfg)
-    losses = [trainer.train_step([_virtual_rank_batches(step, (rank,))], ranks=(rank,)) for step in range(3)]
+    losses, states = [], {}
+    for step in range(6):
+        losses.append(trainer.train_step([_virtual_rank_batches(step, (rank,))], ranks=(rank,)))
+        if step in (2, 5):
+            states[step + 1] = copy.deepcopy(trainer.state_dict())  # a copy: the live tensors move on
     if rank == 0:
-        torch.save({"state": trainer.state_dict(), "losses": losses}, os.path.join(out_dir, "fixed.pt"))
+        torch.save({"states": states, "losses": losses}, os.path.join(out_dir, "fixed.pt"))
     dist.destroy_process_group()
+
+
+def _assert_same(elastic: dict, fixed: dict) -> None:
+    for net in ("G", "D", "G_ema"):
+        for key, value in fixed[net].items():  # weights, spectral-norm vectors, BN running statistics
+            if NOISE_ONLY.match(key):
+                continue
+            atol = 1e-3 if key.endswith("running_mean") else 1e-5  # the running means take in those biases
+            assert torch.allclose(elastic[net][key].float(), value.float(), rtol=1e-4, atol=atol), f"{net}.{key}"
 
 
 def test_one_worker_serving_two_virtual_ranks_trains_as_two_workers_do(tmp_path):
     """The elastic step: a worker serving virtual ranks 0 and 1 (micro-batches, each with its own latents and
     its own batch statistics, buffers moved by the first alone, gradients weighted 1/2) ends each step with the
     weights, buffers and logged losses of a 2-worker DDP run, up to float rounding (the sums run in another
-    order)."""
+    order): from the start, and after a shrink from 2 workers to 1 at step 3's checkpoint."""
     from tests.test_step import tiny_config
 
     mp.spawn(_fixed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     fixed = torch.load(tmp_path / "fixed.pt", weights_only=True)
     cfg = tiny_config()
-    G, D = build_models(cfg.model, seed=0)
-    trainer = Trainer(G, D, cfg)
-    losses = [trainer.train_step([_virtual_rank_batches(step, (0, 1))], ranks=(0, 1), weight=0.5) for step in range(3)]
-    elastic = trainer.state_dict()
-    for net in ("G", "D", "G_ema"):
-        for key, value in fixed["state"][net].items():  # weights, spectral-norm vectors, BN running statistics
-            if NOISE_ONLY.match(key):
-                continue
-            atol = 1e-3 if key.endswith("running_mean") else 1e-5  # the running means take in those biases
-            assert torch.allclose(elastic[net][key].float(), value.float(), rtol=1e-4, atol=atol), f"{net}.{key}"
-    for a, b in zip(losses, fixed["losses"]):  # the first virtual rank's, on rank 0 of either run
-        assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in b), (a, b)
+
+    def one_worker(steps, state=None):
+        trainer = Trainer(*build_models(cfg.model, seed=0), cfg)
+        if state is not None:
+            trainer.load_state_dict(state)
+        losses = [trainer.train_step([_virtual_rank_batches(s, (0, 1))], ranks=(0, 1), weight=0.5) for s in steps]
+        return trainer.state_dict(), losses
+
+    for steps, state, end in ((range(3), None, 3), (range(3, 6), fixed["states"][3], 6)):
+        elastic, losses = one_worker(steps, state)
+        _assert_same(elastic, fixed["states"][end])
+        for a, b in zip(losses, fixed["losses"][steps.start : steps.stop]):  # the first virtual rank's, on rank 0
+            assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in b), (a, b)
     # The comparison can fail: unweighted gradients (twice the mean) give other weights.
-    G, D = build_models(cfg.model, seed=0)
-    wrong = Trainer(G, D, cfg)
+    wrong = Trainer(*build_models(cfg.model, seed=0), cfg)
     for step in range(3):
         wrong.train_step([_virtual_rank_batches(step, (0, 1))], ranks=(0, 1), weight=1.0)
     assert not all(
         torch.allclose(wrong.state_dict()["D"][k].float(), v.float(), rtol=1e-4, atol=1e-5)
-        for k, v in fixed["state"]["D"].items()
+        for k, v in fixed["states"][3]["D"].items()
     )
