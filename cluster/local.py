@@ -187,12 +187,17 @@ def stop_node(folder: Path, i: int) -> int:
     pids = node_processes(folder, f"worker-{i}")
     if not pids:
         raise SystemExit(f"error: worker node {i} of the cluster in {folder} is not running")
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return len(pids)
+    killed, deadline = set(), time.time() + 10
+    while pids and time.time() < deadline:  # again, for a process started while the others were killed
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed |= set(pids)
+        time.sleep(0.2)
+        pids = node_processes(folder, f"worker-{i}")
+    return len(killed)
 
 
 def wait_nodes(state: dict, n: int, env: dict, timeout: float = 60) -> None:
@@ -305,7 +310,7 @@ def main(argv=None) -> int:
         elif node_processes(folder, f"worker-{args.node}"):
             raise SystemExit(f"error: worker node {args.node} is running; `stop-node --node {args.node}` first")
         else:
-            start_worker(folder, state["gcs"], state["temp_dir"], state["cpus"], args.node)
+            start_worker(folder, state["gcs"], state["temp_dir"], state.get("cpus", 2), args.node)
             print(f"started worker node {args.node} again")
     elif args.command == "env":
         if not (folder / STATE).is_file():

@@ -109,16 +109,19 @@ class ShardReader:
     """Random access to the samples of a ShardSet: tar indexes built on first use, files kept open. Shards on
     object storage are read whole (sagan.shard_cache), the next ones downloaded while these are decoded."""
 
-    def __init__(self, shards: ShardSet):
+    def __init__(self, shards: ShardSet, span: int = 1):
+        """`span`: how many ranks' batches each batch holds (an elastic worker's virtual ranks): each reads its
+        own group of shards, so that many times the shards are kept."""
         self.shards = shards
         self.indexes: dict[int, np.ndarray] = {}
         self.files: OrderedDict = OrderedDict()
-        self.remote, self.max_open = None, OPEN_FILES
+        self.remote, self.max_open = None, OPEN_FILES * span
         if shards.remote:
             from .shard_cache import RemoteShards
 
-            self.remote = RemoteShards(shards, shards.cache_dir, shards.cache_bytes, keep=REMOTE_IN_MEMORY)
-            self.max_open = REMOTE_IN_MEMORY  # an open cached file keeps its disk space after a trim removes it
+            keep = REMOTE_IN_MEMORY * span  # fewer, and every batch would download its shards again
+            self.remote = RemoteShards(shards, shards.cache_dir, shards.cache_bytes, keep=keep)
+            self.max_open = keep  # an open cached file keeps its disk space after a trim removes it
 
     def _file(self, shard: int):
         f = self.files.pop(shard, None)
@@ -177,6 +180,8 @@ class Batches(Dataset):
     """Batch number g as (uint8 images, labels), read from the shards by the process that asks (a DataLoader
     worker). A read error comes back as its message (a str), so the caller raises it once, as one line."""
 
+    span = 1  # ranks whose batches one batch holds
+
     def __init__(self, shards: ShardSet):
         self.shards = shards
         self.reader: ShardReader | None = None  # made in the worker process: open files do not cross a fork
@@ -191,7 +196,7 @@ class Batches(Dataset):
         return []
 
     def __getitem__(self, g: int):
-        self.reader = self.reader or ShardReader(self.shards)
+        self.reader = self.reader or ShardReader(self.shards, self.span)
         try:
             refs = self.refs(g)
             worker = get_worker_info()  # a DataLoader worker gets every num_workers-th batch: look ahead over its own
@@ -209,6 +214,7 @@ class PlannedBatches(Batches):
     def __init__(self, shards: ShardSet, ranks: int | tuple[int, ...], world_size: int, batch_size: int, seed: int):
         super().__init__(shards)
         self.ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+        self.span = len(self.ranks)
         self.world, self.batch_size, self.seed = world_size, batch_size, seed
         self.per_epoch = batches_per_epoch(shards, world_size, batch_size)
         self.plan: tuple[int, np.ndarray] | None = None  # the current epoch's (B x ranks), made once per process

@@ -10,6 +10,7 @@ import copy
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -56,13 +57,20 @@ def buffers_held(*models: nn.Module, held: bool = True):
 
 def latent_seed(seed: int, virtual_rank: int, step: int, draw: int) -> int:
     """The seed of the latents of one draw (a D step j < n_dis, or the G step: n_dis) of step `step` of one virtual
-    rank: the same whichever worker serves that rank."""
-    return ((seed * 1_000_003 + virtual_rank) * 1_000_033 + step * 64 + draw) % 2**63
+    rank: the same whichever worker serves that rank, and distinct for every (seed, rank, step, draw)."""
+    high, low = np.random.SeedSequence([seed, virtual_rank, step, draw]).generate_state(2)
+    return ((int(high) << 32) | int(low)) % 2**63
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper, or `model` itself."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _with_rest(first: torch.Tensor, rest) -> torch.Tensor:
+    """`first` exactly when the other micro-batches' losses (summed in `rest`) are finite, else not finite
+    (0 x inf and 0 x nan are nan): the run's check for a non-finite loss sees every virtual rank's."""
+    return first + 0.0 * rest if torch.is_tensor(rest) else first
 
 
 def _no_sync(model: nn.Module, skip: bool = True):
@@ -244,6 +252,7 @@ class Trainer:
         k = len(ranks) if ranks else 1
         real = real.contiguous(memory_format=self.speed.memory_format)
         self.opt_d.zero_grad(set_to_none=True)  # the G step left gradients in D
+        rest = 0.0  # the other micro-batches' losses, only to pass on a non-finite one (see `_with_rest`)
         for c, (real_c, labels_c) in enumerate(zip(real.chunk(k), labels.chunk(k))):
             batch = real_c.shape[0]
             z, y_fake = self._latents(batch, ranks, c, j)
@@ -252,7 +261,8 @@ class Trainer:
                     fake = self.G(z, y_fake)
                 with self._autocast():
                     # One D forward over real and fake together: two forwards before one backward break DDP's
-                    # buffer broadcast (pytorch#175024); D has no BatchNorm, so the scores are the same.
+                    # buffer broadcast (pytorch#175024), should it be turned on again; D has no BatchNorm, so the
+                    # scores are the same.
                     scores = self.D(torch.cat([real_c, fake.to(real_c.dtype)]), torch.cat([labels_c, y_fake])).float()
                 real_scores, fake_scores = scores[:batch], scores[batch:]
                 loss = hinge_d_loss(real_scores, fake_scores)
@@ -263,8 +273,11 @@ class Trainer:
                     "d_real": real_scores.detach().mean(),
                     "d_fake": fake_scores.detach().mean(),
                 }
+            else:
+                rest = rest + loss.detach()
         self.scaler_d.step(self.opt_d)
         self.scaler_d.update()
+        out["d_loss"] = _with_rest(out["d_loss"], rest)
         return out
 
     def _g_step(self, batch: int, ranks=None, weight: float = 1.0) -> torch.Tensor:
@@ -272,6 +285,7 @@ class Trainer:
         self.opt_g.zero_grad(set_to_none=True)
         d_params = list(unwrap(self.D).parameters())
         trainable = [p.requires_grad for p in d_params]  # restored as they were: a frozen layer stays frozen
+        rest = 0.0
         for c in range(k):
             z, y_fake = self._latents(batch // k, ranks, c, self.n_dis)
             # G's update needs D's input gradient only: D's weight gradients would be thrown away by the next
@@ -288,9 +302,11 @@ class Trainer:
                         p.requires_grad_(flag)
             if c == 0:
                 first = loss.detach()
+            else:
+                rest = rest + loss.detach()
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
-        return first
+        return _with_rest(first, rest)
 
     def train_step(
         self,

@@ -5,6 +5,7 @@ import os
 import re
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -76,7 +77,7 @@ def _fixed_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     cfg = tiny_config()
     G, D = build_models(cfg.model, seed=0)
-    trainer = Trainer(DDP(G, broadcast_buffers=False), DDP(D, broadcast_buffers=False), cfg)
+    trainer = Trainer(DDP(G, forward_sync_buffers=False), DDP(D, forward_sync_buffers=False), cfg)
     losses, states = [], {}
     for step in range(6):
         losses.append(trainer.train_step([_virtual_rank_batches(step, (rank,))], ranks=(rank,)))
@@ -92,15 +93,16 @@ def _assert_same(elastic: dict, fixed: dict) -> None:
         for key, value in fixed[net].items():  # weights, spectral-norm vectors, BN running statistics
             if NOISE_ONLY.match(key):
                 continue
-            atol = 1e-3 if key.endswith("running_mean") else 1e-5  # the running means take in those biases
-            assert torch.allclose(elastic[net][key].float(), value.float(), rtol=1e-4, atol=atol), f"{net}.{key}"
+            atol = 1e-3 if key.endswith("running_mean") else 1e-4  # the running means take in those biases
+            assert torch.allclose(elastic[net][key].float(), value.float(), rtol=1e-3, atol=atol), f"{net}.{key}"
 
 
 def test_one_worker_serving_two_virtual_ranks_trains_as_two_workers_do(tmp_path):
     """The elastic step: a worker serving virtual ranks 0 and 1 (micro-batches, each with its own latents and
     its own batch statistics, buffers moved by the first alone, gradients weighted 1/2) ends each step with the
     weights, buffers and logged losses of a 2-worker DDP run, up to float rounding (the sums run in another
-    order): from the start, and after a shrink from 2 workers to 1 at step 3's checkpoint."""
+    order; 1e-3 relative on the weights after 3 steps, about 1e-6 on the losses): from the start, and after a
+    shrink from 2 workers to 1 at step 3's checkpoint."""
     from tests.test_step import tiny_config
 
     mp.spawn(_fixed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -119,11 +121,9 @@ def test_one_worker_serving_two_virtual_ranks_trains_as_two_workers_do(tmp_path)
         _assert_same(elastic, fixed["states"][end])
         for a, b in zip(losses, fixed["losses"][steps.start : steps.stop]):  # the first virtual rank's, on rank 0
             assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in b), (a, b)
-    # The comparison can fail: unweighted gradients (twice the mean) give other weights.
+    # The comparison can fail: a second micro-batch that draws the first one's latents gives other weights.
     wrong = Trainer(*build_models(cfg.model, seed=0), cfg)
     for step in range(3):
-        wrong.train_step([_virtual_rank_batches(step, (0, 1))], ranks=(0, 1), weight=1.0)
-    assert not all(
-        torch.allclose(wrong.state_dict()["D"][k].float(), v.float(), rtol=1e-4, atol=1e-5)
-        for k, v in fixed["states"][3]["D"].items()
-    )
+        wrong.train_step([_virtual_rank_batches(step, (0, 1))], ranks=(0, 0), weight=0.5)
+    with pytest.raises(AssertionError):
+        _assert_same(wrong.state_dict(), fixed["states"][3])

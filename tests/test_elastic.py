@@ -54,3 +54,22 @@ def test_without_the_variable_the_batch_log_writes_nothing(tmp_path, monkeypatch
 def test_num_workers_is_a_size_or_a_range(value, elastic, low, high):
     s = load_config(None, [f"scaling.num_workers={value}"]).scaling
     assert (s.elastic, s.min_workers, s.max_workers) == (elastic, low, high)
+
+
+def test_a_non_finite_loss_of_any_virtual_rank_shows_in_the_losses_the_run_checks():
+    from sagan.models import build_models
+    from sagan.step import Trainer, latent_seed
+    from tests.test_step import real_batch, tiny_config
+
+    cfg = tiny_config()
+    trainer = Trainer(*build_models(cfg.model, seed=0), cfg)
+    (x0, y0), (x1, y1) = real_batch(seed=1), real_batch(seed=2)
+    x1 = x1.clone()
+    x1[0, 0, 0, 0] = float("nan")  # virtual rank 1's batch only
+    losses = trainer.train_step([(torch.cat([x0, x1]), torch.cat([y0, y1]))], ranks=(0, 1), weight=0.5)
+    assert not torch.isfinite(losses["d_loss"])  # the logged value is rank 0's, the check sees rank 1's too
+    fine = Trainer(*build_models(cfg.model, seed=0), cfg)
+    clean = fine.train_step([(torch.cat([x0, real_batch(seed=2)[0]]), torch.cat([y0, y1]))], ranks=(0, 1), weight=0.5)
+    assert torch.isfinite(clean["d_loss"]) and torch.isfinite(clean["g_loss"])
+    seeds = {latent_seed(0, v, s, d) for v in range(4) for s in range(1, 40) for d in range(3)}
+    assert len(seeds) == 4 * 39 * 3  # no two draws share latents

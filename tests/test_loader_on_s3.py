@@ -118,3 +118,19 @@ def test_a_loader_process_prefetches_only_shards_its_own_batches_read(digits):
                 assert set(upcoming) <= {int(s) for s in own[:, 0]}, (type(dataset).__name__, stride, g)
                 ahead += upcoming
             assert ahead  # something is fetched ahead at every stride
+
+
+def test_a_worker_serving_several_virtual_ranks_fetches_each_shard_once_per_epoch(on_s3, s3_server, monkeypatch):
+    """An elastic worker's batch holds each virtual rank's batch, each from its own group of shards: the shards
+    kept in memory scale with the ranks served, or every batch would download its shards again."""
+    import sagan.loader
+
+    monkeypatch.setattr(sagan.loader, "REMOTE_IN_MEMORY", 2)  # one group of 2 shards per virtual rank, kept
+    _, url = on_s3
+    shards = find_shards(f"{url}/train")
+    batches = rank_loader(shards, 0, 1, 8, seed=3, start_batch=0, virtual=3)  # 3 virtual ranks, 2 shards each
+    per_epoch = sagan.loader.batches_per_epoch(shards, 3, 8)
+    take(batches, per_epoch)
+    bucket = url.removeprefix("s3://").split("/")[0]
+    gets = [p for m, p in s3_server.requests(f"/{bucket}/digits/train/") if m == "GET"]
+    assert len(gets) == len(set(gets)) == 6, gets  # 6 shards read, each downloaded once

@@ -127,7 +127,7 @@ class Loop:
         self.monitor = LossMonitor()
         self.guard = DivergenceGuard(cfg.train.diverge_factor, cfg.train.diverge_patience)
         self.guard.largest = dict(extra.get("guard", {}))  # the ranges seen before a resume
-        torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # different latents per rank
+        torch.manual_seed(cfg.train.seed + 1 + rank * 7919 + trainer.step)  # for what draws from the global generator
         self.fixed = [v.to(device) for v in grid_inputs(cfg.model.z_dim, cfg.model.num_classes, cfg.train.seed)]
         # The data is planned for scaling.num_workers' maximum of virtual ranks; this rank serves some of them.
         self.virtual = serving(rank, world, cfg.scaling.max_workers)
@@ -279,6 +279,7 @@ class Loop:
                 extra = {
                     **self.tracker.checkpoint_extra(),
                     "world_size": self.world,  # a resumed group of another size says so (worker.resize_line)
+                    "virtual_ranks": self.cfg.scaling.max_workers,  # what the data was planned for (resume.py)
                     "guard": self.guard.largest,
                     **({"best": self.best} if self.best else {}),
                 }

@@ -73,10 +73,20 @@ def check_resume(cfg: Config) -> ResumePlan:
             f"cannot be loaded into this model. Choose a new run.name, or set the old values "
             f"({keep})"
         )
-    warning = None
+    warnings = []
     if damaged:
-        warning = (
+        warnings.append(
             f"the latest checkpoint of run {cfg.run.name} ({run_dir}/{latest}) is damaged ({first_error}); "
             f"resuming from the newest intact one, {run_dir}/{name} (step {state['step']})"
         )
+    planned = state.get("extra", {}).get("virtual_ranks")
+    if planned is not None and planned != cfg.scaling.max_workers:
+        warnings.append(
+            f"run {cfg.run.name} planned its data for {planned} workers and goes on with "
+            f"{cfg.scaling.max_workers} (scaling.num_workers, its maximum when elastic): from step {state['step']} "
+            f"on, the global batch is {cfg.train.batch_size * cfg.scaling.max_workers}, not "
+            f"{cfg.train.batch_size * planned}, and the samples are not those the first launch's schedule had; keep "
+            f"the maximum at {planned} for an unchanged run"
+        )
+    warning = "; ".join(warnings) or None
     return ResumePlan(f"{run_dir}/{name}", int(state["step"]), damaged, warning)

@@ -65,7 +65,7 @@ def build_trainer(
             **ray_storage(cfg.run.storage_path),  # an S3-compatible endpoint's filesystem (AWS_ENDPOINT_URL)
             failure_config=FailureConfig(
                 max_failures=cfg.run.max_failures,
-                controller_failure_limit=startup_limits(s.placement_timeout_s, s.elastic)[1],
+                controller_failure_limit=-1 if s.elastic else startup_limits(s.placement_timeout_s)[1],
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO lines drown the loop's own

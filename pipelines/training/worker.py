@@ -56,8 +56,12 @@ def resize_line(cfg, world: int, step: int, extra: dict) -> str | None:
     """The log line of a worker group that starts at another size than the one that saved its checkpoint (when,
     from, to, why), or None."""
     before = extra.get("world_size")
-    if before is None or before == world:
-        return None
+    if (
+        before is None
+        or before == world
+        or extra.get("virtual_ranks", cfg.scaling.max_workers) != cfg.scaling.max_workers
+    ):
+        return None  # a relaunch with another maximum: the driver warned of it (resume.check_resume)
     why = (
         "fewer workers could be placed: a worker or its node was lost, Ray Train restarted from the last checkpoint"
         if world < before
@@ -84,7 +88,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # No buffer broadcast at each forward (one collective less per forward): every rank moves its spectral-norm
     # vectors the same way from the same weights, and only rank 0's BatchNorm statistics are saved. An elastic
     # worker also runs more forwards than another when it serves more virtual ranks, which broadcasts would hang.
-    ddp = {"parallel_strategy_kwargs": {"broadcast_buffers": False}}
+    ddp = {"parallel_strategy_kwargs": {"forward_sync_buffers": False}}
     G, D = ray.train.torch.prepare_model(G, **ddp), ray.train.torch.prepare_model(D, **ddp)
     trainer = Trainer(G, D, cfg, speed)
     extra = {}
