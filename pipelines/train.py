@@ -18,8 +18,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from pipelines.common.cli import config_args
 from pipelines.common.config import Config, load_config
 from pipelines.common.ray_address import connect_ray
-from pipelines.common.run_folder import PENDING_DIR, RunFolder
-from pipelines.tracking.kept import deliver_kept, pending_here
+from pipelines.common.run_folder import RunFolder
+from pipelines.tracking.kept import deliver_kept, pending_here, shown
 from pipelines.tracking.pending import deliver_pending
 from pipelines.tracking.store import check_tracking, default_tracking_uri, end_run, prepare_tracking, refused_everything
 from pipelines.training.placement import fit
@@ -102,8 +102,7 @@ def train(cfg: Config, uri: str, resume: ResumePlan) -> int:
         raise
     finally:
         with pending_here(folder) as pending:  # on object storage: gathered from the run's prefix, and back
-            shown = f"{folder.uri}/{PENDING_DIR}" if folder.remote else None
-            deliver_pending(pending, uri, "rank 0 had kept", shown=shown)
+            deliver_pending(pending, uri, "rank 0 had kept", shown=shown(folder))
             if status:
                 end_run(uri, run_id, status, pending)
             lost = None if status else refused_everything(uri, run_id, pending)

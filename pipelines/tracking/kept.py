@@ -30,6 +30,12 @@ TEXT = (".jsonl", ".txt")  # the pending files and the set-aside ones, joined li
 PART = "~"  # <name>~<time ns>-<random><suffix>: one kept part of the text file <name><suffix>
 
 
+def shown(run: RunFolder) -> str | None:
+    """Where the run's pending items end up, for messages: its prefix on object storage; None on a disk (the
+    local folder itself)."""
+    return f"{run.uri}/{PENDING_DIR}" if run.remote else None
+
+
 def bucket_of(run: RunFolder) -> Folder:
     return Folder(f"{run.uri}/{PENDING_DIR}")
 
@@ -119,4 +125,4 @@ def deliver_kept(run: RunFolder, uri: str, whose: str) -> None:
     """Deliver the run's pending items, wherever they wait (`deliver_pending`); what the store does not take
     goes back to the run's prefix on object storage. A warning, never an error."""
     with pending_here(run) as local:
-        deliver_pending(local, uri, whose, shown=f"{run.uri}/{PENDING_DIR}" if run.remote else None)
+        deliver_pending(local, uri, whose, shown=shown(run))

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from pipelines.common.config import Config
-from pipelines.common.run_folder import CHECKPOINT_FILE, PENDING_DIR, RunFolder
-from pipelines.tracking.kept import keep_safely
+from pipelines.common.run_folder import CHECKPOINT_FILE, RunFolder
+from pipelines.tracking.kept import keep_safely, shown
 from pipelines.training.batch_log import BatchLog
 from pipelines.training.best import best_so_far, save_best
 from pipelines.training.ddp import agree, param_spread
@@ -66,8 +66,7 @@ class Tracker:
             from pipelines.tracking.outbox import Outbox  # here: MLflow's import is rank 0's alone (import_times.py)
 
             self.folder = RunFolder.of(cfg)
-            shown = f"{self.folder.uri}/{PENDING_DIR}" if self.folder.remote else None
-            self.outbox = Outbox(self.tracking_uri, self.run_id, self.folder.pending, shown=shown)
+            self.outbox = Outbox(self.tracking_uri, self.run_id, self.folder.pending, shown=shown(self.folder))
 
     def checkpoint_extra(self) -> dict:
         """What a checkpoint records of the MLflow run, so evaluation can log into it."""
