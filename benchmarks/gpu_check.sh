@@ -20,7 +20,7 @@ fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # Variants run most important first; none starts after ${TRAIN_BUDGET_S}s, nor a compiled one that would overrun it.
 TRAIN_BUDGET_S=${TRAIN_BUDGET_S:-270}
-timeout $((TRAIN_BUDGET_S + 200)) $PY benchmarks/train_step.py --preset imagenet128 --learning-steps 200 \
+timeout $((TRAIN_BUDGET_S + 200)) $PY benchmarks/train_step.py --preset imagenet128 --learning-steps 200 --profile 10 \
   --budget-s "$TRAIN_BUDGET_S" --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log" | grep -v Warning
 echo "train_step exit: ${PIPESTATUS[0]}"
 timeout 180 $PY benchmarks/eval_speed.py --num-samples 50000 --out "$OUT/eval_speed.json" 2>&1 | tee "$OUT/eval_speed.log"

@@ -39,19 +39,25 @@ def losses_over(trainer: Trainer, initial: dict, pool, args, n_dis: int, seed: i
 
 
 @torch.no_grad()
-def spectral_norm_error(model: torch.nn.Module) -> float:
-    """max over SN layers of |largest singular value of the weight the layer uses - 1|."""
+def spectral_norm_errors(model: torch.nn.Module) -> dict[str, float]:
+    """{layer: largest singular value of the weight the layer uses - 1} over the spectrally normalised layers,
+    signed: above 0, the power iteration's estimate u, v trails a weight that grew (its sigma is underestimated)."""
     from torch.nn.utils import parametrize
 
-    worst = 0.0
+    errors = {}
     was_training = model.training
     model.eval()  # reading .weight in eval mode runs no power iteration: the weight as the last step used it
-    for module in model.modules():
+    for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):
             sigma = torch.linalg.matrix_norm(module.weight.detach().flatten(1).double(), ord=2).item()
-            worst = max(worst, abs(sigma - 1))
+            errors[name] = round(sigma - 1, 5)
     model.train(was_training)
-    return worst
+    return errors
+
+
+def spectral_norm_error(model: torch.nn.Module) -> float:
+    """max over SN layers of |largest singular value of the weight the layer uses - 1|."""
+    return max((abs(e) for e in spectral_norm_errors(model).values()), default=0.0)
 
 
 def window_means(values: list[float], window: int) -> list[float]:
@@ -80,6 +86,9 @@ def learning_check(trainers: dict, initial: dict, pool, args, n_dis: int) -> dic
         name: {"G": round(spectral_norm_error(unwrap(t.G)), 5), "D": round(spectral_norm_error(unwrap(t.D)), 5)}
         for name, t in trainers.items()
     }
+    by_layer = {
+        name: {m: spectral_norm_errors(unwrap(getattr(t, m))) for m in ("G", "D")} for name, t in trainers.items()
+    }
     runs["fast_other_latents"] = losses_over(trainers["fast"], initial["fast"], pool, args, n_dis, seed=2)
     gap = compare_curves(runs["fast"], runs["reference"], args.window)
     yardstick = compare_curves(runs["fast"], runs["fast_other_latents"], args.window)
@@ -90,5 +99,6 @@ def learning_check(trainers: dict, initial: dict, pool, args, n_dis: int) -> dic
         "fast_vs_fast_other_latents": yardstick,
         "within_yardstick": all(gap[k] <= max(yardstick[k], 0.02) for k in gap if "window" in k),
         "spectral_norm_max_error_after": sn,
+        "spectral_norm_error_by_layer": by_layer,  # sigma - 1 per layer: where a larger error sits
         "curves": runs,
     }

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.learning_check import Batches, learning_check
+from benchmarks.profile_step import profile_steps
 from pipelines.common.config import load_config
 from sagan.models import build_models
 from sagan.speed import Speed, prepare_models
@@ -62,6 +63,7 @@ VARIANTS = {
     "fast_ddp": FAST,  # the fast path inside DistributedDataParallel (one process, NCCL on a GPU)
     "+compile": LEVERS["compile"],
     "fast_cudagraphs": {**FAST, "compile_mode": "reduce-overhead"},  # the fast path replaying CUDA graphs
+    "fast_autotune": {**FAST, "compile_mode": "max-autotune-no-cudagraphs"},  # inductor's kernel autotuning alone
 }
 PRESETS = {
     "imagenet128": ["--resolution", "128", "--ch", "64", "--num-classes", "1000", "--batch", "256", "--attn", "64"]
@@ -91,6 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new variant after this many seconds")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="the GPU's dense bf16 peak")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--profile", type=int, default=0, help="profile this many steps of the fast variant (0: none)")
     p.add_argument("--out", default=None, help="write the results here as JSON (rewritten after each variant)")
     argv = sys.argv[1:] if argv is None else list(argv)
     first = p.parse_args(argv)
@@ -300,6 +303,8 @@ def main(argv=None) -> dict:
             if name == "reference":
                 result["flops_per_step"] = count_flops(trainer, batches, n_dis)
                 result["gflops_per_image"] = round(result["flops_per_step"] / (args.batch * n_dis) / 1e9, 1)
+            if args.profile and name == "fast":  # where its time goes (benchmarks/profile_step.py)
+                row["profile"] = profile_steps(lambda t=trainer: t.train_step(batches(n_dis)), args.profile, device)
             if "flops_per_step" in result:
                 row["mfu"] = round(result["flops_per_step"] / row["step_s"] / (args.peak_tflops * 1e12), 6)
         except Exception as e:  # noqa: BLE001 - one lever failing must not lose the others' figures

@@ -31,6 +31,8 @@ def test_train_step_benchmark_measures_variants_and_compares_learning(tmp_path):
             "4",
             "--window",
             "2",
+            "--profile",
+            "2",
             "--out",
             str(out),
         ]
@@ -48,6 +50,15 @@ def test_train_step_benchmark_measures_variants_and_compares_learning(tmp_path):
     learning = result["learning"]
     assert len(learning["curves"]["reference"]["d_loss"]) == 4 and len(learning["curves"]["fast"]["g_loss"]) == 4
     assert set(learning["spectral_norm_max_error_after"]) == {"reference", "fast"}
+    by_layer = learning["spectral_norm_error_by_layer"]["fast"]  # signed, per layer; its largest is the max
+    assert len(by_layer["D"]) > 4 and all(name for name in by_layer["D"])
+    assert max(abs(e) for e in by_layer["D"].values()) == pytest.approx(
+        learning["spectral_norm_max_error_after"]["fast"]["D"], abs=2e-5
+    )
+    profile = rows["fast"]["profile"]  # where the fast step's time goes: kinds of work and the top operators
+    assert profile["steps"] == 2 and profile["ms_per_step"] > 0 and len(profile["top"]) > 5
+    assert sum(profile["shares"].values()) == pytest.approx(1, abs=0.01) and "convolution" in profile["shares"]
+    assert "profile" not in rows["reference"]
 
 
 def test_train_step_benchmark_rejects_unknown_variants():

@@ -142,7 +142,9 @@ class Loop:
     def run(self) -> None:
         t, trainer = self.cfg.train, self.trainer
         if trainer.step == 0:
+            eval_start = time.perf_counter()
             self.evaluate(0)  # the baseline every FID curve starts from
+            self.window_start += time.perf_counter() - eval_start  # not in the first window's images/s
         start_step, run_start = trainer.step, time.perf_counter()
         while trainer.step < t.steps:
             self.monitor.update(trainer.step + 1, trainer.train_step(self.next_batches(), self.virtual, self.weight))
@@ -211,6 +213,8 @@ class Loop:
             "lr_d": trainer.opt_d.param_groups[0]["lr"],
             **_gammas(trainer.G, trainer.D),
         }
+        if self.device.type == "cuda":  # the most this process's tensors have held since it started
+            values["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.tracker.metrics(values, step)
         if self.rank == 0:
             log.info(
