@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,25 +106,26 @@ def make_jpegs(root: Path, classes: int, images: int, val_images: int) -> None:
 
 
 class CpuSampler:
-    """Every second: the machine's busy cores and those of the training worker's child processes (the loader)."""
+    """Every second: CPU seconds used so far by the whole machine and by the training worker's child processes
+    (the loader; inductor's compile workers left out), each child's last reading kept after it exits."""
 
     def __init__(self):
-        self.rows, self.stop = [], threading.Event()
+        self.rows, self.stop, self.children = [], threading.Event(), {}
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
         import psutil  # on the GPU image; not a dependency of this project
 
         while not self.stop.wait(1.0):
-            loader = 0.0
             for proc in psutil.process_iter(["cmdline"]):
                 if "RayTrainWorker" not in " ".join(proc.info["cmdline"] or []):
                     continue
                 for child in _safe(proc.children, recursive=True) or []:
-                    times = _safe(child.cpu_times)
-                    loader += times.user + times.system if times else 0.0
+                    cmdline, times = " ".join(_safe(child.cmdline) or []), _safe(child.cpu_times)
+                    if times and "compile_worker" not in cmdline:
+                        self.children[child.pid] = times.user + times.system
             total = psutil.cpu_times()
-            self.rows.append((time.time(), total.user + total.system, loader))
+            self.rows.append((time.time(), total.user + total.system, sum(self.children.values())))
 
     def busy(self, start: float, end: float) -> dict:
         """Mean busy cores between two times (seconds since the epoch)."""
@@ -151,12 +153,13 @@ def run_stage(result: dict, name: str, cmd: list, args, env=None) -> bool:
     log = Path(args.work) / f"{name}.log"
     print(f"[{datetime.datetime.now():%H:%M:%S}] {name}: {' '.join(map(str, cmd))}", flush=True)
     start = time.perf_counter()
-    with open(log, "w") as out:
+    with open(log, "w") as out:  # its own process group: a stage that times out goes with its Ray processes
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            code = subprocess.run(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=args.stage_timeout_s
-            ).returncode
+            code = proc.wait(timeout=args.stage_timeout_s)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             code = "timeout"
     seconds = round(time.perf_counter() - start, 1)
     result["stages"][name] = {"seconds": seconds, "exit": code}
@@ -200,17 +203,20 @@ def windows(db: str, run_name: str) -> dict:
     }
 
 
-def summarize_training(hist: dict, first: int, last: int, log_every: int) -> dict:
-    """Steady state over the windows ending in (first + log_every, last]: the first window holds compilation."""
+def summarize_training(hist: dict, first: int, last: int, batch: int) -> dict:
+    """Steady state over the windows of steps (first, last] but the first one, which holds compilation; images/s
+    of `batch` images per step (1 worker, n_dis 1)."""
     pick = {n: [v for s, v, _ in rows if first < s <= last] for n, rows in hist.items()}
     if len(pick["images_per_s"]) < 2:
         return {}
+    first_steps = min(s for s, _, _ in hist["step_time_s"] if first < s <= last) - first  # its window's length
     steady_step = float(np.mean(pick["step_time_s"][1:]))
     out = {
-        "images_per_s": round(float(np.mean(pick["images_per_s"][1:])), 1),
+        "images_per_s": round(batch / steady_step, 1),
         "data_wait_share": round(float(np.mean(pick["data_wait_share"][1:])), 4),
         "step_s": round(steady_step, 4),
-        "compile_s": round((pick["step_time_s"][0] - steady_step) * log_every, 1),
+        # the first window's time over as many steady steps: compilation, cuDNN autotuning, the loader's start
+        "compile_s": round((pick["step_time_s"][0] - steady_step) * first_steps, 1),
         "windows": len(pick["images_per_s"]) - 1,
     }
     if pick["gpu_memory_peak_gib"]:
@@ -224,6 +230,8 @@ def logged_steps(folder: Path) -> list[int]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.work and Path(args.work).exists() and any(Path(args.work).iterdir()):
+        sys.exit(f"error: --work {args.work} is not empty (a run there would resume, not start); name a new folder")
     with tempfile.TemporaryDirectory() as tmp:
         args.work = args.work or tmp
         return pipeline(args, Path(args.work))
@@ -281,7 +289,7 @@ def pipeline(args, work: Path) -> dict:
     sampler.stop.set()
     if trained:
         hist = windows(db, name)
-        steady = summarize_training(hist, 0, args.steps, args.log_every)
+        steady = summarize_training(hist, 0, args.steps, args.batch)
         times = [t for s, _, t in hist["images_per_s"] if s <= args.steps]
         steady.update(sampler.busy(times[0], times[-1]) if len(times) > 1 else {})
         result["train"] = steady
@@ -307,7 +315,7 @@ def pipeline(args, work: Path) -> dict:
     if run_stage(result, "resume", train + [f"train.steps={end}"], args, env_resume):
         steps = logged_steps(work / "resume-batches")
         result["resumed_first_step"] = steps[0] if steps else None
-        resumed = summarize_training(windows(db, name), args.steps, end, args.log_every)
+        resumed = summarize_training(windows(db, name), args.steps, end, args.batch)
         result["resume"] = {"compile_warm_s": resumed.get("compile_s"), "images_per_s": resumed.get("images_per_s")}
     evaluate = [py, REPO / "pipelines/evaluate.py", "--checkpoint", work / "runs" / name]
     evaluate += [f"eval.num_samples={args.eval_samples}", f"mlflow.tracking_uri={db}"]

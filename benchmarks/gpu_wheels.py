@@ -179,7 +179,8 @@ def download(args) -> None:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp]
         cmd += ["--python-version", args.python_version, "--implementation", "cp"]
         cmd += [a for p in PLATFORMS for a in ("--platform", p)]
-        subprocess.run(cmd + [f"{n}=={v}" for n, v in pins.items()], check=True)
+        if subprocess.run(cmd + [f"{n}=={v}" for n, v in pins.items()]).returncode:
+            sys.exit(f"error: pip could not download every wheel for cp{args.python_version} (its message is above)")
         for wheel in Path(tmp).glob("ray-*.whl"):
             print(f"{wheel.name}: {', '.join(STRIP + STRIP_SUFFIXES)} stripped, {strip(wheel) / 2**20:.1f} MiB saved")
         dest.mkdir(parents=True, exist_ok=True)
@@ -200,6 +201,49 @@ def download(args) -> None:
         sys.exit("error: the wheels and the working tree exceed what travels to the device; drop a root or strip more")
 
 
+def check(args) -> None:
+    """Every requirement of the distributions installed in --target met by what this Python finds (the target
+    first, then its own site-packages): versions too, which an install with --no-deps does not check."""
+    target = str(Path(args.target).resolve())
+    sys.path.insert(0, target)
+    from importlib.metadata import distributions
+
+    found: dict = {}
+    for dist in distributions():  # in sys.path order: the target's copy wins, as it will at import
+        found.setdefault(norm(dist.metadata["Name"]), dist.version)
+    extras = {norm(Requirement(r).name): [""] + sorted(Requirement(r).extras) for r in ROOTS}
+    problems, checked = [], 0
+    for dist in distributions(path=[target]):
+        checked += 1
+        name = norm(dist.metadata["Name"])
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker and not any(req.marker.evaluate({"extra": e}) for e in extras.get(name, [""])):
+                continue
+            have = found.get(norm(req.name))
+            if have is None or not req.specifier.contains(have, prereleases=True):
+                problems.append(f"{name} needs {req.name}{req.specifier} but has {have or 'none'}")
+    if problems:
+        sys.exit(
+            f"error: the wheels in {target} do not fit this Python's packages: " + "; ".join(sorted(set(problems)))
+        )
+    print(f"{checked} distributions in {target}: every requirement met")
+
+
+def _own_entries(dist, here: Path) -> set:
+    """The top-level entries of `dist` under site-packages `here`; inside a namespace folder (google/, nvidia/,
+    no __init__.py, shared by several distributions), its own subfolders only."""
+    entries = set()
+    for f in dist.files or []:
+        parts = f.parts
+        if not parts or parts[0] in ("..", "__pycache__") or not (here / parts[0]).exists():
+            continue
+        top = here / parts[0]  # a package folder without __init__.py; not X.dist-info or X.libs
+        namespace = top.is_dir() and parts[0].isidentifier() and not (top / "__init__.py").exists()
+        entries.add(Path(*parts[:2]) if namespace and len(parts) > 2 else Path(parts[0]))
+    return entries
+
+
 def device_env(args) -> None:
     """A venv whose site-packages link only the DEVICE packages installed here: the device image, on this CPU."""
     venv = Path(args.dir)
@@ -214,10 +258,10 @@ def device_env(args) -> None:
             dist = distribution(name)
         except PackageNotFoundError:
             continue
-        tops = {f.parts[0] for f in dist.files or [] if f.parts and f.parts[0] not in ("..", "__pycache__")}
-        for top in tops:
-            if (here / top).exists() and not (site / top).exists():
-                (site / top).symlink_to(here / top)
+        for entry in _own_entries(dist, here):
+            if not (site / entry).exists():
+                (site / entry).parent.mkdir(parents=True, exist_ok=True)
+                (site / entry).symlink_to(here / entry)
         linked.append(name)
     print(f"{venv}: {len(linked)} of the device's {len(DEVICE)} packages linked from {here}")
 
@@ -228,10 +272,12 @@ def main(argv=None) -> None:
     d = sub.add_parser("download", help="download the missing wheels (ray's without its jars) into --dest")
     d.add_argument("--python-version", default="3.12", help="the device's Python (3.12); 3.11 for this machine")
     d.add_argument("--dest", default=str(REPO / ".whl"), help="folder for the wheels (replaced); .whl is git-ignored")
+    c = sub.add_parser("check", help="after installing the wheels: is every requirement met, versions included")
+    c.add_argument("--target", required=True, help="the folder the wheels were installed into (pip --target)")
     e = sub.add_parser("device-env", help="a venv holding only the device image's packages, linked from here")
     e.add_argument("dir", help="a new folder")
     args = p.parse_args(argv)
-    (download if args.cmd == "download" else device_env)(args)
+    {"download": download, "check": check, "device-env": device_env}[args.cmd](args)
 
 
 if __name__ == "__main__":

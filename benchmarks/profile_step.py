@@ -42,6 +42,10 @@ def profile_steps(step, steps: int, device: torch.device, top: int = 15) -> dict
     rows = []
     for event in prof.key_averages():
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        # Labelled regions (compiled graphs, optimizer steps) also show as device events spanning their kernels:
+        # counted, they would count those kernels twice (torch's own table leaves them out the same way).
+        if getattr(event, "is_user_annotation", False):
+            continue
         if us > 0 and (not cuda or event.device_type == torch.autograd.DeviceType.CUDA):
             rows.append((event.key, us / steps, event.count // steps))
     rows.sort(key=lambda r: -r[1])

@@ -71,3 +71,15 @@ def compile_model(model: nn.Module, speed: Speed) -> None:
     """torch.compile `model` in place (its state_dict keys unchanged), static shapes: the D step's batch of
     real + fake and the G step's batch of fakes compile to one graph each instead of a dynamic one."""
     model.compile(backend=speed.compile_backend, mode=speed.compile_mode, dynamic=False)
+
+
+def ddp_without_forward_buffer_sync(ddp_class=None) -> dict:
+    """DistributedDataParallel's keyword that turns off the buffer broadcast at each forward, in the installed
+    torch: `forward_sync_buffers=False` from torch 2.13 (which deprecates the old one), `broadcast_buffers=False`
+    before it (which also leaves buffers out of DDP's initial sync; every rank builds them from the same seed)."""
+    import inspect
+
+    ddp_class = ddp_class or torch.nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

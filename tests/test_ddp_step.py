@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sagan.models import build_models
+from sagan.speed import ddp_without_forward_buffer_sync
 from sagan.step import Trainer
 
 
@@ -77,7 +78,8 @@ def _fixed_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     cfg = tiny_config()
     G, D = build_models(cfg.model, seed=0)
-    trainer = Trainer(DDP(G, forward_sync_buffers=False), DDP(D, forward_sync_buffers=False), cfg)
+    no_sync = ddp_without_forward_buffer_sync()
+    trainer = Trainer(DDP(G, **no_sync), DDP(D, **no_sync), cfg)
     losses, states = [], {}
     for step in range(6):
         losses.append(trainer.train_step([_virtual_rank_batches(step, (rank,))], ranks=(rank,)))
@@ -127,3 +129,17 @@ def test_one_worker_serving_two_virtual_ranks_trains_as_two_workers_do(tmp_path)
         wrong.train_step([_virtual_rank_batches(step, (0, 1))], ranks=(0, 0), weight=0.5)
     with pytest.raises(AssertionError):
         _assert_same(wrong.state_dict(), fixed["states"][3])
+
+
+def test_the_no_buffer_sync_keyword_is_the_one_the_installed_torch_takes():
+    """torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers; the GPU image has torch 2.11, where the
+    new name is a TypeError at the first prepare_model."""
+
+    class Before213:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, bucket_cap_mb=None): ...
+
+    class From213:
+        def __init__(self, module, broadcast_buffers=None, forward_sync_buffers=None): ...
+
+    assert ddp_without_forward_buffer_sync(Before213) == {"broadcast_buffers": False}
+    assert ddp_without_forward_buffer_sync(From213) == {"forward_sync_buffers": False}

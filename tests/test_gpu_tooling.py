@@ -9,7 +9,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from benchmarks import gpu_wheels
+import pytest
+
+from benchmarks import gpu_pipeline, gpu_wheels
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,3 +68,37 @@ def test_the_stand_in_hook_accepts_only_the_file_it_names(tmp_path):
 
     assert run(SAGAN_STANDIN_INCEPTION_SHA256=digest) == [digest, "accepted"]
     assert run() == ["6726825d", "refused"]  # without the variable, the official digest is required
+
+
+def test_the_requirement_check_names_a_version_the_wheels_do_not_fit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the check puts the target first on it
+    info = tmp_path / "fake-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: fake\nVersion: 1.0\nRequires-Dist: packaging>=1\n"
+        "Requires-Dist: absent-thing; extra == 'docs'\n"
+    )
+    gpu_wheels.main(["check", "--target", str(tmp_path)])  # met; the extra's requirement is not asked for
+    assert "1 distributions" in capsys.readouterr().out
+    (info / "METADATA").write_text((info / "METADATA").read_text() + "Requires-Dist: packaging>=999\n")
+    with pytest.raises(SystemExit) as stop:
+        gpu_wheels.main(["check", "--target", str(tmp_path)])
+    assert "fake needs packaging>=999 but has " in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_the_pipeline_summary_drops_the_compile_window_and_times_it():
+    # windows at steps 20, 40, 60 of a run from step 0 (batch 256): the first holds 10 s of compilation
+    hist = {
+        "images_per_s": [(20, 256 / 0.65, 1.0), (40, 256 / 0.15, 2.0), (60, 256 / 0.15, 3.0)],
+        "step_time_s": [(20, 0.65, 1.0), (40, 0.15, 2.0), (60, 0.15, 3.0)],
+        "data_wait_share": [(20, 0.5, 1.0), (40, 0.01, 2.0), (60, 0.03, 3.0)],
+        "gpu_memory_peak_gib": [(20, 9.0, 1.0), (40, 10.0, 2.0), (60, 10.0, 3.0)],
+    }
+    out = gpu_pipeline.summarize_training(hist, 0, 60, batch=256)
+    assert out["images_per_s"] == pytest.approx(256 / 0.15, abs=0.1) and out["windows"] == 2
+    assert out["data_wait_share"] == pytest.approx(0.02) and out["gpu_memory_peak_gib"] == 10.0
+    assert out["compile_s"] == pytest.approx((0.65 - 0.15) * 20)
+    # a resume from step 50: its first window (steps 51-60) holds 10 steps, not log_every's 20
+    resumed = {k: [(s + 40, x, t) for s, x, t in rows] for k, rows in hist.items()}  # windows at 60, 80, 100
+    out = gpu_pipeline.summarize_training(resumed, 50, 100, batch=256)
+    assert out["compile_s"] == pytest.approx((0.65 - 0.15) * 10) and out["windows"] == 2

@@ -7,6 +7,7 @@ sagan.inception checks the weights file by its sha256 before torch-fidelity unpi
 imported, the digest prefix it expects becomes the stand-in file's: that one file passes the check, any other
 (the official one included) fails it, and the real-statistics cache keys on the stand-in digest, so no FID from
 stand-in weights can meet a real one. FIDs computed this way mean nothing; the benchmark reports times only.
+On this folder's PYTHONPATH, any sitecustomize of the Python installation itself is not run.
 """
 
 import importlib.abc
@@ -23,6 +24,8 @@ class _StandIn(importlib.abc.MetaPathFinder):
             return None
         sys.meta_path.remove(self)  # find the real module below this finder, once
         spec = importlib.util.find_spec(name)
+        if spec is None:
+            return None
         run = spec.loader.exec_module
 
         def exec_module(module):

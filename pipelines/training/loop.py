@@ -213,7 +213,7 @@ class Loop:
             "lr_d": trainer.opt_d.param_groups[0]["lr"],
             **_gammas(trainer.G, trainer.D),
         }
-        if self.device.type == "cuda":  # the most this process's tensors have held since it started
+        if self.device.type == "cuda":  # the most this process's tensors held in training (see evaluate)
             values["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.tracker.metrics(values, step)
         if self.rank == 0:
@@ -242,6 +242,8 @@ class Loop:
         if self.evaluator is None:
             return {}
         scores = self.evaluator(self.trainer.ema.model, self.cfg.eval.loop_samples)
+        if self.device.type == "cuda":  # gpu_memory_peak_gib is training's peak: Inception's batches left out
+            torch.cuda.reset_peak_memory_stats(self.device)
         scores = {f"loop/{k}": v for k, v in scores.items() if k != "is_std"}
         self.tracker.metrics(scores, step)
         log.info(

@@ -20,7 +20,7 @@ from pipelines.training.loop import Loop, Tracker
 from pipelines.training.stop import raise_if_stopped
 from sagan.checkpoint import load_checkpoint
 from sagan.models import build_models
-from sagan.speed import Speed, prepare_models
+from sagan.speed import Speed, ddp_without_forward_buffer_sync, prepare_models
 from sagan.step import Trainer
 from sagan.storage import ray_storage
 
@@ -88,7 +88,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # No buffer broadcast at each forward (one collective less per forward): every rank moves its spectral-norm
     # vectors the same way from the same weights, and only rank 0's BatchNorm statistics are saved. An elastic
     # worker also runs more forwards than another when it serves more virtual ranks, which broadcasts would hang.
-    ddp = {"parallel_strategy_kwargs": {"forward_sync_buffers": False}}
+    ddp = {"parallel_strategy_kwargs": ddp_without_forward_buffer_sync()}  # torch 2.13 renamed the keyword
     G, D = ray.train.torch.prepare_model(G, **ddp), ray.train.torch.prepare_model(D, **ddp)
     trainer = Trainer(G, D, cfg, speed)
     extra = {}
