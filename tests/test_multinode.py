@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from cluster.local import free_port, ray_env
-from pipelines.training.batch_log import read_log, sample_ids
+from pipelines.training.batch_log import first_step_time, read_log, sample_ids, worlds_after
 from tests.servers import objects, read_object, upload
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,7 +216,7 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_retur
         cmd, env=submit_env(state, folder), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        wait_until(lambda: worlds_after(log, 0) and max(worlds_after(log, 0)) == 2 and checkpoints(runs), job, 240)
+        wait_until(lambda: latest_checkpoint_world(runs) == 2, job, 240)  # the run may start on one worker
         killed_at = time.time()
         stop = subprocess.run(
             [*LOCAL, "stop-node", "--dir", str(folder), "--node", "1"], capture_output=True, text=True
@@ -224,6 +224,7 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_retur
         assert stop.returncode == 0, stop.stderr
         wait_until(lambda: 1 in worlds_after(log, killed_at), job, 240)
         lost = first_step_time(log, killed_at, world=1) - killed_at
+        wait_until(lambda: latest_checkpoint_world(runs) == 1, job, 240)
         start = subprocess.run(
             [*LOCAL, "start-node", "--dir", str(folder), "--node", "1"], capture_output=True, text=True
         )
@@ -275,27 +276,19 @@ def wait_until(ready, job: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def entries(log: Path) -> list[dict]:
-    """Every line of a SAGAN_BATCH_LOG folder so far (the line being written may be cut: left out)."""
-    out = []
-    for path in log.glob("rank-*.jsonl") if log.is_dir() else []:
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
+def latest_checkpoint_world(runs: str) -> int | None:
+    """The world size of the group that saved the run's latest checkpoint (None before the first). A resize line
+    compares a group with the checkpoint it resumes from: waiting for a checkpoint of each group before the kill
+    and before the restart makes both lines due, whatever the timing."""
+    import io
 
+    import torch
 
-def worlds_after(log: Path, since: float) -> set[int]:
-    """The world sizes of the steps logged after `since`."""
-    return {e["world"] for e in entries(log) if e["time"] >= since}
-
-
-def first_step_time(log: Path, since: float, world: int) -> float:
-    """When the first step of a group of `world` workers after `since` was taken."""
-    return min(e["time"] for e in entries(log) if e["time"] >= since and e["world"] == world)
-
-
-def checkpoints(runs: str) -> bool:
-    return any(k.endswith("/checkpoint.pt") for k in objects(f"{runs}/elastic"))
+    saved = sorted(k for k in objects(f"{runs}/elastic") if k.endswith("/checkpoint.pt"))  # names carry the time
+    if not saved:
+        return None
+    try:
+        state = torch.load(io.BytesIO(read_object(f"{runs}/elastic/{saved[-1]}")), weights_only=True)
+    except (OSError, RuntimeError, EOFError):  # pruned between the listing and the read
+        return None
+    return state["extra"].get("world_size")

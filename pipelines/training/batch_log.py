@@ -62,3 +62,26 @@ def read_log(folder: Path) -> dict[int, list[str]]:
     for step, (_, world) in sorted(last_world.items()):
         steps[step] = sorted(i for r in range(world) for i in latest.get((step, world, r), {}).get("samples", []))
     return steps
+
+
+def entries(folder: Path) -> list[dict]:
+    """Every line of a SAGAN_BATCH_LOG folder so far, while a run may still write it (a line being written,
+    cut short, is left out)."""
+    out = []
+    for path in Path(folder).glob("rank-*.jsonl") if Path(folder).is_dir() else []:
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def worlds_after(folder: Path, since: float) -> set[int]:
+    """The world sizes of the steps logged at or after `since` (seconds since the epoch)."""
+    return {e["world"] for e in entries(folder) if e["time"] >= since}
+
+
+def first_step_time(folder: Path, since: float, world: int) -> float:
+    """When the first step of a group of `world` workers at or after `since` was taken."""
+    return min(e["time"] for e in entries(folder) if e["time"] >= since and e["world"] == world)
