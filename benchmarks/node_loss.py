@@ -30,15 +30,18 @@ from cluster.local import free_port, ray_env
 from pipelines.training.batch_log import entries, first_step_time, worlds_after
 
 LOCAL = [sys.executable, str(REPO / "cluster" / "local.py")]
+# A checkpoint is on storage before Ray Train's controller knows it: the controller takes a worker's report at
+# its next poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). A group lost before that restarts from the
+# checkpoint before (here: from step 0, and with no resize line). Waited out, so that the loss is measured from a
+# checkpoint the run knows.
+REGISTERED_S = 5.0
 
 
 def wait_until(ready, job: subprocess.Popen, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while not ready():
         if job.poll() is not None:
-            sys.exit(
-                f"error: the job ended (exit {job.returncode}) while waiting for {what}: {job.stdout.read()[-2000:]}"
-            )
+            sys.exit(f"error: the job ended (exit {job.returncode}) while waiting for {what} (its output: --logs)")
         if time.time() > deadline:
             sys.exit(f"error: no {what} within {timeout:.0f} s")
         time.sleep(0.5)
@@ -68,22 +71,31 @@ def one_loss(folder: Path, state: dict, shards: Path, name: str, args) -> dict:
     cmd += ["train.sample_every=1000", "train.eval_every=0", "run.max_failures=3"]
     env = {**ray_env(folder), "RAY_ADDRESS": state["address"]}
     began = time.time()
-    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = open(folder / f"job-{name}.log", "w+")  # a file, not a pipe: nothing read until the end can block it
+    job = subprocess.Popen(cmd, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
     try:
         # A checkpoint of each group before the kill and before the restart: the run may start on one worker,
         # and the steps redone are those since a checkpoint of the group that was lost.
         wait_until(lambda: latest_world(runs / name) == 2, job, 300, "a checkpoint of two workers")
+        time.sleep(REGISTERED_S)
         killed_at = time.time()
         subprocess.run([*LOCAL, "stop-node", "--dir", str(folder), "--node", "1"], check=True, capture_output=True)
         wait_until(lambda: 1 in worlds_after(log, killed_at), job, 300, "a step on one worker after the kill")
         wait_until(lambda: latest_world(runs / name) == 1, job, 300, "a checkpoint of one worker")
+        time.sleep(REGISTERED_S)
         back_at = time.time()
         subprocess.run([*LOCAL, "start-node", "--dir", str(folder), "--node", "1"], check=True, capture_output=True)
         wait_until(lambda: 2 in worlds_after(log, back_at), job, 300, "two workers after the restart")
-        out, _ = job.communicate(timeout=600)
+        job.wait(timeout=600)
     finally:
         if job.poll() is None:
             job.kill()
+        output.seek(0)
+        out = output.read()
+        output.close()
+        if args.logs:
+            Path(args.logs).mkdir(parents=True, exist_ok=True)
+            (Path(args.logs) / f"job-{name}.log").write_text(out)
     lines = entries(log)
     before = max(e["step"] for e in lines if e["time"] < killed_at)
     resumed = min(e["step"] for e in lines if e["time"] >= killed_at and e["world"] == 1)
@@ -95,7 +107,9 @@ def one_loss(folder: Path, state: dict, shards: Path, name: str, args) -> dict:
         "regrow_s": round(first_step_time(log, back_at, 2) - back_at, 1),
         "redone_steps": before - (resumed - 1),
         "wall_s": round(time.time() - began, 1),
-        "resize_lines": [line.strip()[:200] for line in out.splitlines() if "resize at" in line],
+        "resize_lines": sorted(
+            {line.split("resize at", 1)[1][:160] for line in out.splitlines() if "resize at" in line}
+        ),
     }
 
 
@@ -105,6 +119,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=400, help="steps per run: enough to outlast a loss and a regrowth")
     p.add_argument("--resize-check-s", type=float, default=5.0, help="scaling.resize_check_s of the runs")
     p.add_argument("--out", default=None, help="write the result here as JSON")
+    p.add_argument("--logs", default=None, help="keep each job's output in this folder")
     args = p.parse_args(argv)
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,8 +142,8 @@ def main(argv=None) -> dict:
         "environment": {"python": platform.python_version(), "ray": ray.__version__, "cpus": os.cpu_count()},
         "setting": {"num_workers": [1, 2], "steps": args.steps, "resize_check_s": args.resize_check_s},
         "losses": losses,
-        "lost_s_median": statistics.median(x["lost_s"] for x in losses),
-        "regrow_s_median": statistics.median(x["regrow_s"] for x in losses),
+        "lost_s_median": round(statistics.median(x["lost_s"] for x in losses), 1),
+        "regrow_s_median": round(statistics.median(x["regrow_s"] for x in losses), 1),
     }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -217,6 +217,7 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_retur
     )
     try:
         wait_until(lambda: latest_checkpoint_world(runs) == 2, job, 240)  # the run may start on one worker
+        time.sleep(3)  # Ray Train's controller takes a reported checkpoint at its next poll of the workers
         killed_at = time.time()
         stop = subprocess.run(
             [*LOCAL, "stop-node", "--dir", str(folder), "--node", "1"], capture_output=True, text=True
@@ -225,6 +226,7 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_retur
         wait_until(lambda: 1 in worlds_after(log, killed_at), job, 240)
         lost = first_step_time(log, killed_at, world=1) - killed_at
         wait_until(lambda: latest_checkpoint_world(runs) == 1, job, 240)
+        time.sleep(3)
         start = subprocess.run(
             [*LOCAL, "start-node", "--dir", str(folder), "--node", "1"], capture_output=True, text=True
         )
