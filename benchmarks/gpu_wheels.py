@@ -240,7 +240,7 @@ def _own_entries(dist, here: Path) -> set:
             continue
         top = here / parts[0]  # a package folder without __init__.py; not X.dist-info or X.libs
         namespace = top.is_dir() and parts[0].isidentifier() and not (top / "__init__.py").exists()
-        entries.add(Path(*parts[:2]) if namespace and len(parts) > 2 else Path(parts[0]))
+        entries.add(Path(*parts[:2]) if namespace and len(parts) >= 2 else Path(parts[0]))
     return entries
 
 

@@ -5,9 +5,10 @@
 Per repeat, an elastic run (scaling.num_workers=[1,2], one worker per node, the sample digits, data and
 checkpoints on a folder both nodes see) is submitted as a Ray job. Once two workers have saved a checkpoint,
 the worker node is killed (`cluster/local.py stop-node`: every process of it, as a lost machine), and started
-again once the run has gone on with one worker to a checkpoint. Measured from the run's SAGAN_BATCH_LOG:
+again once the run has gone on with one worker to a checkpoint (checkpoints as Ray Train records them). Measured
+from the run's SAGAN_BATCH_LOG:
   lost_s    from the kill to the first step of one worker (placement attempts, group restart, resume);
-  regrow_s  from the node's restart to the first step of two workers (scaling.resize_check_s, group restart);
+  regrow_s  from `start-node` to the first step of two workers (node start, scaling.resize_check_s, restart);
   redone    steps trained before the kill and again after it (those since the last checkpoint).
 Each run must end at its last step with exit 0. On a 2-core machine the figures include its contention.
 """
@@ -27,14 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from cluster.local import free_port, ray_env
+from pipelines.common.run_folder import RunFolder
 from pipelines.training.batch_log import entries, first_step_time, worlds_after
 
 LOCAL = [sys.executable, str(REPO / "cluster" / "local.py")]
-# A checkpoint is on storage before Ray Train's controller knows it: the controller takes a worker's report at
-# its next poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). A group lost before that restarts from the
-# checkpoint before (here: from step 0, and with no resize line). Waited out, so that the loss is measured from a
-# checkpoint the run knows.
-REGISTERED_S = 5.0
 
 
 def wait_until(ready, job: subprocess.Popen, timeout: float, what: str) -> None:
@@ -47,19 +44,6 @@ def wait_until(ready, job: subprocess.Popen, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def latest_world(run: Path) -> int | None:
-    """The world size of the group that saved the run's latest checkpoint (None before the first)."""
-    import torch
-
-    saved = sorted(run.glob("checkpoint_*/checkpoint.pt"))  # the names carry the time
-    try:
-        return (
-            torch.load(saved[-1], map_location="cpu", weights_only=True)["extra"].get("world_size") if saved else None
-        )
-    except (OSError, RuntimeError, EOFError):  # pruned or being written
-        return None
-
-
 def one_loss(folder: Path, state: dict, shards: Path, name: str, args) -> dict:
     log, runs = folder / f"batches-{name}", folder / "runs"
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(REPO)]
@@ -70,19 +54,19 @@ def one_loss(folder: Path, state: dict, shards: Path, name: str, args) -> dict:
     cmd += ["train.batch_size=4", f"train.steps={args.steps}", "train.log_every=10", "train.ckpt_every=10"]
     cmd += ["train.sample_every=1000", "train.eval_every=0", "run.max_failures=3"]
     env = {**ray_env(folder), "RAY_ADDRESS": state["address"]}
+    run = RunFolder(str(runs), name)
     began = time.time()
     output = open(folder / f"job-{name}.log", "w+")  # a file, not a pipe: nothing read until the end can block it
     job = subprocess.Popen(cmd, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
     try:
-        # A checkpoint of each group before the kill and before the restart: the run may start on one worker,
-        # and the steps redone are those since a checkpoint of the group that was lost.
-        wait_until(lambda: latest_world(runs / name) == 2, job, 300, "a checkpoint of two workers")
-        time.sleep(REGISTERED_S)
+        # A checkpoint of each group before the kill and before the restart, as Ray Train records it (a checkpoint
+        # is on storage before Ray Train takes the worker's report, at its next poll): the run may start on one
+        # worker, and a group lost before Ray Train has its checkpoint restarts from the one before.
+        wait_until(lambda: run.resume_world() == 2, job, 300, "a checkpoint of two workers")
         killed_at = time.time()
         subprocess.run([*LOCAL, "stop-node", "--dir", str(folder), "--node", "1"], check=True, capture_output=True)
         wait_until(lambda: 1 in worlds_after(log, killed_at), job, 300, "a step on one worker after the kill")
-        wait_until(lambda: latest_world(runs / name) == 1, job, 300, "a checkpoint of one worker")
-        time.sleep(REGISTERED_S)
+        wait_until(lambda: run.resume_world() == 1, job, 300, "a checkpoint of one worker")
         back_at = time.time()
         subprocess.run([*LOCAL, "start-node", "--dir", str(folder), "--node", "1"], check=True, capture_output=True)
         wait_until(lambda: 2 in worlds_after(log, back_at), job, 300, "two workers after the restart")
@@ -97,13 +81,14 @@ def one_loss(folder: Path, state: dict, shards: Path, name: str, args) -> dict:
             Path(args.logs).mkdir(parents=True, exist_ok=True)
             (Path(args.logs) / f"job-{name}.log").write_text(out)
     lines = entries(log)
-    before = max(e["step"] for e in lines if e["time"] < killed_at)
+    resumed_at = first_step_time(log, killed_at, 1)  # the lost group trained on until its node was gone
+    before = max(e["step"] for e in lines if e["time"] < resumed_at and e["world"] == 2)
     resumed = min(e["step"] for e in lines if e["time"] >= killed_at and e["world"] == 1)
     return {
         "run": name,
         "exit": job.returncode,
         "last_step": max(e["step"] for e in lines),
-        "lost_s": round(first_step_time(log, killed_at, 1) - killed_at, 1),
+        "lost_s": round(resumed_at - killed_at, 1),
         "regrow_s": round(first_step_time(log, back_at, 2) - back_at, 1),
         "redone_steps": before - (resumed - 1),
         "wall_s": round(time.time() - began, 1),

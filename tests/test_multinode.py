@@ -15,6 +15,7 @@ import mlflow
 import pytest
 
 from cluster.local import free_port, ray_env
+from pipelines.common.run_folder import RunFolder
 from pipelines.training.batch_log import first_step_time, read_log, sample_ids, worlds_after
 from tests.servers import objects, read_object, upload
 
@@ -204,6 +205,7 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_retur
     of an uninterrupted 2-worker schedule."""
     folder, state = cluster
     data, runs, log = f"{BUCKET}/elastic-data", f"{BUCKET}/elastic-runs", tmp_path / "batches"
+    ray_run = RunFolder(runs, "elastic")
     upload(digits, data)
     steps = 400
     cmd = [*submit_command(state), "--runtime-env-json", json.dumps({"env_vars": {"SAGAN_BATCH_LOG": str(log)}})]
@@ -212,12 +214,13 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_retur
     cmd += ["scaling.resize_check_s=5", "scaling.cpus_per_worker=1"]  # a node holds one worker: Ray Train counts CPUs
     cmd += ["model.ch=8", "train.batch_size=4", f"train.steps={steps}", "train.log_every=10", "train.ckpt_every=10"]
     cmd += ["train.sample_every=1000", "train.eval_every=0", "run.max_failures=3"]
-    job = subprocess.Popen(
-        cmd, env=submit_env(state, folder), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    output = open(tmp_path / "job.log", "w+")  # a file: a pipe read only at the end could fill and block the job
+    job = subprocess.Popen(cmd, env=submit_env(state, folder), stdout=output, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: latest_checkpoint_world(runs) == 2, job, 240)  # the run may start on one worker
-        time.sleep(3)  # Ray Train's controller takes a reported checkpoint at its next poll of the workers
+        # A checkpoint of each group before the kill and before the restart, as Ray Train records it (its snapshot,
+        # not the storage: it takes a report at its next poll of the workers), so that both resize lines are due.
+        # The run may start on one worker.
+        wait_until(lambda: ray_run.resume_world() == 2, job, 240)
         killed_at = time.time()
         stop = subprocess.run(
             [*LOCAL, "stop-node", "--dir", str(folder), "--node", "1"], capture_output=True, text=True
@@ -225,19 +228,20 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_retur
         assert stop.returncode == 0, stop.stderr
         wait_until(lambda: 1 in worlds_after(log, killed_at), job, 240)
         lost = first_step_time(log, killed_at, world=1) - killed_at
-        wait_until(lambda: latest_checkpoint_world(runs) == 1, job, 240)
-        time.sleep(3)
+        wait_until(lambda: ray_run.resume_world() == 1, job, 240)
+        back_at = time.time()  # the node's start included, as benchmarks/node_loss.py times it
         start = subprocess.run(
             [*LOCAL, "start-node", "--dir", str(folder), "--node", "1"], capture_output=True, text=True
         )
         assert start.returncode == 0, start.stderr
-        back_at = time.time()
         wait_until(lambda: 2 in worlds_after(log, back_at), job, 240)
         grown = first_step_time(log, back_at, world=2) - back_at
-        out, _ = job.communicate(timeout=400)
+        job.wait(timeout=400)
     finally:
         if job.poll() is None:
             job.kill()
+        out = (tmp_path / "job.log").read_text()
+        output.close()
     assert job.returncode == 0, out[-4000:]
     print(
         f"\nelastic: from the kill to the next step on 1 worker {lost:.1f} s; from the restart to 2 workers {grown:.1f} s"
@@ -273,24 +277,6 @@ def submit_env(state: dict, folder: Path) -> dict:
 def wait_until(ready, job: subprocess.Popen, timeout: float) -> None:
     deadline = time.time() + timeout
     while not ready():
-        assert job.poll() is None, job.communicate()[0][-4000:]
+        assert job.poll() is None, f"the job ended (exit {job.returncode}) before the wait was over"
         assert time.time() < deadline, "timed out"
         time.sleep(0.5)
-
-
-def latest_checkpoint_world(runs: str) -> int | None:
-    """The world size of the group that saved the run's latest checkpoint (None before the first). A resize line
-    compares a group with the checkpoint it resumes from: waiting for a checkpoint of each group before the kill
-    and before the restart makes both lines due, whatever the timing."""
-    import io
-
-    import torch
-
-    saved = sorted(k for k in objects(f"{runs}/elastic") if k.endswith("/checkpoint.pt"))  # names carry the time
-    if not saved:
-        return None
-    try:
-        state = torch.load(io.BytesIO(read_object(f"{runs}/elastic/{saved[-1]}")), weights_only=True)
-    except (OSError, RuntimeError, EOFError):  # pruned between the listing and the read
-        return None
-    return state["extra"].get("world_size")

@@ -55,3 +55,29 @@ def test_remote_paths_stay_as_they_are_and_local_ones_become_absolute(tmp_path, 
     assert is_remote("s3://b/p") and is_remote("gs://b") and not is_remote("/a/b") and not is_remote("runs")
     assert absolute("s3://b/p") == "s3://b/p" and absolute("") == "" and absolute(None) is None
     assert absolute("runs") == str(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_resume_world_is_that_of_the_checkpoint_in_rays_snapshot_not_the_newest_on_storage(tmp_path, request, where):
+    from sagan.checkpoint import save_checkpoint
+    from sagan.models import build_models
+    from sagan.step import Trainer
+    from tests.test_step import tiny_config
+
+    storage = str(tmp_path / "runs") if where == "disk" else request.getfixturevalue("s3")
+    f = RunFolder(storage, "r")
+    assert f.resume_world() is None  # no snapshot yet
+    cfg = tiny_config()
+    trainer = Trainer(*build_models(cfg.model, seed=0), cfg)
+    names = {2: "checkpoint_2026-01-01_00-00-01.000001", 1: "checkpoint_2026-01-01_00-00-02.000001"}
+    for world, name in names.items():
+        local = save_checkpoint(tmp_path / f"w{world}.pt", trainer, cfg, extra={"world_size": world})
+        write_object(f.checkpoint_file(name), local.read_bytes())
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": names[2]}}  # Ray has not taken the newest yet
+    write_object(f"{f.uri}/{RAY_SNAPSHOT}", json.dumps(snapshot).encode())
+    assert f.resume_world() == 2
+    snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] = names[1]
+    write_object(f"{f.uri}/{RAY_SNAPSHOT}", json.dumps(snapshot).encode())
+    assert f.resume_world() == 1
+    write_object(f.checkpoint_file(names[1]), b"pruned half-way")
+    assert f.resume_world() is None

@@ -110,6 +110,19 @@ class RunFolder:
             return None
         return latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
 
+    def resume_world(self) -> int | None:
+        """The world size recorded in the checkpoint Ray Train would restart this run from (its snapshot's
+        latest: a checkpoint on storage counts only once Ray Train has taken the worker's report), or None."""
+        name = self.ray_latest()
+        try:
+            return (
+                load_checkpoint_in(self.files, f"{name}/{CHECKPOINT_FILE}", name)["extra"].get("world_size")
+                if name
+                else None
+            )
+        except CheckpointError:  # pruned between the snapshot and the read
+            return None
+
     def checkpoints_before(self, name: str) -> list[str]:
         """The checkpoint folders older than `name`, newest first (Ray names them checkpoint_<date>_<time>.<us>,
         which sort in time order)."""
